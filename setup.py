@@ -1,0 +1,32 @@
+"""uniemox-jax: UniEmoX pretraining and emotion fine-tuning in JAX/Flax.
+
+The ranges below are the ones the test suite has been run against; widen one only after the
+suite passes on the new version.
+"""
+import setuptools
+
+setuptools.setup(
+    name="uniemox-jax",
+    version="0.1.0",
+    description="UniEmoX (cross-modal semantic-guided pretraining for visual emotion) in JAX/Flax",
+    packages=setuptools.find_packages(include=["uniemox_jax", "uniemox_jax.*", "data_pipelines",
+                                               "data_pipelines.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "ml-collections>=1.1,<2",
+        "clu==0.0.12",
+        "absl-py>=2.1,<3",
+        "numpy>=2.0,<3",
+        "pillow>=11,<14",
+        # 4.57 is the last line with Flax models (FlaxCLIPModel); 5.x removed them.
+        "transformers>=4.57,<5",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+    },
+)

@@ -1,0 +1,27 @@
+"""Test setup: 8 fake CPU devices, strict rank promotion, no network for Hugging Face."""
+import os
+
+# Must happen before JAX initializes its backends.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+  """A tiny random CLIP (Flax weights + BPE tokenizer) saved the way a hub checkpoint is."""
+  from uniemox_jax.teacher import tiny
+  return tiny.make_tiny_clip(str(tmp_path_factory.mktemp("tiny_clip")), embed_dim=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_clip_dir):
+  from uniemox_jax.teacher.clip import ClipTeacher
+  return ClipTeacher.load(tiny_clip_dir)

@@ -1,0 +1,1 @@
+"""uniemox-jax: UniEmoX pretraining and emotion fine-tuning in JAX/Flax."""

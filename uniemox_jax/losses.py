@@ -1,0 +1,76 @@
+"""The three UniEmoX losses (METHOD.md 3). All computed in float32.
+
+Shapes: g (student, fused token) [B, D], omega (CLIP image embedding) [B, D], lam (CLIP text
+embeddings) [B, D]. Under `jax.jit` over a sharded batch, B is the global batch, so the B x B
+logits of L1 span every device's examples, as the method asks.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+_EPS = 1e-8
+
+
+def l2_normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), _EPS)
+
+
+def _row_cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.sum(l2_normalize(a) * l2_normalize(b), axis=-1)
+
+
+def similarity_distillation_loss(g: jax.Array, omega: jax.Array, lam: jax.Array,
+                                 logit_scale: jax.Array | float = 1.0) -> jax.Array:
+  """L1 = 1 - mean_i cos(A_i, C_i), A = s g lam^T (student), C = s omega lam^T (teacher).
+
+  Row i of A compares image i's student token with every text of the batch; the diagonal is its
+  own text. Cosine makes the logit scale s cancel; it is kept so the logits are CLIP's own.
+  """
+  g, omega, lam = l2_normalize(g), l2_normalize(omega), l2_normalize(lam)
+  s = jnp.asarray(logit_scale, jnp.float32)
+  student = s * g @ lam.T
+  teacher = s * omega @ lam.T
+  return 1.0 - jnp.mean(_row_cosine(student, teacher))
+
+
+def embedding_cosine_loss(g: jax.Array, omega: jax.Array) -> jax.Array:
+  """L2 = 1 - mean_i cos(g_i, omega_i)."""
+  return 1.0 - jnp.mean(_row_cosine(g, omega))
+
+
+def reconstruction_target(patches: jax.Array, norm_pix_loss: bool) -> jax.Array:
+  """MAE's target: the patch pixels, optionally normalized per patch (`norm_pix_loss`)."""
+  patches = patches.astype(jnp.float32)
+  if not norm_pix_loss:
+    return patches
+  mean = patches.mean(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True)
+  return (patches - mean) / jnp.sqrt(var + 1e-6)
+
+
+def masked_reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
+  """L3: per-patch mean squared error, averaged over the removed patches (mask == 1) only."""
+  per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+LOSS_NAMES = ("l1", "l2", "l3")
+
+
+def total_loss(terms: Mapping[str, jax.Array], weights: Mapping[str, float]) -> jax.Array:
+  """Weighted sum of the enabled terms. A weight of 0 (or a missing term) switches it off."""
+  unknown = set(weights) - set(LOSS_NAMES)
+  if unknown:
+    raise ValueError(f"config.model.loss_weights has unknown terms {sorted(unknown)}; "
+                     f"the terms are {LOSS_NAMES}")
+  total = jnp.zeros((), jnp.float32)
+  for name in LOSS_NAMES:
+    w = float(weights.get(name, 0.0))
+    if w:
+      total = total + w * terms[name]
+  return total

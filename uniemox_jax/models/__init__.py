@@ -1,0 +1,40 @@
+"""Models, built from `config.model` in one place."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+from uniemox_jax.models.classifier import Classifier
+from uniemox_jax.models.uniemox import UniEmoX
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype(name: str, field: str = "config.model.dtype") -> Any:
+  try:
+    return _DTYPES[name]
+  except KeyError:
+    raise ValueError(f"{field}={name!r}: choose one of {sorted(_DTYPES)}") from None
+
+
+def _common(cfg) -> dict:
+  return dict(variant=cfg.variant, image_size=cfg.image_size, drop_path=cfg.drop_path,
+              remat=cfg.remat, scan=cfg.scan, dtype=dtype(cfg.dtype),
+              param_dtype=dtype(cfg.param_dtype, "config.model.param_dtype"))
+
+
+def pretrain_model(cfg) -> UniEmoX:
+  """UniEmoX from `config.model` (see configs/pretrain.py for the fields)."""
+  weights = dict(cfg.loss_weights)
+  return UniEmoX(mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder.width,
+                 decoder_depth=cfg.decoder.depth, decoder_heads=cfg.decoder.heads,
+                 fusion=cfg.fusion, fusion_heads=cfg.fusion_heads,
+                 norm_pix_loss=cfg.norm_pix_loss,
+                 loss_weights=tuple(sorted((k, float(v)) for k, v in weights.items())),
+                 **_common(cfg))
+
+
+def classifier(cfg, num_classes: int) -> Classifier:
+  """The downstream classifier over the same encoder fields of `config.model`."""
+  return Classifier(num_classes=num_classes, **_common(cfg))

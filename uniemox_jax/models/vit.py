@@ -1,0 +1,300 @@
+"""ViT building blocks and the MAE-style ViT encoder.
+
+Every parameter and the main activations carry logical axis names ("embed", "mlp", "heads",
+"kv", "batch", "layers"); `uniemox_jax.sharding` maps them onto the mesh axes. Parameters are
+float32 (`param_dtype`), compute runs in `dtype` (bfloat16 in the paper recipes).
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+LN_EPS = 1e-6
+
+# width, depth, heads, mlp_dim. "mu" is a micro size for tests and the CPU demo.
+VIT_SIZES = {
+    "mu": (64, 2, 2, 128),
+    "Ti": (192, 12, 3, 768),
+    "S": (384, 12, 6, 1536),
+    "B": (768, 12, 12, 3072),
+    "L": (1024, 24, 16, 4096),
+    "H": (1280, 32, 16, 5120),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VitShape:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+
+
+def decode_variant(variant: str) -> VitShape:
+  """The one place that turns "L/16" (size/patch) into layer sizes."""
+  match = re.fullmatch(r"(\w+)/(\d+)", variant or "")
+  if not match or match.group(1) not in VIT_SIZES:
+    raise ValueError(f"Unknown ViT variant {variant!r}: expected '<size>/<patch>' with size in "
+                     f"{sorted(VIT_SIZES)}, for example 'L/16'.")
+  width, depth, heads, mlp_dim = VIT_SIZES[match.group(1)]
+  return VitShape(width, depth, heads, mlp_dim, int(match.group(2)))
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+  """[len(positions), dim] sin-cos embedding, sin half first (MAE's layout)."""
+  if dim % 2:
+    raise ValueError(f"sin-cos embedding needs an even width, got {dim}")
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  angles = np.outer(positions.reshape(-1).astype(np.float64), omega)
+  return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_2d(dim: int, grid_size: int, cls_token: bool = False) -> np.ndarray:
+  """Fixed 2-D position embedding, identical to MAE's `get_2d_sincos_pos_embed`.
+
+  The first half of the channels encodes the column index, the second half the row index, so
+  that the table of an official MAE checkpoint and ours agree value for value. With
+  `cls_token`, a zero row is prepended for the CLS position.
+  """
+  if dim % 4:
+    raise ValueError(f"2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+  rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+  emb = np.concatenate([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], axis=1)
+  if cls_token:
+    emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
+  return emb.astype(np.float32)
+
+
+def dense_init():
+  # MAE and timm initialize every Linear with xavier-uniform and a zero bias.
+  return nn.initializers.xavier_uniform()
+
+
+def layer_norm(name: Optional[str], dtype: Dtype, param_dtype: Dtype,
+               axis: str = "embed") -> nn.LayerNorm:
+  """LayerNorm with the ViT epsilon (1e-6) and logically named parameters."""
+  return nn.LayerNorm(
+      epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis,)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)))
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a whole residual branch per sample.
+
+  The rate may be a traced scalar, so one scanned block can carry a per-layer rate.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rate, deterministic: bool) -> jax.Array:
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+      return x
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    draw = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+    return jnp.where(draw, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (bias on, as in MAE/timm)."""
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    if width % self.heads:
+      raise ValueError(f"width {width} is not divisible by {self.heads} heads")
+    head_dim = width // self.heads
+    qkv = nn.DenseGeneral(
+        features=(3, self.heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", None, "heads", "kv")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
+        name="qkv")(x)
+    # DenseGeneral initializes the flattened [D, 3D] kernel, so xavier sees torch's fans.
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # jax.nn.dot_product_attention picks a fused kernel (cuDNN flash) on GPUs where it can.
+    out = jax.nn.dot_product_attention(q, k, v)
+    return nn.DenseGeneral(
+        features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+        name="proj")(out)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", "mlp")),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)),
+                 name="fc1")(x)
+    # torch.nn.GELU (MAE/timm) is the exact erf form, not the tanh approximation.
+    x = nn.gelu(x, approximate=False)
+    x = nn.with_logical_constraint(x, ("batch", None, "mlp"))
+    return nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=nn.with_logical_partitioning(dense_init(), ("mlp", "embed")),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                    name="fc2")(x)
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))."""
+  heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, drop_path_rate, deterministic: bool) -> jax.Array:
+    x = nn.with_logical_constraint(x, ("batch", None, None))
+    y = layer_norm("norm1", self.dtype, self.param_dtype)(x)
+    y = Attention(self.heads, self.dtype, self.param_dtype, name="attn")(y)
+    x = x + DropPath(name="drop_path1")(y, drop_path_rate, deterministic)
+    y = layer_norm("norm2", self.dtype, self.param_dtype)(x)
+    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+    return x + DropPath(name="drop_path2")(y, drop_path_rate, deterministic)
+
+
+class _ScanBlock(Block):
+  """`Block` with the (carry, per-layer input) -> (carry, output) signature of nn.scan."""
+
+  @nn.compact
+  def __call__(self, x, drop_path_rate, deterministic):  # pytype: disable=signature-mismatch
+    return super().__call__(x, drop_path_rate, deterministic), None
+
+
+class Transformer(nn.Module):
+  """A stack of `depth` blocks, unrolled or as one `nn.scan`, optionally rematerialized.
+
+  Unrolled blocks are named `block_{i}`; scanned ones share the name `blocks` with a leading
+  "layers" axis on every parameter.
+  """
+  depth: int
+  heads: int
+  mlp_dim: int
+  drop_path: float = 0.0
+  remat: bool = False
+  scan: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    # Stochastic depth grows linearly with depth, as in MAE/timm.
+    rates = np.linspace(0.0, self.drop_path, self.depth)
+    # Without drop path no block needs a "dropout" key, even in training.
+    deterministic = deterministic or self.drop_path == 0.0
+    if self.scan:
+      block = _ScanBlock
+      if self.remat:
+        block = nn.remat(block, prevent_cse=False, static_argnums=(3,))
+      stack = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=(0, nn.broadcast), length=self.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, _ = stack(self.heads, self.mlp_dim, self.dtype, self.param_dtype, name="blocks")(
+          x, jnp.asarray(rates, jnp.float32), deterministic)
+      return x
+    block = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+    for i in range(self.depth):
+      x = block(self.heads, self.mlp_dim, self.dtype, self.param_dtype, name=f"block_{i}")(
+          x, float(rates[i]), deterministic)
+    return x
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping patch projection (a strided conv, as in MAE), [B,H,W,C] -> [B,N,D]."""
+  patch: int
+  width: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array) -> jax.Array:
+    # MAE initializes the patch projection like a Linear (xavier over the flattened kernel).
+    def init(key, shape, dtype):
+      flat = nn.initializers.xavier_uniform()(key, (int(np.prod(shape[:-1])), shape[-1]), dtype)
+      return flat.reshape(shape)
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
+                padding="VALID", dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=nn.with_logical_partitioning(init, (None, None, None, "embed")),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
+                name="proj")(images)
+    batch, gh, gw, width = x.shape
+    return x.reshape(batch, gh * gw, width)
+
+
+def grid_size(image_size: int, patch: int) -> int:
+  if image_size % patch:
+    raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}")
+  return image_size // patch
+
+
+class Encoder(nn.Module):
+  """MAE ViT encoder: patches + fixed sin-cos positions, optional masking, CLS, blocks, norm.
+
+  `__call__(images, ids_keep=None)` returns `(tokens, aux)`: tokens is [B, 1 + kept, D] with the
+  CLS token first; aux holds "cls" (the CLS token after the final norm) and "pre_norm" (all
+  tokens before it). With `ids_keep` [B, K], only those patches enter the transformer (MAE's
+  random masking, see `uniemox_jax.models.masking`).
+  """
+  variant: str = "B/16"
+  image_size: int = 224
+  drop_path: float = 0.0
+  final_norm: bool = True
+  remat: bool = False
+  scan: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def shape(self) -> VitShape:
+    return decode_variant(self.variant)
+
+  @property
+  def num_patches(self) -> int:
+    return grid_size(self.image_size, self.shape.patch) ** 2
+
+  @nn.compact
+  def __call__(self, images: jax.Array, ids_keep: Optional[jax.Array] = None, *,
+               train: bool = False):
+    shape = self.shape
+    gs = grid_size(self.image_size, shape.patch)
+    if images.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(f"Encoder expects [B, {self.image_size}, {self.image_size}, 3] images, "
+                       f"got {images.shape}")
+    x = PatchEmbed(shape.patch, shape.width, self.dtype, self.param_dtype,
+                   name="patch_embed")(images)
+    x = x + jnp.asarray(sincos_2d(shape.width, gs), x.dtype)[None]
+    if ids_keep is not None:
+      x = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
+    cls = self.param("cls_token", nn.with_logical_partitioning(
+        nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, shape.width),
+                     self.param_dtype)
+    # The CLS position embedding is the zero row, so CLS enters as itself.
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, shape.width)), x],
+                        axis=1)
+    x = Transformer(shape.depth, shape.heads, shape.mlp_dim, self.drop_path, self.remat,
+                    self.scan, self.dtype, self.param_dtype, name="transformer")(
+                        x, deterministic=not train)
+    aux = {"pre_norm": x}
+    if self.final_norm:
+      x = layer_norm("norm", self.dtype, self.param_dtype)(x)
+    aux["cls"] = x[:, 0]
+    return x, aux

@@ -1,0 +1,55 @@
+"""Logical axis names -> mesh axes, and the mesh itself.
+
+Models name their parameter and activation axes ("embed", "mlp", "heads", "batch", ...);
+`LOGICAL_RULES` maps those names onto the mesh axes ("data", "fsdp"). With an `fsdp` axis of
+size 1 this is plain data parallelism; with a larger one, every parameter whose "embed"
+axis divides is sharded across it (ZeRO-3 style) and gathered by XLA where it is used.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: Tuple[Tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", None),
+    ("heads", None),
+    ("kv", None),
+    ("decoder_embed", None),
+    ("layers", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A (data, fsdp) mesh over `devices` (default: all); -1 fills the axis with what is left."""
+  devices = list(jax.devices() if devices is None else devices)
+  if fsdp < 1 or (data != -1 and data < 1):
+    raise ValueError(f"mesh sizes must be positive (or -1 for data), got data={data}, "
+                     f"fsdp={fsdp}")
+  if data == -1:
+    if len(devices) % fsdp:
+      raise ValueError(f"config.mesh.fsdp={fsdp} does not divide the {len(devices)} devices")
+    data = len(devices) // fsdp
+  if data * fsdp != len(devices):
+    raise ValueError(f"config.mesh data={data} x fsdp={fsdp} != {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
+
+
+def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a tree of logically boxed (abstract) params, e.g. from
+  `jax.eval_shape(model.init, ...)`."""
+  specs = nn.get_partition_spec(abstract_boxed_params)
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over every device of the mesh."""
+  return NamedSharding(mesh, PartitionSpec(MESH_AXES))
