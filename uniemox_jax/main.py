@@ -56,8 +56,8 @@ def demo_batch(teacher: clip.ClipTeacher, config, rng: np.random.Generator) -> d
 
 def forward_demo(config, workdir: str) -> dict:
   """One forward + backward pass; returns the losses and the gradient norm as floats."""
-  teacher = load_teacher(config, workdir)
   model = models.pretrain_model(config.model)
+  teacher = load_teacher(config, workdir)
   objective.check_compatible(model, teacher)
   batch = demo_batch(teacher, config, np.random.default_rng(config.seed))
   key = jax.random.key(config.seed)

@@ -5,6 +5,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from uniemox_jax import losses
+from uniemox_jax.models import fusion
+from uniemox_jax.models import masking
+from uniemox_jax.models import vit
 from uniemox_jax.models.classifier import Classifier
 from uniemox_jax.models.uniemox import UniEmoX
 
@@ -25,8 +29,13 @@ def _common(cfg) -> dict:
 
 
 def pretrain_model(cfg) -> UniEmoX:
-  """UniEmoX from `config.model` (see configs/pretrain.py for the fields)."""
+  """UniEmoX from `config.model` (see configs/pretrain.py for the fields). Every field is
+  checked here, before anything is loaded or compiled."""
   weights = dict(cfg.loss_weights)
+  shape = vit.decode_variant(cfg.variant)
+  masking.num_kept(vit.grid_size(cfg.image_size, shape.patch) ** 2, cfg.mask_ratio)
+  fusion.get_fusion(cfg.fusion)
+  losses.total_loss({}, {k: 0.0 for k in weights})  # rejects unknown term names
   return UniEmoX(mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder.width,
                  decoder_depth=cfg.decoder.depth, decoder_heads=cfg.decoder.heads,
                  fusion=cfg.fusion, fusion_heads=cfg.fusion_heads,
@@ -35,6 +44,7 @@ def pretrain_model(cfg) -> UniEmoX:
                  **_common(cfg))
 
 
-def classifier(cfg, num_classes: int) -> Classifier:
+def classification_model(cfg, num_classes: int) -> Classifier:
   """The downstream classifier over the same encoder fields of `config.model`."""
+  vit.grid_size(cfg.image_size, vit.decode_variant(cfg.variant).patch)
   return Classifier(num_classes=num_classes, **_common(cfg))

@@ -16,6 +16,16 @@ from flax import traverse_util
 from uniemox_jax.models import vit
 
 
+# The std of a standard normal truncated to [-2, 2].
+_TRUNCATED_STD = 0.87962566103423978
+
+
+def head_init(std: float):
+  """Truncated normal (at 2 std) whose actual std is `std`. timm's trunc_normal_(std=2e-5),
+  used by the reference, truncates at +-2 absolute, i.e. never: a plain normal of that std."""
+  return nn.initializers.truncated_normal(std / _TRUNCATED_STD)
+
+
 class Classifier(nn.Module):
   """`apply(params, images, train=...)` -> `(logits [B, num_classes], aux)`; aux holds the
   pooled, normalized features ("features") that linear probes read."""
@@ -38,7 +48,7 @@ class Classifier(nn.Module):
     logits = nn.Dense(
         self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
         kernel_init=nn.with_logical_partitioning(
-            nn.initializers.truncated_normal(2e-5), ("embed", None)),
+            head_init(2e-5), ("embed", None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))(features)
     return logits.astype(jnp.float32), {"features": features}
 

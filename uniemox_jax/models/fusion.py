@@ -57,8 +57,8 @@ class WeightedSumFusion(_Fusion):
     init = nn.with_logical_partitioning(nn.initializers.constant(0.5), (None,))
     a = self.param("alpha_weight", init, (self.heads,), self.param_dtype)
     b = self.param("beta_weight", init, (self.heads,), self.param_dtype)
-    mixed = (a[:, None] * _split_heads(alpha, self.heads)
-             + b[:, None] * _split_heads(beta, self.heads))
+    mixed = (a[None, :, None] * _split_heads(alpha, self.heads)
+             + b[None, :, None] * _split_heads(beta, self.heads))
     return _ln("norm", self.dtype, self.param_dtype)(mixed.reshape(alpha.shape))
 
 

@@ -33,9 +33,11 @@ _WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
 def renormalize(images: jax.Array, src: Sequence[Sequence[float]],
                 dst: Sequence[Sequence[float]]) -> jax.Array:
   """Maps images normalized with (mean, std) `src` to normalization `dst`, on device."""
+  def channels(values):
+    return jnp.asarray(values, images.dtype).reshape((1,) * (images.ndim - 1) + (-1,))
   (src_mean, src_std), (dst_mean, dst_std) = src, dst
-  raw = images * jnp.asarray(src_std, images.dtype) + jnp.asarray(src_mean, images.dtype)
-  return (raw - jnp.asarray(dst_mean, images.dtype)) / jnp.asarray(dst_std, images.dtype)
+  raw = images * channels(src_std) + channels(src_mean)
+  return (raw - channels(dst_mean)) / channels(dst_std)
 
 
 def _check_source(name_or_dir: str) -> None:

@@ -1,0 +1,38 @@
+"""The README's main-job command, end to end on the demo config."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "uniemox_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_demo_runs_and_writes_config(tmp_path):
+  proc = _run("--config", "configs/demo.py", f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout[proc.stdout.index("{"):])
+  assert set(result) == {"l1", "l2", "l3", "total", "grad_norm"}
+  assert result["grad_norm"] > 0
+  assert abs(result["total"] - (result["l1"] + result["l2"] + result["l3"])) < 1e-5
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["model"]["variant"] == "mu/8"
+  assert (tmp_path / "tiny_clip" / "flax_model.msgpack").exists()
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("configs/pretrain.py:vit=Z/16", "Unknown ViT variant 'Z/16'"),
+    ("configs/pretrain.py:losses=l1+l9", "unknown terms ['l9']"),
+    ("configs/pretrain.py:maks=0.9", "unknown config variant key 'maks'"),
+])
+def test_bad_config_is_named(tmp_path, arg, message):
+  proc = _run("--config", arg, f"--workdir={tmp_path}")
+  assert proc.returncode != 0
+  assert message in proc.stderr
