@@ -29,6 +29,16 @@ def unpatchify(patches: jax.Array, patch: int, channels: int = 3) -> jax.Array:
   return x.reshape(b, side * patch, side * patch, channels)
 
 
+def unshuffle(visible: jax.Array, mask_token: jax.Array, ids_restore: jax.Array) -> jax.Array:
+  """Visible patch tokens [B, K, W] (in masking's shuffled order) plus mask tokens for the
+  rest -> [B, N, W] in the original patch order."""
+  batch, kept, width = visible.shape
+  n = ids_restore.shape[1]
+  filler = jnp.broadcast_to(mask_token.reshape(1, 1, width), (batch, n - kept, width))
+  shuffled = jnp.concatenate([visible, filler.astype(visible.dtype)], axis=1)
+  return jnp.take_along_axis(shuffled, ids_restore[:, :, None], axis=1)
+
+
 class MaskDecoder(nn.Module):
   """MAE decoder. `project` is the encoder->decoder input projection (whose output on the CLS
   token is also UniEmoX's student token); `__call__` takes projected tokens [B, 1 + K, W] and
@@ -66,14 +76,11 @@ class MaskDecoder(nn.Module):
     return self.embed(tokens)
 
   def __call__(self, projected: jax.Array, ids_restore: jax.Array) -> jax.Array:
-    batch, visible, width = projected.shape
+    width = projected.shape[-1]
     n = ids_restore.shape[1]
     if n != self.num_patches:
       raise ValueError(f"ids_restore covers {n} patches, the decoder expects {self.num_patches}")
-    masked = jnp.broadcast_to(self.mask_token.astype(projected.dtype),
-                              (batch, n + 1 - visible, width))
-    patches = jnp.concatenate([projected[:, 1:], masked], axis=1)
-    patches = jnp.take_along_axis(patches, ids_restore[:, :, None], axis=1)
+    patches = unshuffle(projected[:, 1:], self.mask_token.astype(projected.dtype), ids_restore)
     x = jnp.concatenate([projected[:, :1], patches], axis=1)
     side = int(round(n ** 0.5))
     x = x + jnp.asarray(vit.sincos_2d(width, side, cls_token=True), x.dtype)[None]
