@@ -1,3 +1,2 @@
-"""The frozen CLIP teacher and the text prompts it embeds."""
-from uniemox_jax.teacher.clip import ClipTeacher, DEFAULT_CLIP  # noqa: F401
-from uniemox_jax.teacher.prompts import build_prompt  # noqa: F401
+"""The frozen CLIP teacher (`clip`), the text prompts it embeds (`prompts`, pure Python so the
+conversion tool can use it without JAX) and a tiny teacher for tests and the demo (`tiny`)."""

@@ -1,0 +1,309 @@
+"""Dataset sources: each turns a dataset on disk into a `Plan` (the entries to convert).
+
+  split_tree     <root>/{train,val,test}/<class>/*   (Emo8, FI, Emotion6, UBE, HECO, CAER-S as
+                 the authors publish them)
+  class_folders  <root>/<class>/* split by a seeded, stratified recipe (METHOD.md 5); the split
+                 is written as a manifest that later runs can reuse
+  emoset         EmoSet-118K: {train,val,test}.json lists and per-image annotation JSONs
+  emotic         EMOTIC: one CSV per split (see `emotic`), 26 categories, multi-label, boxes
+
+Labels of folder datasets are the alphabetical index of the class folder; EmoSet keeps its own
+order (the Mikels eight, `EMOSET_CLASSES`). Structural problems (a class missing from one
+split, an empty class) are collected in `Plan.problems` for the conversion report.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+SPLITS = ("train", "val", "test")
+EMOSET_CLASSES = ("amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear",
+                  "sadness")
+# EMOTIC's 26 discrete categories, in the dataset's own order.
+EMOTIC_CLASSES = (
+    "Affection", "Anger", "Annoyance", "Anticipation", "Aversion", "Confidence", "Disapproval",
+    "Disconnection", "Disquietment", "Doubt/Confusion", "Embarrassment", "Engagement", "Esteem",
+    "Excitement", "Fatigue", "Fear", "Happiness", "Pain", "Peace", "Pleasure", "Sadness",
+    "Sensitivity", "Suffering", "Surprise", "Sympathy", "Yearning")
+
+# Seeded split recipes of METHOD.md 5: (train, val, test) fractions per class.
+RECIPES = {
+    "fi": (0.80, 0.05, 0.15),
+    "emotion6": (0.70, 0.10, 0.20),
+    "ube": (0.70, 0.10, 0.20),
+    "heco": (0.70, 0.10, 0.20),
+    "emo8": (0.80, 0.10, 0.10),
+}
+# CAER-S keeps its train split and divides its test split 66% test / 34% val.
+CAER_S_TEST_FRACTION = 0.66
+
+
+@dataclasses.dataclass
+class Entry:
+  split: str
+  path: str                       # absolute path of the image file
+  rel_path: str                   # path relative to the dataset root (the stable id)
+  label: int                      # -1 for multi-label entries
+  label_name: str
+  attributes: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  box_xyxy: Optional[Tuple[float, float, float, float]] = None  # person box, pixels
+  labels: Optional[List[int]] = None                             # multi-hot
+
+
+@dataclasses.dataclass
+class Plan:
+  name: str
+  class_names: List[str]
+  entries: List[Entry]
+  multi_label: bool = False
+  problems: List[str] = dataclasses.field(default_factory=list)
+  manifest: Optional[Dict[str, List[str]]] = None   # class_folders: the split it drew
+
+  def splits(self) -> List[str]:
+    return [s for s in SPLITS if any(e.split == s for e in self.entries)] + sorted(
+        {e.split for e in self.entries} - set(SPLITS))
+
+
+def _is_image(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _images_in(folder: str) -> List[str]:
+  return sorted(f for f in os.listdir(folder) if _is_image(f)
+                and os.path.isfile(os.path.join(folder, f)))
+
+
+def _class_dirs(folder: str) -> List[str]:
+  return sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))
+                and not d.startswith("."))
+
+
+def _require_dir(path: str, flag: str) -> None:
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{flag} {path} is not a directory")
+
+
+def split_tree(root: str, name: str, splits: Sequence[str] = SPLITS) -> Plan:
+  _require_dir(root, "--root")
+  present = [s for s in splits if os.path.isdir(os.path.join(root, s))]
+  if not present:
+    raise FileNotFoundError(f"--root {root} has none of the split folders {list(splits)}")
+  per_split = {s: _class_dirs(os.path.join(root, s)) for s in present}
+  classes = sorted(set().union(*per_split.values()))
+  problems, entries = [], []
+  for split in present:
+    for cls in classes:
+      if cls not in per_split[split]:
+        problems.append(f"class {cls!r} has no folder in split {split!r}")
+        continue
+      files = _images_in(os.path.join(root, split, cls))
+      if not files:
+        problems.append(f"class {cls!r} is empty in split {split!r}")
+      for f in files:
+        rel = os.path.join(split, cls, f)
+        entries.append(Entry(split, os.path.join(root, rel), rel, classes.index(cls), cls))
+  return Plan(name, classes, entries, problems=problems)
+
+
+def _draw_split(files: List[str], fractions: Sequence[float], rng: np.random.Generator,
+                names: Sequence[str]) -> Dict[str, List[str]]:
+  order = [files[i] for i in rng.permutation(len(files))]
+  counts = [int(round(len(files) * f)) for f in fractions[:-1]]
+  out, start = {}, 0
+  for split, n in zip(names[:-1], counts):
+    out[split] = order[start:start + n]
+    start += n
+  out[names[-1]] = order[start:]
+  return out
+
+
+def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[float] = (),
+                  seed: int = 0, manifest: Optional[Mapping[str, List[str]]] = None) -> Plan:
+  """A seeded stratified split of `<root>/<class>/*` (or, with recipe "caer_s", of CAER-S's
+  `<root>/test/<class>/*` into test/val, keeping `<root>/train`). With `manifest` (a previous
+  run's {split: [relative paths]}), that split is reused exactly instead of drawn."""
+  _require_dir(root, "--root")
+  if recipe == "caer_s":
+    plan = split_tree(root, name, ("train", "test"))
+    if manifest is None:
+      by_class = collections.defaultdict(list)
+      for e in plan.entries:
+        if e.split == "test":
+          by_class[e.label_name].append(e.rel_path)
+      rng = np.random.default_rng(seed)
+      drawn = {"test": [], "val": []}
+      for cls in sorted(by_class):
+        part = _draw_split(by_class[cls], (CAER_S_TEST_FRACTION, 1 - CAER_S_TEST_FRACTION),
+                           rng, ("test", "val"))
+        for split in drawn:
+          drawn[split] += part[split]
+      manifest = drawn
+    moved = {p: s for s, paths in manifest.items() for p in paths}
+    for e in plan.entries:
+      if e.split == "test":
+        e.split = moved.get(e.rel_path, "test")
+    plan.manifest = {s: sorted(e.rel_path for e in plan.entries if e.split == s)
+                     for s in plan.splits()}
+    return plan
+
+  if not fractions:
+    if recipe not in RECIPES:
+      raise ValueError(f"--recipe {recipe!r} is unknown; choose one of "
+                       f"{sorted(RECIPES) + ['caer_s']} or give --split_fractions")
+    fractions = RECIPES[recipe]
+  if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+    raise ValueError(f"--split_fractions {list(fractions)} must be three non-negative "
+                     "fractions (train, val, test) summing to 1")
+  classes = _class_dirs(root)
+  if not classes:
+    raise FileNotFoundError(f"--root {root} has no class folders")
+  problems, files_of = [], {}
+  for cls in classes:
+    files_of[cls] = [os.path.join(cls, f) for f in _images_in(os.path.join(root, cls))]
+    if not files_of[cls]:
+      problems.append(f"class {cls!r} is empty")
+  if manifest is None:
+    rng = np.random.default_rng(seed)
+    manifest = {s: [] for s in SPLITS}
+    for cls in classes:
+      for split, paths in _draw_split(files_of[cls], fractions, rng, SPLITS).items():
+        manifest[split] += paths
+  known = {p for paths in files_of.values() for p in paths}
+  entries = []
+  for split, paths in manifest.items():
+    for rel in paths:
+      if rel not in known:
+        problems.append(f"manifest lists {rel!r} ({split}), which is not under --root")
+        continue
+      cls = rel.split(os.sep)[0]
+      entries.append(Entry(split, os.path.join(root, rel), rel, classes.index(cls), cls))
+  listed = {p for paths in manifest.values() for p in paths}
+  problems += [f"{p!r} is under --root but in no split of the manifest"
+               for p in sorted(known - listed)]
+  return Plan(name, classes, entries, problems=problems,
+              manifest={s: sorted(p) for s, p in manifest.items()})
+
+
+def _load_json(path: str, what: str) -> Any:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{what} {path} does not exist") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def emoset_attributes(annotation: Mapping[str, Any], where: str) -> Dict[str, Any]:
+  """EmoSet annotation JSON -> our attribute keys (see teacher.prompts.ATTRIBUTES)."""
+  if not isinstance(annotation, Mapping):
+    raise ValueError(f"{where}: expected a JSON object, got {type(annotation).__name__}")
+  out = {}
+  for ours, theirs in (("scene", "scene"), ("objects", "object"), ("brightness", "brightness"),
+                       ("colorfulness", "colorfulness"),
+                       ("facial_expression", "facial_expression"),
+                       ("human_action", "human_action")):
+    value = annotation.get(theirs)
+    if value is None:
+      continue
+    if ours in ("brightness", "colorfulness") and not isinstance(value, (int, float)):
+      raise ValueError(f"{where}: field {theirs!r} should be a number, got {value!r}")
+    if ours == "objects" and not isinstance(value, (list, str)):
+      raise ValueError(f"{where}: field 'object' should be a list of names, got {value!r}")
+    out[ours] = value
+  return out
+
+
+def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> Plan:
+  """EmoSet-118K: `<root>/<split>.json` is a list of [emotion, image path, annotation path]
+  (paths relative to root); each annotation JSON carries the image's attributes."""
+  _require_dir(root, "--root")
+  entries, problems = [], []
+  for split in splits:
+    list_path = os.path.join(root, f"{split}.json")
+    if not os.path.exists(list_path):
+      problems.append(f"EmoSet split list {list_path} is missing; split {split!r} skipped")
+      continue
+    items = _load_json(list_path, "EmoSet split list")
+    if not isinstance(items, list):
+      raise ValueError(f"EmoSet split list {list_path} should be a JSON list")
+    for i, item in enumerate(items):
+      where = f"{list_path} entry {i}"
+      if not (isinstance(item, (list, tuple)) and len(item) == 3
+              and all(isinstance(x, str) for x in item)):
+        raise ValueError(f"{where}: expected [emotion, image_path, annotation_path], "
+                         f"got {item!r}")
+      emotion, image_rel, ann_rel = item
+      if emotion not in EMOSET_CLASSES:
+        raise ValueError(f"{where}: unknown emotion {emotion!r}; EmoSet's are "
+                         f"{list(EMOSET_CLASSES)}")
+      ann_path = os.path.join(root, ann_rel)
+      ann = _load_json(ann_path, f"EmoSet annotation ({where})")
+      attrs = emoset_attributes(ann, f"{ann_path} ({where})")
+      entries.append(Entry(split, os.path.join(root, image_rel), image_rel,
+                           EMOSET_CLASSES.index(emotion), emotion, attrs))
+  if not entries:
+    raise FileNotFoundError(f"--root {root} has no EmoSet split list ({', '.join(splits)}"
+                            ".json)")
+  return Plan(name, list(EMOSET_CLASSES), entries, problems=problems)
+
+
+def emotic(root: str, name: str = "emotic", splits: Sequence[str] = SPLITS) -> Plan:
+  """EMOTIC, one record per annotated person. `<root>/annotations/<split>.csv` has the
+  columns `folder, filename, x1, y1, x2, y2, categories` (categories separated by ';', from
+  `EMOTIC_CLASSES`), the usual flattening of EMOTIC's Annotations.mat; images live at
+  `<root>/<folder>/<filename>`."""
+  _require_dir(root, "--root")
+  entries, problems = [], []
+  need = {"folder", "filename", "x1", "y1", "x2", "y2", "categories"}
+  for split in splits:
+    path = os.path.join(root, "annotations", f"{split}.csv")
+    if not os.path.exists(path):
+      problems.append(f"EMOTIC annotation file {path} is missing; split {split!r} skipped")
+      continue
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.DictReader(f)
+      missing = need - set(reader.fieldnames or [])
+      if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}")
+      for row_no, row in enumerate(reader, start=2):
+        where = f"{path} line {row_no}"
+        try:
+          box = tuple(float(row[k]) for k in ("x1", "y1", "x2", "y2"))
+        except ValueError:
+          raise ValueError(f"{where}: the box is not four numbers") from None
+        cats = [c.strip() for c in row["categories"].split(";") if c.strip()]
+        unknown = [c for c in cats if c not in EMOTIC_CLASSES]
+        if unknown or not cats:
+          raise ValueError(f"{where}: categories {cats!r} must be a non-empty subset of "
+                           "EMOTIC's 26")
+        multi_hot = [int(c in cats) for c in EMOTIC_CLASSES]
+        rel = os.path.join(row["folder"], row["filename"])
+        entries.append(Entry(split, os.path.join(root, rel), f"{rel}#person{row_no}", -1,
+                             "", {}, box, multi_hot))
+  if not entries:
+    raise FileNotFoundError(f"--root {root} has no EMOTIC annotations/<split>.csv")
+  return Plan(name, list(EMOTIC_CLASSES), entries, multi_label=True, problems=problems)
+
+
+def apply_side_files(plan: Plan, boxes: Optional[Mapping[str, Any]],
+                     attributes: Optional[Mapping[str, Any]]) -> None:
+  """Attaches person boxes ({relative path: [x1, y1, x2, y2] pixels or null}) and attributes
+  ({relative path: {...}}) from side files. A dataset's own boxes (EMOTIC) are kept."""
+  for e in plan.entries:
+    key = e.rel_path.split("#")[0]
+    if boxes is not None and e.box_xyxy is None:
+      box = boxes.get(key)
+      if box is not None:
+        if len(box) != 4:
+          raise ValueError(f"--person_boxes: the box of {key!r} is not [x1, y1, x2, y2]")
+        e.box_xyxy = tuple(float(v) for v in box)
+    if attributes is not None and key in attributes:
+      e.attributes = {**attributes[key], **e.attributes}
