@@ -23,10 +23,14 @@ setuptools.setup(
         "absl-py>=2.1,<3",
         "numpy>=2.0,<3",
         "pillow>=11,<14",
+        "google-crc32c>=1.5,<2",   # TFRecord checksums, in C
+        "protobuf>=5,<8",          # tf.train.Example without TensorFlow
+        "tqdm>=4.60,<5",
         # 4.57 is the last line with Flax models (FlaxCLIPModel); 5.x removed them.
         "transformers>=4.57,<5",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        # TensorFlow only in tests: they read our shards back with tf.data.
+        "test": ["pytest>=8,<10", "tensorflow-cpu>=2.18,<2.22"],
     },
 )

@@ -153,12 +153,13 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
                      for s in plan.splits()}
     return plan
 
-  if not fractions:
+  if not fractions and manifest is None:
     if recipe not in RECIPES:
       raise ValueError(f"--recipe {recipe!r} is unknown; choose one of "
                        f"{sorted(RECIPES) + ['caer_s']} or give --split_fractions")
     fractions = RECIPES[recipe]
-  if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+  if manifest is None and (len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6
+                           or min(fractions) < 0):
     raise ValueError(f"--split_fractions {list(fractions)} must be three non-negative "
                      "fractions (train, val, test) summing to 1")
   classes = _class_dirs(root)
@@ -191,14 +192,15 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
               manifest={s: sorted(p) for s, p in manifest.items()})
 
 
-def _load_json(path: str, what: str) -> Any:
+def _load_json(path: str, what: str, where: str = "") -> Any:
+  name = f"{what} {path}" + (f" ({where})" if where else "")
   try:
     with open(path, encoding="utf-8") as f:
       return json.load(f)
   except FileNotFoundError:
-    raise FileNotFoundError(f"{what} {path} does not exist") from None
+    raise FileNotFoundError(f"{name} does not exist") from None
   except json.JSONDecodeError as e:
-    raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+    raise ValueError(f"{name} is not valid JSON: {e}") from None
 
 
 def emoset_attributes(annotation: Mapping[str, Any], where: str) -> Dict[str, Any]:
@@ -245,7 +247,7 @@ def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> P
         raise ValueError(f"{where}: unknown emotion {emotion!r}; EmoSet's are "
                          f"{list(EMOSET_CLASSES)}")
       ann_path = os.path.join(root, ann_rel)
-      ann = _load_json(ann_path, f"EmoSet annotation ({where})")
+      ann = _load_json(ann_path, "EmoSet annotation", where)
       attrs = emoset_attributes(ann, f"{ann_path} ({where})")
       entries.append(Entry(split, os.path.join(root, image_rel), image_rel,
                            EMOSET_CLASSES.index(emotion), emotion, attrs))

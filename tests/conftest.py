@@ -25,3 +25,15 @@ def tiny_clip_dir(tmp_path_factory):
 def tiny_teacher(tiny_clip_dir):
   from uniemox_jax.teacher.clip import ClipTeacher
   return ClipTeacher.load(tiny_clip_dir)
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory):
+  """The synthetic dataset, converted once: (raw split-tree folder, shards folder)."""
+  from data_pipelines import convert
+  root = tmp_path_factory.mktemp("synthetic")
+  out = root / "shards"
+  convert.main(["--source", "synthetic", "--name", "synthetic", "--out", str(out),
+                "--root", str(root / "raw"), "--per_class", "6,2,2", "--image_size", "48",
+                "--workers", "1", "--shard_size", "20", "--no_progress"])
+  return str(root / "raw"), str(out)

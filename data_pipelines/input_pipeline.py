@@ -1,0 +1,225 @@
+"""grain pipelines over converted shards: pretraining, fine-tuning and evaluation.
+
+Data flow: `ShardSource` (random access through the shard indexes, CRC-checked) -> global
+seeded shuffle -> repeat -> this process's slice -> per-record decode and augment (seeded by
+record index) -> batches of this process's share. Everything before the iterator is a
+`grain.MapDataset`, so an iterator's state is a position and resume is exact; `make_iterator`
+adds `mp_prefetch` worker processes. Images leave as uint8; see `uniemox_jax.augment` for
+what happens on device. TensorFlow is never imported.
+
+`process_index` / `process_count` are arguments (the trainer passes `jax.process_index()` and
+`jax.process_count()`), so this module needs no JAX.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from absl import flags
+import grain
+import numpy as np
+
+from data_pipelines import records
+from data_pipelines import tfrecord
+from data_pipelines import transforms
+
+INFO_FILE = "uniemox_info.json"
+PERSON_VIEWS = ("box", "second_view")
+
+
+def load_info(data_dir: str) -> Dict[str, Any]:
+  path = os.path.join(data_dir, INFO_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} does not exist: config.data.dir must be a folder written "
+                            "by `python -m data_pipelines.convert`")
+  with open(path) as f:
+    return json.load(f)
+
+
+def split_shards(data_dir: str, split: str, info: Optional[Dict[str, Any]] = None) -> List[str]:
+  """Shard paths of one split, or several joined by '+' (e.g. "train+val")."""
+  info = info or load_info(data_dir)
+  paths = []
+  for part in split.split("+"):
+    if part not in info["splits"]:
+      raise ValueError(f"split {part!r} is not in {data_dir} (it has "
+                       f"{sorted(info['splits'])})")
+    paths += [os.path.join(data_dir, s["file"]) for s in info["splits"][part]["shards"]
+              if s["records"]]
+  return paths
+
+
+class ShardSource:
+  """grain random-access source: serialized records of one or more splits."""
+
+  def __init__(self, data_dir: str, split: str):
+    self.info = load_info(data_dir)
+    self.split = split
+    self._reader = tfrecord.RandomAccessReader(split_shards(data_dir, split, self.info))
+
+  def __len__(self) -> int:
+    return len(self._reader)
+
+  def __getitem__(self, index: int) -> bytes:
+    return self._reader[index]
+
+  def __repr__(self) -> str:
+    return f"ShardSource({self.split}, {len(self)} records)"
+
+
+def _labels(rec: Dict[str, Any]) -> Dict[str, np.ndarray]:
+  out = {"label": np.int32(rec["label"])}
+  if "labels" in rec:
+    out["labels"] = rec["labels"].astype(np.float32)
+  return out
+
+
+class PretrainTransform(grain.transforms.RandomMap):
+  """Scene view: RandomResizedCrop(scale 0.2-1, bicubic) + flip. Person view: the stored person
+  box cropped and resized (the whole image when there is none), or with
+  person_view="second_view" an independent second scene-style view (the reference code)."""
+
+  def __init__(self, image_size: int, person_view: str = "box",
+               scale=(0.2, 1.0)):
+    if person_view not in PERSON_VIEWS:
+      raise ValueError(f"config.data.person_view={person_view!r}: choose one of {PERSON_VIEWS}")
+    self.image_size, self.person_view, self.scale = image_size, person_view, scale
+
+  def _view(self, img, rng):
+    box = transforms.random_resized_crop_box(*img.size, rng, self.scale)
+    return transforms.to_array(transforms.crop_resize(img, box, self.image_size),
+                               flip=rng.random() < 0.5)
+
+  def random_map(self, data: bytes, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    rec = records.parse(data)
+    img = transforms.decode(rec["image"])
+    out = {"scene": self._view(img, rng), **_labels(rec),
+           "has_person": np.int32(rec["has_person"])}
+    if self.person_view == "second_view":
+      out["person"] = self._view(img, rng)
+    else:
+      box = transforms.person_box_pixels(img, rec["person_box"])
+      out["person"] = transforms.to_array(
+          transforms.crop_resize(img, box, self.image_size))
+    if "text_emb" in rec:
+      out["text_emb"] = rec["text_emb"]
+    return out
+
+
+class FinetuneTransform(grain.transforms.RandomMap):
+  """RandomResizedCrop(scale 0.08-1, bicubic), flip, RandAugment m9 mstd0.5 (the rest of the
+  fine-tuning recipe - random erasing, mixup/cutmix, label smoothing - runs on device)."""
+
+  def __init__(self, image_size: int, rand_augment: bool = True, scale=(0.08, 1.0)):
+    self.image_size, self.rand_augment, self.scale = image_size, rand_augment, scale
+
+  def random_map(self, data: bytes, rng: np.random.Generator) -> Dict[str, np.ndarray]:
+    rec = records.parse(data)
+    img = transforms.decode(rec["image"])
+    box = transforms.random_resized_crop_box(*img.size, rng, self.scale)
+    img = transforms.crop_resize(img, box, self.image_size)
+    flip = rng.random() < 0.5
+    if self.rand_augment:
+      img = transforms.rand_augment(img, rng)
+    return {"image": transforms.to_array(img, flip), **_labels(rec)}
+
+
+class EvalTransform(grain.transforms.Map):
+  """Resize the shorter side to `resize` (bicubic), center crop `image_size`."""
+
+  def __init__(self, image_size: int, resize: Optional[int] = None):
+    self.image_size = image_size
+    self.resize = resize or int(round(image_size / 0.875))   # 224 -> 256
+
+  def map(self, data: bytes) -> Dict[str, np.ndarray]:
+    rec = records.parse(data)
+    img = transforms.resize_center_crop(transforms.decode(rec["image"]), self.resize,
+                                        self.image_size)
+    return {"image": transforms.to_array(img), **_labels(rec), "mask": np.bool_(True)}
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+
+
+def training_order(source, seed: int, num_epochs: Optional[int], process_index: int,
+                   process_count: int) -> grain.MapDataset:
+  """Global seeded shuffle, reshuffled every epoch (grain seeds each epoch's permutation
+  differently), repeated, then this process's every `process_count`-th element: together the
+  processes read each record once per epoch."""
+  _check_process(process_index, process_count)
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
+  return ds[process_index::process_count]
+
+
+def _train_dataset(source, transform, batch_size: int, seed: int, num_epochs: Optional[int],
+                   process_index: int, process_count: int) -> grain.MapDataset:
+  if len(source) < batch_size * process_count:
+    raise ValueError(f"{source!r} has fewer records than one global batch "
+                     f"({batch_size} x {process_count} processes)")
+  ds = training_order(source, seed, num_epochs, process_index, process_count)
+  return ds.random_map(transform).batch(batch_size, drop_remainder=True)
+
+
+def pretrain_dataset(data_dir: str, split: str = "train", *, batch_size: int,
+                     image_size: int = 224, person_view: str = "box", seed: int = 0,
+                     num_epochs: Optional[int] = None, process_index: int = 0,
+                     process_count: int = 1) -> grain.MapDataset:
+  """Batches of this process's `batch_size` pretraining examples: scene, person (uint8
+  [B, S, S, 3]), text_emb (when converted with --text_embeddings), label, has_person."""
+  return _train_dataset(ShardSource(data_dir, split), PretrainTransform(image_size, person_view),
+                        batch_size, seed, num_epochs, process_index, process_count)
+
+
+def finetune_dataset(data_dir: str, split: str = "train", *, batch_size: int,
+                     image_size: int = 224, rand_augment: bool = True, seed: int = 0,
+                     num_epochs: Optional[int] = None, process_index: int = 0,
+                     process_count: int = 1) -> grain.MapDataset:
+  """Batches of image (uint8), label (and labels, multi-hot, for multi-label data)."""
+  return _train_dataset(ShardSource(data_dir, split), FinetuneTransform(image_size, rand_augment),
+                        batch_size, seed, num_epochs, process_index, process_count)
+
+
+def eval_dataset(data_dir: str, split: str = "test", *, batch_size: int,
+                 image_size: int = 224, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+  """Every example exactly once over all processes: process p reads records p, p + P, ...;
+  each process yields the same number of batches, the last ones padded with `mask` False
+  (and `index`, the record's position in the split, -1)."""
+  _check_process(process_index, process_count)
+  source = ShardSource(data_dir, split)
+  transform = EvalTransform(image_size)
+  mine = grain.MapDataset.source(source)[process_index::process_count]
+  per_process = -(-len(source) // process_count)
+  total = max(1, -(-per_process // batch_size)) * batch_size
+  padding = _padding_like(transform.map(source[0]))
+  count = len(mine)
+
+  def fetch(i: int):
+    if i >= count:
+      return padding
+    return dict(transform.map(mine[i]), index=np.int64(process_index + i * process_count))
+  return grain.MapDataset.range(total).map(fetch).batch(batch_size)
+
+
+def _padding_like(example: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+  pad = {k: np.zeros_like(v) for k, v in example.items()}
+  pad["label"] = np.int32(-1)
+  pad["index"] = np.int64(-1)
+  pad["mask"] = np.bool_(False)
+  return pad
+
+
+def make_iterator(ds: grain.MapDataset, workers: int = 0, prefetch_per_worker: int = 2):
+  """A checkpointable iterator (`get_state` / `set_state`), fed by `workers` processes."""
+  it_ds = ds.to_iter_dataset()
+  if workers > 0:
+    # grain's worker processes read absl flags; outside an absl app (tests, notebooks,
+    # benchmarks) they were never parsed, and the defaults are what we want.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=prefetch_per_worker))
+  return iter(it_ds)
