@@ -212,9 +212,11 @@ def _padding_like(example: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
   return pad
 
 
-def make_iterator(ds: grain.MapDataset, workers: int = 0, prefetch_per_worker: int = 2):
-  """A checkpointable iterator (`get_state` / `set_state`), fed by `workers` processes."""
-  it_ds = ds.to_iter_dataset()
+def make_iterator(ds: grain.MapDataset, workers: int = 0, prefetch_per_worker: int = 2,
+                  read_threads: int = 16):
+  """A checkpointable iterator (`get_state` / `set_state`), fed by `workers` processes, each
+  (or this process, with no workers) reading with `read_threads` threads."""
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
   if workers > 0:
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks,
     # benchmarks) they were never parsed, and the defaults are what we want.

@@ -126,6 +126,8 @@ def generate(out: str, per_class: Sequence[int] = (40, 8, 8), size: int = 64,
   boxes, attributes = {}, {}
   for s, (split, n) in enumerate(zip(sources.SPLITS, per_class)):
     for c, cls in enumerate(CLASSES):
+      if not n:
+        continue
       folder = os.path.join(out, split, cls)
       os.makedirs(folder, exist_ok=True)
       for i in range(n):

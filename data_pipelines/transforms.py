@@ -78,8 +78,10 @@ def resize_center_crop(img: Image.Image, resize: int, crop: int) -> Image.Image:
 
 
 def to_array(img: Image.Image, flip: bool = False) -> np.ndarray:
-  arr = np.asarray(img, dtype=np.uint8)
-  return np.ascontiguousarray(arr[:, ::-1]) if flip else arr
+  """uint8 HWC, optionally mirrored left-right (by PIL: 10x faster than a NumPy copy)."""
+  if flip:
+    img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  return np.asarray(img, dtype=np.uint8)
 
 
 # RandAugment (timm's "rand-m9-mstd0.5-inc1", the MAE fine-tuning recipe): two ops per image,

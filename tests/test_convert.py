@@ -275,3 +275,14 @@ def test_wrong_root_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"--root .*nowhere is not a directory"):
     _run("--source", "split_tree", "--root", str(tmp_path / "nowhere"), "--name", "x",
          "--out", str(tmp_path / "o"))
+
+
+def test_worker_processes_write_identical_shards(synthetic_data, tmp_path):
+  raw, _ = synthetic_data
+  outs = []
+  for workers in ("1", "2"):
+    out = tmp_path / f"w{workers}"
+    convert.main(["--source", "split_tree", "--root", raw, "--name", "s", "--out", str(out),
+                  "--shard_size", "16", "--workers", workers, "--no_progress"])
+    outs.append(json.load(open(out / convert.INFO_FILE)))
+  assert outs[0] == outs[1]     # same files, record counts and sha256 checksums

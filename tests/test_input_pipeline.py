@@ -1,0 +1,157 @@
+"""grain pipelines over converted shards: views, order, exactly-once eval, resume, errors."""
+import json
+import os
+import shutil
+
+import grain
+import numpy as np
+import pytest
+
+from data_pipelines import input_pipeline as ip
+from data_pipelines import records
+from data_pipelines import tfrecord
+from data_pipelines import transforms
+
+
+def _records(out, split="train"):
+  src = ip.ShardSource(out, split)
+  return [records.parse(src[i]) for i in range(len(src))]
+
+
+def test_pretrain_batches_and_person_view(synthetic_data):
+  _, out = synthetic_data
+  ds = ip.pretrain_dataset(out, batch_size=4, image_size=32, num_epochs=1)
+  batch = ds[0]
+  assert batch["scene"].shape == batch["person"].shape == (4, 32, 32, 3)
+  assert batch["scene"].dtype == np.uint8 and batch["label"].dtype == np.int32
+  # The person view is exactly the stored box cropped and resized: check every record.
+  transform = ip.PretrainTransform(32, "box")
+  src = ip.ShardSource(out, "train")
+  for i in range(len(src)):
+    rec = records.parse(src[i])
+    img = transforms.decode(rec["image"])
+    expect = transforms.to_array(transforms.crop_resize(
+        img, transforms.person_box_pixels(img, rec["person_box"]), 32))
+    got = transform.random_map(src[i], np.random.default_rng(i))["person"]
+    np.testing.assert_array_equal(got, expect)
+    if not rec["has_person"]:     # no box: the whole image
+      np.testing.assert_array_equal(got, transforms.to_array(img.resize((32, 32),
+                                                                          transforms.BICUBIC)))
+
+
+def test_second_view_is_a_random_scene_view(synthetic_data):
+  _, out = synthetic_data
+  src = ip.ShardSource(out, "train")
+  a = ip.PretrainTransform(32, "second_view").random_map(src[0], np.random.default_rng(0))
+  b = ip.PretrainTransform(32, "box").random_map(src[0], np.random.default_rng(0))
+  np.testing.assert_array_equal(a["scene"], b["scene"])
+  assert not np.array_equal(a["person"], b["person"])
+  with pytest.raises(ValueError, match="config.data.person_view='crop'"):
+    ip.PretrainTransform(32, "crop")
+
+
+def test_seeded_and_deterministic(synthetic_data):
+  _, out = synthetic_data
+  a = ip.pretrain_dataset(out, batch_size=4, image_size=32, seed=1)
+  b = ip.pretrain_dataset(out, batch_size=4, image_size=32, seed=1)
+  c = ip.pretrain_dataset(out, batch_size=4, image_size=32, seed=2)
+  np.testing.assert_array_equal(a[3]["scene"], b[3]["scene"])
+  assert not np.array_equal(a[3]["scene"], c[3]["scene"])
+
+
+def test_training_order_is_a_global_shuffle_once_per_epoch():
+  n, procs = 23, 2
+  per_proc = [list(ip.training_order(list(range(n)), 0, 2, p, procs)) for p in range(procs)]
+  merged = [x for pair in zip(*per_proc) for x in pair] + per_proc[0][len(per_proc[1]):]
+  first, second = merged[:n], merged[n:]
+  assert sorted(first) == sorted(second) == list(range(n))
+  assert first != list(range(n)) and first != second      # shuffled, reshuffled per epoch
+  assert not set(per_proc[0][:11]) & set(per_proc[1][:11])   # processes never overlap
+
+
+@pytest.mark.parametrize("procs,batch", [(1, 5), (3, 4)])
+def test_eval_counts_every_example_exactly_once(synthetic_data, procs, batch):
+  _, out = synthetic_data
+  n = len(ip.ShardSource(out, "test"))     # 16: divides neither 3 processes nor the batches
+  seen, steps = [], set()
+  for p in range(procs):
+    ds = ip.eval_dataset(out, "test", batch_size=batch, image_size=32, process_index=p,
+                         process_count=procs)
+    steps.add(len(ds))
+    for b in ds:
+      assert b["image"].shape == (batch, 32, 32, 3)
+      seen += list(b["index"][b["mask"]])
+      assert np.all(b["label"][~b["mask"]] == -1)
+  assert len(steps) == 1                    # every process runs the same number of steps
+  assert sorted(seen) == list(range(n))
+
+
+def test_eval_transform_is_resize_then_center_crop(synthetic_data):
+  _, out = synthetic_data
+  src = ip.ShardSource(out, "test")
+  img = transforms.decode(records.parse(src[0])["image"]).resize((60, 40))
+  crop = transforms.resize_center_crop(img, 32, 28)
+  assert crop.size == (28, 28)
+  expect = np.asarray(img.resize((48, 32), transforms.BICUBIC))[2:30, 10:38]
+  np.testing.assert_array_equal(np.asarray(crop), expect)
+
+
+def test_finetune_batches(synthetic_data):
+  _, out = synthetic_data
+  b = ip.finetune_dataset(out, batch_size=8, image_size=32, seed=0)[0]
+  assert b["image"].shape == (8, 32, 32, 3) and b["image"].dtype == np.uint8
+  assert set(b) == {"image", "label"}
+
+
+def test_iterator_resumes_exactly(synthetic_data):
+  _, out = synthetic_data
+  ds = ip.pretrain_dataset(out, batch_size=4, image_size=16, num_epochs=1)
+  grain.experimental.assert_equal_output_after_checkpoint(ds.to_iter_dataset())
+
+
+@pytest.mark.parametrize("process_index", [0, 1])
+def test_resume_with_workers_and_two_processes(synthetic_data, process_index):
+  _, out = synthetic_data
+
+  def make():
+    return ip.make_iterator(ip.pretrain_dataset(out, batch_size=4, image_size=16, seed=5,
+                                                process_index=process_index,
+                                                process_count=2), workers=2)
+  it = make()
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  expect = [next(it) for _ in range(4)]
+  it.close()
+  it = make()
+  it.set_state(state)
+  got = [next(it) for _ in range(4)]
+  it.close()
+  for e, g in zip(expect, got):
+    for k in e:
+      np.testing.assert_array_equal(e[k], g[k])
+
+
+def test_corrupt_record_surfaces_with_shard_and_record(synthetic_data, tmp_path):
+  _, out = synthetic_data
+  copy = tmp_path / "copy"
+  shutil.copytree(out, copy)
+  info = json.load(open(copy / ip.INFO_FILE))
+  shard = str(copy / info["splits"]["test"]["shards"][0]["file"])
+  offsets = tfrecord.read_index(shard)
+  data = bytearray(open(shard, "rb").read())
+  data[int(offsets[3]) + 40] ^= 0x55
+  open(shard, "wb").write(bytes(data))
+  ds = ip.eval_dataset(str(copy), "test", batch_size=16, image_size=16)
+  with pytest.raises(tfrecord.CorruptRecordError, match=f"{shard}: record 3"):
+    ds[0]
+
+
+def test_bad_split_and_dir_are_named(synthetic_data, tmp_path):
+  _, out = synthetic_data
+  with pytest.raises(ValueError, match=r"split 'dev' is not in .*\['test', 'train', 'val'\]"):
+    ip.pretrain_dataset(out, "dev", batch_size=4)
+  with pytest.raises(FileNotFoundError, match="uniemox_info.json does not exist"):
+    ip.pretrain_dataset(str(tmp_path), batch_size=4)
+  with pytest.raises(ValueError, match="fewer records than one global batch"):
+    ip.pretrain_dataset(out, "test", batch_size=16, process_count=2)
