@@ -85,7 +85,8 @@ def serialize(features: Mapping[str, Value]) -> bytes:
       feat.int64_list.value.extend(int(v) for v in values)
     else:
       feat.float_list.value.extend(float(v) for v in values)
-  return ex.SerializeToString()
+  # Deterministic: map entries sorted by key, so equal records are equal bytes in any process.
+  return ex.SerializeToString(deterministic=True)
 
 
 def parse(data: bytes) -> Dict[str, list]:
