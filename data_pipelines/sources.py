@@ -5,7 +5,7 @@
   class_folders  <root>/<class>/* split by a seeded, stratified recipe (METHOD.md 5); the split
                  is written as a manifest that later runs can reuse
   emoset         EmoSet-118K: {train,val,test}.json lists and per-image annotation JSONs
-  emotic         EMOTIC: one CSV per split (see `emotic`), 26 categories, multi-label, boxes
+  emotic         EMOTIC: Annotations/Annotations.mat, 26 categories, multi-label, person boxes
 
 Labels of folder datasets are the alphabetical index of the class folder; EmoSet keeps its own
 order (the Mikels eight, `EMOSET_CLASSES`). Structural problems (a class missing from one
@@ -14,7 +14,6 @@ split, an empty class) are collected in `Plan.problems` for the conversion repor
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import json
 import os
@@ -257,41 +256,70 @@ def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> P
   return Plan(name, list(EMOSET_CLASSES), entries, problems=problems)
 
 
+def _as_list(value) -> list:
+  """A MATLAB array read with squeeze_me: one element comes back bare, several as an array."""
+  if isinstance(value, np.ndarray):
+    return list(value.reshape(-1))
+  return [value]
+
+
+def _emotic_categories(person, split: str, where: str) -> List[str]:
+  # Train has one annotator (annotations_categories.categories); val and test carry the
+  # annotators' union in combined_categories.
+  field = "annotations_categories" if split == "train" else "combined_categories"
+  value = getattr(person, field, None)
+  if value is None:
+    raise ValueError(f"{where}: person has no field {field!r}")
+  if split == "train":
+    value = getattr(value, "categories", None)
+  cats = [str(c) for c in _as_list(value) if str(c).strip()]
+  unknown = [c for c in cats if c not in EMOTIC_CLASSES]
+  if unknown:
+    raise ValueError(f"{where}: unknown categories {unknown}; EMOTIC's 26 are "
+                     f"{list(EMOTIC_CLASSES)}")
+  return cats
+
+
 def emotic(root: str, name: str = "emotic", splits: Sequence[str] = SPLITS) -> Plan:
-  """EMOTIC, one record per annotated person. `<root>/annotations/<split>.csv` has the
-  columns `folder, filename, x1, y1, x2, y2, categories` (categories separated by ';', from
-  `EMOTIC_CLASSES`), the usual flattening of EMOTIC's Annotations.mat; images live at
-  `<root>/<folder>/<filename>`."""
+  """EMOTIC, one record per annotated person, from the official `Annotations/Annotations.mat`
+  (structs per split with filename, folder and person[] with body_bbox [x1 y1 x2 y2] and the
+  categories); images at `<root>/emotic/<folder>/<filename>`. People without categories are
+  reported and left out."""
+  from scipy import io as sio  # pylint: disable=g-import-not-at-top
   _require_dir(root, "--root")
+  path = os.path.join(root, "Annotations", "Annotations.mat")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"EMOTIC annotations {path} do not exist")
+  try:
+    mat = sio.loadmat(path, squeeze_me=True, struct_as_record=False)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"EMOTIC annotations {path} cannot be read: {e}") from None
   entries, problems = [], []
-  need = {"folder", "filename", "x1", "y1", "x2", "y2", "categories"}
   for split in splits:
-    path = os.path.join(root, "annotations", f"{split}.csv")
-    if not os.path.exists(path):
-      problems.append(f"EMOTIC annotation file {path} is missing; split {split!r} skipped")
+    if split not in mat:
+      problems.append(f"{path} has no {split!r} annotations; split skipped")
       continue
-    with open(path, newline="", encoding="utf-8") as f:
-      reader = csv.DictReader(f)
-      missing = need - set(reader.fieldnames or [])
-      if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}")
-      for row_no, row in enumerate(reader, start=2):
-        where = f"{path} line {row_no}"
-        try:
-          box = tuple(float(row[k]) for k in ("x1", "y1", "x2", "y2"))
-        except ValueError:
-          raise ValueError(f"{where}: the box is not four numbers") from None
-        cats = [c.strip() for c in row["categories"].split(";") if c.strip()]
-        unknown = [c for c in cats if c not in EMOTIC_CLASSES]
-        if unknown or not cats:
-          raise ValueError(f"{where}: categories {cats!r} must be a non-empty subset of "
-                           "EMOTIC's 26")
+    for i, image in enumerate(_as_list(mat[split])):
+      where = f"{path} {split}[{i}]"
+      try:
+        rel = os.path.join(str(image.folder), str(image.filename))
+        people = _as_list(image.person)
+      except AttributeError as e:
+        raise ValueError(f"{where}: malformed image entry ({e})") from None
+      for j, person in enumerate(people):
+        pwhere = f"{where} person {j}"
+        box = [float(v) for v in np.asarray(getattr(person, "body_bbox", [])).reshape(-1)]
+        if len(box) != 4:
+          raise ValueError(f"{pwhere}: body_bbox is not [x1, y1, x2, y2]")
+        cats = _emotic_categories(person, split, pwhere)
+        if not cats:
+          problems.append(f"{pwhere} ({rel}) has no category; left out")
+          continue
         multi_hot = [int(c in cats) for c in EMOTIC_CLASSES]
-        rel = os.path.join(row["folder"], row["filename"])
-        entries.append(Entry(split, os.path.join(root, rel), f"{rel}#person{row_no}", -1,
-                             "", {}, box, multi_hot))
+        entries.append(Entry(split, os.path.join(root, "emotic", rel), f"{rel}#person{j}",
+                             -1, "", {}, tuple(box), multi_hot))
   if not entries:
-    raise FileNotFoundError(f"--root {root} has no EMOTIC annotations/<split>.csv")
+    raise FileNotFoundError(f"{path} yielded no annotated person for splits {list(splits)}")
   return Plan(name, list(EMOTIC_CLASSES), entries, multi_label=True, problems=problems)
 
 

@@ -228,24 +228,60 @@ def test_malformed_emoset_json_names_file_and_entry(tmp_path):
          "--out", str(tmp_path / "o"))
 
 
+def _emotic_mat(path, train_people, test_people):
+  """An Annotations.mat with EMOTIC's struct layout, written through scipy."""
+  from scipy import io as sio
+  def people(rows, split):
+    dtype = [("body_bbox", "O"), ("annotations_categories", "O"), ("combined_categories", "O")]
+    arr = np.zeros((1, len(rows)), dtype=dtype)
+    for j, (box, cats) in enumerate(rows):
+      arr[0, j]["body_bbox"] = np.asarray(box, np.float64)
+      cell = np.asarray(cats, dtype=object)
+      arr[0, j]["annotations_categories"] = {"categories": cell}
+      arr[0, j]["combined_categories"] = cell
+    return arr
+  def images(people_rows, split):
+    dtype = [("filename", "O"), ("folder", "O"), ("person", "O")]
+    arr = np.zeros((1, 1), dtype=dtype)
+    arr[0, 0]["filename"], arr[0, 0]["folder"] = "a.jpg", "mscoco/images"
+    arr[0, 0]["person"] = people(people_rows, split)
+    return arr
+  sio.savemat(path, {"train": images(train_people, "train"),
+                     "test": images(test_people, "test")})
+
+
 def test_emotic_multi_label_keeps_its_boxes(tmp_path):
-  root = tmp_path / "emotic"
-  _jpeg(str(root / "mscoco" / "a.jpg"), size=(100, 50))
-  os.makedirs(root / "annotations")
-  (root / "annotations" / "train.csv").write_text(
-      "folder,filename,x1,y1,x2,y2,categories\n"
-      "mscoco,a.jpg,10,5,60,45,Happiness;Peace\n"
-      "mscoco,a.jpg,0,0,20,50,Fear\n")
+  root = tmp_path / "emotic_root"
+  _jpeg(str(root / "emotic" / "mscoco" / "images" / "a.jpg"), size=(100, 50))
+  os.makedirs(root / "Annotations")
+  _emotic_mat(str(root / "Annotations" / "Annotations.mat"),
+              [([10, 5, 60, 45], ["Happiness", "Peace"]), ([0, 0, 20, 50], ["Fear"])],
+              [([5, 5, 50, 40], ["Sadness", "Pain", "Fatigue"])])
   _run("--source", "emotic", "--root", str(root), "--name", "emotic", "--out",
        str(tmp_path / "o"))
   recs = _read_split(str(tmp_path / "o"), "train")
   assert len(recs) == 2 and recs[0]["label"] == -1
   hot = sources.EMOTIC_CLASSES
   assert [hot[i] for i in np.flatnonzero(recs[0]["labels"])] == ["Happiness", "Peace"]
+  assert [hot[i] for i in np.flatnonzero(recs[1]["labels"])] == ["Fear"]
   np.testing.assert_allclose(recs[0]["person_box"], [0.1, 0.1, 0.9, 0.6], atol=1e-6)
   assert recs[0]["prompt"] == "The overall emotion conveyed is Happiness and Peace."
+  (test,) = _read_split(str(tmp_path / "o"), "test")
+  assert test["prompt"] == "The overall emotion conveyed is Fatigue, Pain and Sadness."
   info = json.load(open(tmp_path / "o" / convert.INFO_FILE))
   assert info["multi_label"] and "labels" in info["features"]
+  assert info["splits"]["train"]["class_counts"][hot.index("Fear")] == 1
+
+
+def test_emotic_unknown_category_is_named(tmp_path):
+  root = tmp_path / "emotic_root"
+  os.makedirs(root / "Annotations")
+  _emotic_mat(str(root / "Annotations" / "Annotations.mat"),
+              [([10, 5, 60, 45], ["Happiness", "Joyfulness"])], [])
+  with pytest.raises(ValueError, match=r"train\[0\] person 0: unknown categories "
+                     r"\['Joyfulness'\]"):
+    _run("--source", "emotic", "--root", str(root), "--name", "e", "--out",
+         str(tmp_path / "o"))
 
 
 def test_max_size_reencodes_and_keeps_relative_boxes(tmp_path):
