@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from absl import flags
 import grain
@@ -81,10 +81,13 @@ class PretrainTransform(grain.transforms.RandomMap):
   person_view="second_view" an independent second scene-style view (the reference code)."""
 
   def __init__(self, image_size: int, person_view: str = "box",
-               scale=(0.2, 1.0)):
+               scale=(0.2, 1.0), tokenize: Optional[Callable[[str], Dict]] = None):
+    """`tokenize` (prompt -> {"input_ids", "attention_mask"}) supplies tokens for datasets
+    converted without text embeddings; the teacher's text tower then embeds them on device."""
     if person_view not in PERSON_VIEWS:
       raise ValueError(f"config.data.person_view={person_view!r}: choose one of {PERSON_VIEWS}")
     self.image_size, self.person_view, self.scale = image_size, person_view, scale
+    self.tokenize = tokenize
 
   def _view(self, img, rng):
     box = transforms.random_resized_crop_box(*img.size, rng, self.scale)
@@ -104,6 +107,8 @@ class PretrainTransform(grain.transforms.RandomMap):
           transforms.crop_resize(img, box, self.image_size))
     if "text_emb" in rec:
       out["text_emb"] = rec["text_emb"]
+    elif self.tokenize is not None:
+      out.update({k: np.asarray(v, np.int32) for k, v in self.tokenize(rec["prompt"]).items()})
     return out
 
 
@@ -166,11 +171,14 @@ def _train_dataset(source, transform, batch_size: int, seed: int, num_epochs: Op
 def pretrain_dataset(data_dir: str, split: str = "train", *, batch_size: int,
                      image_size: int = 224, person_view: str = "box", seed: int = 0,
                      num_epochs: Optional[int] = None, process_index: int = 0,
-                     process_count: int = 1) -> grain.MapDataset:
+                     process_count: int = 1,
+                     tokenize: Optional[Callable[[str], Dict]] = None) -> grain.MapDataset:
   """Batches of this process's `batch_size` pretraining examples: scene, person (uint8
-  [B, S, S, 3]), text_emb (when converted with --text_embeddings), label, has_person."""
-  return _train_dataset(ShardSource(data_dir, split), PretrainTransform(image_size, person_view),
-                        batch_size, seed, num_epochs, process_index, process_count)
+  [B, S, S, 3]), text_emb (when converted with --text_embeddings; otherwise input_ids and
+  attention_mask from `tokenize`, if given), label, has_person."""
+  transform = PretrainTransform(image_size, person_view, tokenize=tokenize)
+  return _train_dataset(ShardSource(data_dir, split), transform, batch_size, seed, num_epochs,
+                        process_index, process_count)
 
 
 def finetune_dataset(data_dir: str, split: str = "train", *, batch_size: int,

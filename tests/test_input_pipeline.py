@@ -155,3 +155,13 @@ def test_bad_split_and_dir_are_named(synthetic_data, tmp_path):
     ip.pretrain_dataset(str(tmp_path), batch_size=4)
   with pytest.raises(ValueError, match="fewer records than one global batch"):
     ip.pretrain_dataset(out, "test", batch_size=16, process_count=2)
+
+
+def test_tokens_for_datasets_without_text_embeddings(synthetic_data, tiny_teacher):
+  _, out = synthetic_data
+
+  def tokenize(prompt):
+    return {k: v[0] for k, v in tiny_teacher.tokenize([prompt]).items()}
+  batch = ip.pretrain_dataset(out, batch_size=4, image_size=16, tokenize=tokenize)[0]
+  assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 77)
+  assert "text_emb" not in batch
