@@ -2,8 +2,9 @@ r"""The embedded default: a tiny UniEmoX and a tiny random CLIP teacher, on 2 CP
 
   python -m uniemox_jax.main --config configs/demo.py --workdir workdirs/demo
 
-The teacher is created in WORKDIR/tiny_clip (random weights, a small BPE tokenizer) and
-loaded from there through the same code as a real CLIP checkpoint.
+Builds the synthetic emotion dataset in WORKDIR/synthetic and a random tiny CLIP in
+WORKDIR/tiny_clip (loaded through the same code as a real checkpoint), then pretrains for
+300 steps. Rerunning resumes from WORKDIR/checkpoints.
 """
 from configs import pretrain
 
@@ -18,5 +19,11 @@ def get_config(arg=None):
   model.dtype = "float32"
   config.teacher.tiny = True
   config.teacher.dtype = "float32"
-  config.batch_size = 16
+  config.data.update(split="train", workers=0, synthetic=True)
+  config.batch_size = 32
+  config.total_steps = 300
+  config.optim.update(base_lr=4e-3, warmup_steps=30)
+  config.checkpoint.update(every_steps=100, keep=2, keep_every=0)
+  config.log_every_steps = 25
+  config.profile.num_steps = 0
   return config

@@ -1,6 +1,7 @@
 r"""UniEmoX pretraining: the paper's recipe and its ablations (METHOD.md 1-4).
 
-  python -m uniemox_jax.main --config configs/pretrain.py:vit=L/16 --workdir WORKDIR
+  python -m uniemox_jax.main --config configs/pretrain.py:vit=L/16,data=/data/emoset \
+      --workdir WORKDIR
 
 Variant keys (after ':', comma-separated):
   vit=L/16       encoder size: L/16 (the paper), B/16, S/16, Ti/16, H/14
@@ -9,6 +10,8 @@ Variant keys (after ':', comma-separated):
   losses=l1+l2+l3  the enabled loss terms, e.g. l1+l3 for an ablation
   person=box     box (crop of the person box) | second_view (the reference code's behaviour)
   teacher=openai/clip-vit-base-patch16   a hub id or a local directory
+  data=/path/to/emoset   converted shards (python -m data_pipelines.convert --source emoset)
+  epochs=200     total epochs (warmup 40)
 """
 import ml_collections
 
@@ -43,11 +46,25 @@ def model_config(vit: str, mask: float, fusion: str, losses: str,
 
 def get_config(arg=None):
   arg = config_utils.parse_arg(arg, vit="L/16", mask=0.75, fusion="easy", losses="l1+l2+l3",
-                               person="box", teacher="openai/clip-vit-base-patch16")
+                               person="box", teacher="openai/clip-vit-base-patch16",
+                               data="", epochs=200)
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = model_config(arg.vit, arg.mask, arg.fusion, arg.losses)
   config.teacher = dict(name=arg.teacher, tiny=False, normalization="clip", dtype="bfloat16")
-  config.data = dict(person_view=arg.person)
-  config.batch_size = 4096
+  # EmoSet-118K train + val, converted with --text_embeddings (the test split is never used).
+  config.data = dict(dir=arg.data, split="train+val", person_view=arg.person, workers=8,
+                     synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)
+  config.batch_size = 4096                 # global
+  config.total_epochs = arg.epochs         # the released checkpoints: 100 and 200
+  config.total_steps = 0                   # > 0 overrides total_epochs
+  config.optim = dict(base_lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.05, warmup_epochs=40,
+                      warmup_steps=0, min_lr=0.0, grad_clip=0.0)
+  config.mesh = dict(data=-1, fsdp=1)      # fsdp > 1 shards params and optimizer state
+  config.checkpoint = dict(every_steps=1000, keep=3, keep_every=10_000, asynchronous=True)
+  # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.
+  config.init = dict(checkpoint="", encoder="", encoder_format="")
+  config.log_every_steps = 50
+  config.profile = dict(first_step=10, num_steps=5)
+  config.log_batch_hashes = False
   return config

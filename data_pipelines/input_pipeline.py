@@ -149,14 +149,34 @@ def _check_process(process_index: int, process_count: int) -> None:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
 
 
-def training_order(source, seed: int, num_epochs: Optional[int], process_index: int,
-                   process_count: int) -> grain.MapDataset:
+class _ProcessBlocks(grain.MapDataset):
+  """This process's part of each global batch: element j is global element
+  (j // local) * global + process_index * local + j % local."""
+
+  def __init__(self, parent: grain.MapDataset, local_batch: int, process_index: int,
+               process_count: int):
+    super().__init__(parent)
+    self._local, self._p, self._n = local_batch, process_index, process_count
+
+  def __len__(self) -> int:
+    return len(self._parent) // (self._local * self._n) * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    block, offset = divmod(index, self._local)
+    return self._parent[block * self._local * self._n + self._p * self._local + offset]
+
+
+def training_order(source, seed: int, num_epochs: Optional[int], local_batch: int,
+                   process_index: int, process_count: int) -> grain.MapDataset:
   """Global seeded shuffle, reshuffled every epoch (grain seeds each epoch's permutation
-  differently), repeated, then this process's every `process_count`-th element: together the
-  processes read each record once per epoch."""
+  differently), repeated; then this process's contiguous share of every global batch. The
+  global batch, its order and (with the transform applied before the split) its augmentation
+  are the same on any number of processes: process p holds rows [p * local, (p + 1) * local)
+  of the global batch, which is the order `jax.make_array_from_process_local_data` assembles."""
   _check_process(process_index, process_count)
-  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
-  return ds[process_index::process_count]
+  return grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
 
 
 def _train_dataset(source, transform, batch_size: int, seed: int, num_epochs: Optional[int],
@@ -164,8 +184,11 @@ def _train_dataset(source, transform, batch_size: int, seed: int, num_epochs: Op
   if len(source) < batch_size * process_count:
     raise ValueError(f"{source!r} has fewer records than one global batch "
                      f"({batch_size} x {process_count} processes)")
-  ds = training_order(source, seed, num_epochs, process_index, process_count)
-  return ds.random_map(transform).batch(batch_size, drop_remainder=True)
+  ds = training_order(source, seed, num_epochs, batch_size, process_index, process_count)
+  # Augmentation is seeded by the global position, before the per-process split.
+  ds = ds.random_map(transform)
+  ds = _ProcessBlocks(ds, batch_size, process_index, process_count)
+  return ds.batch(batch_size, drop_remainder=True)
 
 
 def pretrain_dataset(data_dir: str, split: str = "train", *, batch_size: int,

@@ -59,14 +59,27 @@ def test_seeded_and_deterministic(synthetic_data):
   assert not np.array_equal(a[3]["scene"], c[3]["scene"])
 
 
-def test_training_order_is_a_global_shuffle_once_per_epoch():
-  n, procs = 23, 2
-  per_proc = [list(ip.training_order(list(range(n)), 0, 2, p, procs)) for p in range(procs)]
-  merged = [x for pair in zip(*per_proc) for x in pair] + per_proc[0][len(per_proc[1]):]
-  first, second = merged[:n], merged[n:]
-  assert sorted(first) == sorted(second) == list(range(n))
-  assert first != list(range(n)) and first != second      # shuffled, reshuffled per epoch
-  assert not set(per_proc[0][:11]) & set(per_proc[1][:11])   # processes never overlap
+def test_processes_split_each_global_batch_into_contiguous_blocks():
+  n, local, procs = 24, 3, 2
+  order = list(ip.training_order(list(range(n)), 0, 2, local, 0, procs))
+  assert sorted(order[:n]) == sorted(order[n:]) == list(range(n))
+  assert order[:n] != list(range(n)) and order[:n] != order[n:]   # reshuffled each epoch
+  parts = [ip._ProcessBlocks(grain.MapDataset.source(order), local, p, procs)
+           for p in range(procs)]
+  for step in range(2 * n // (local * procs)):
+    glob = order[step * local * procs:(step + 1) * local * procs]
+    assert [parts[p][step * local + j] for p in range(procs) for j in range(local)] == glob
+
+
+def test_two_processes_see_the_one_process_global_batch(synthetic_data):
+  _, out = synthetic_data
+  one = ip.pretrain_dataset(out, batch_size=8, image_size=16, seed=3)
+  halves = [ip.pretrain_dataset(out, batch_size=4, image_size=16, seed=3, process_index=p,
+                                process_count=2) for p in range(2)]
+  for step in range(7):    # crosses the epoch boundary (48 records, 8 per global batch)
+    for key in ("scene", "person", "label"):
+      np.testing.assert_array_equal(
+          one[step][key], np.concatenate([halves[0][step][key], halves[1][step][key]]))
 
 
 @pytest.mark.parametrize("procs,batch", [(1, 5), (3, 4)])
