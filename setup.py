@@ -28,9 +28,12 @@ setuptools.setup(
         "tqdm>=4.60,<5",
         # 4.57 is the last line with Flax models (FlaxCLIPModel); 5.x removed them.
         "transformers>=4.57,<5",
+        # clu's TensorBoard writer needs them; TF is hidden from accelerators where imported.
+        "tensorflow-cpu>=2.18,<2.22",
+        "tensorboard>=2.18,<2.22",
+        "scipy>=1.11",              # EMOTIC's Annotations.mat
     ],
     extras_require={
-        # TensorFlow only in tests: they read our shards back with tf.data.
-        "test": ["pytest>=8,<10", "tensorflow-cpu>=2.18,<2.22"],
+        "test": ["pytest>=8,<10"],
     },
 )

@@ -50,6 +50,11 @@ class Checkpointer:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
 
+  def restore_as_saved(self, step: int) -> Any:
+    """The state at `step` with the shardings it was saved with (same device count)."""
+    return self._manager.restore(
+        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))[STATE]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

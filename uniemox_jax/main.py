@@ -46,8 +46,9 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or not workdir:
     raise app.UsageError("--config and --workdir are required")
-  models.pretrain_model(config.model)   # a config error fails here, before anything loads
+  # Before anything touches a JAX backend.
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  models.pretrain_model(config.model)   # a config error fails here, before anything loads
   os.makedirs(workdir, exist_ok=True)
   logging.info("Config:\n%s", config)
   logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(),

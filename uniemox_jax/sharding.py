@@ -53,3 +53,16 @@ def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over every device of the mesh."""
   return NamedSharding(mesh, PartitionSpec(MESH_AXES))
+
+
+def host_to_global(tree: Any, shardings: Any) -> Any:
+  """Host values (the same on every process) -> global arrays laid out as `shardings` (one
+  sharding, or a tree of them). Works across processes, unlike `jax.device_put` of arrays
+  that already live on one device."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, tree)
+
+  def put(x, s):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda index: x[index])
+  return jax.tree.map(put, tree, shardings)

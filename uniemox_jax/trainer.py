@@ -211,7 +211,7 @@ class Trainer:
                          f"are {sorted(ENCODER_IMPORTERS)}")
       encoder = ENCODER_IMPORTERS[cfg.encoder_format](cfg.encoder, state["params"]["encoder"])
       params = dict(state["params"], encoder=encoder)
-      state = dict(state, params=jax.device_put(params, self.state_shardings["params"]))
+      state = dict(state, params=sharding.host_to_global(params, self.state_shardings["params"]))
       logging.info("Encoder initialized from %s (%s)", cfg.encoder, cfg.encoder_format)
     return state
 
@@ -250,7 +250,7 @@ class Trainer:
     state = self.initial_state(iterator)
     start = int(jax.device_get(state["step"]))
     total = self.schedule.total_steps
-    teacher_params = jax.device_put(self.teacher.params, self.replicated)
+    teacher_params = sharding.host_to_global(self.teacher.params, self.replicated)
     base_key = jax.random.key(cfg.seed + 1)
     writer = metric_writers.create_default_writer(self.workdir,
                                                   just_logging=jax.process_index() > 0)

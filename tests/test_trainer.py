@@ -1,0 +1,223 @@
+"""The pretraining trainer: loss falls, exact resume after SIGKILL / SIGTERM / a killed save,
+resharded restore, non-finite stop, and 2 processes agreeing with 1."""
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from uniemox_jax import checkpointing
+from uniemox_jax import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 30
+
+# A short run with frequent checkpoints, recording each step's batch fingerprint.
+_OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=10",
+              "--config.checkpoint.keep=20", "--config.log_every_steps=5",
+              "--config.log_batch_hashes=True", "--config.mesh.fsdp=4",
+              "--config.data.synthetic_per_class=6,2,2", "--config.data.synthetic_image_size=48"]
+
+
+_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"uniemox_test_jax_cache_{os.getuid()}")
+
+
+def _env(devices=8):
+  # The runs share a compilation cache: the train step compiles once for the whole module.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  env.pop(trainer.KILL_DURING_SAVE_ENV, None)
+  return env
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, "-m", "uniemox_jax.main", "--config", "configs/demo.py",
+          f"--workdir={workdir}", *_OVERRIDES, *extra]
+
+
+def _run(workdir, *extra, env=None, check=True):
+  proc = subprocess.run(_cmd(workdir, *extra), cwd=ROOT, env=env or _env(),
+                        capture_output=True, text=True, timeout=900)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+def _hashes(workdir):
+  """step -> batch fingerprint; a step run twice (before and after a restart) must agree."""
+  out = {}
+  for line in open(os.path.join(workdir, "batch_hashes.jsonl")):
+    rec = json.loads(line)
+    assert out.setdefault(rec["step"], rec["hash"]) == rec["hash"], rec
+  return out
+
+
+def _params(workdir, step=STEPS):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
+                                    asynchronous=False)
+  assert step in ckpt.all_steps(), ckpt.all_steps()
+  tree = ckpt.restore_as_saved(step)
+  ckpt.close()
+  return tree["params"], tree["opt_state"]
+
+
+def _assert_bitwise_equal(a, b):
+  flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(flat_a) == len(flat_b)
+  for x, y in zip(flat_a, flat_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """An uninterrupted run of STEPS steps on 8 devices (mesh data 2 x fsdp 4)."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  _run(workdir)
+  return workdir
+
+
+def _wait_for_checkpoint(workdir, proc, at_least):
+  deadline = time.time() + 600
+  ckdir = os.path.join(workdir, "checkpoints")
+  while time.time() < deadline:
+    steps = [int(d) for d in os.listdir(ckdir) if d.isdigit()] if os.path.isdir(ckdir) else []
+    if steps and max(steps) >= at_least:
+      return
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    time.sleep(0.05)
+  raise TimeoutError("no checkpoint appeared")
+
+
+def test_sigkill_at_a_random_step_resumes_bitwise(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(workdir, proc, 10)
+  time.sleep(random.uniform(0.0, 1.5))       # somewhere between checkpoints
+  proc.kill()
+  proc.wait()
+  _run(workdir)
+  _assert_bitwise_equal(_params(workdir), _params(reference))
+  assert _hashes(workdir) == _hashes(reference)
+  assert len(_hashes(reference)) == STEPS
+
+
+def test_checkpoint_killed_mid_save_is_ignored(reference, tmp_path):
+  workdir = str(tmp_path)
+  env = dict(_env(), **{trainer.KILL_DURING_SAVE_ENV: "20"})
+  proc = _run(workdir, env=env, check=False)
+  assert proc.returncode == -signal.SIGKILL
+  steps = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     read_only=True).all_steps()
+  assert max(steps) == 10, steps     # the half-written 20 is not a checkpoint
+  proc = _run(workdir)
+  assert "Resuming from" in proc.stderr and "checkpoints/10" in proc.stderr
+  _assert_bitwise_equal(_params(workdir), _params(reference))
+  assert _hashes(workdir) == _hashes(reference)
+
+
+def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
+  workdir = str(tmp_path)
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(workdir, proc, 10)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-3000:]
+  assert "Preempted: saved step" in err
+  _run(workdir)
+  _assert_bitwise_equal(_params(workdir), _params(reference))
+
+
+_RESTORE = r"""
+import json, sys
+import jax, numpy as np
+from configs import demo
+from uniemox_jax import trainer
+config = demo.get_config()
+config.unlock()
+config.update_from_flattened_dict({"total_steps": 30,
+                                   "data.synthetic_per_class": "6,2,2",
+                                   "data.synthetic_image_size": 48})
+t = trainer.Trainer(config, sys.argv[1])
+state = t.checkpointer.restore(30, t.abstract_state)
+leaves = jax.tree.leaves(state["params"])
+print(json.dumps({"devices": len(jax.devices()),
+                  "shards": max(len(x.sharding.device_set) for x in leaves),
+                  "sums": [float(np.asarray(x, np.float64).sum()) for x in leaves]}))
+"""
+
+
+@pytest.mark.parametrize("devices", [4, 1])
+def test_restore_on_fewer_devices(reference, devices):
+  proc = subprocess.run([sys.executable, "-c", _RESTORE, reference], cwd=ROOT,
+                        env=_env(devices), capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["devices"] == devices and out["shards"] == devices
+  params, _ = _params(reference)
+  expect = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
+  assert out["sums"] == expect          # bitwise: same values, summed the same way
+
+
+def test_demo_loss_falls(tmp_path):
+  config = demo.get_config()
+  t = trainer.Trainer(config, str(tmp_path))
+  t.run()
+  t.checkpointer.close()
+  totals = [m["total"] for _, m in t.history]
+  assert len(totals) == config.total_steps // config.log_every_steps
+  assert np.mean(totals[-3:]) < 0.6 * totals[0], totals
+  for line in open(tmp_path / "metrics.jsonl"):
+    assert {"l1", "l2", "l3", "total", "grad_norm", "learning_rate"} <= set(json.loads(line))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  config = demo.get_config()
+  config.unlock()
+  config.update_from_flattened_dict({"total_steps": 40, "optim.base_lr": 1e30,
+                                     "optim.warmup_steps": 0, "checkpoint.every_steps": 1,
+                                     "checkpoint.keep": 100,
+                                     "data.synthetic_per_class": "6,2,2"})
+  t = trainer.Trainer(config, str(tmp_path))
+  with pytest.raises(FloatingPointError, match=r"non-finite loss at step (\d+)") as err:
+    t.run()
+  bad = int(err.value.args[0].split("step ")[1].split(":")[0])
+  steps = t.checkpointer.all_steps()
+  t.checkpointer.close()
+  assert steps and max(steps) < bad
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(reference, tmp_path):
+  workdir = str(tmp_path)
+  port = _free_port()
+  procs = [subprocess.Popen(
+      _cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+           f"--process_id={i}"), cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for p in procs:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-4000:]
+
+  def losses(w):
+    return [json.loads(line) for line in open(os.path.join(w, "metrics.jsonl"))]
+  two, one = losses(workdir), losses(reference)
+  assert [m["step"] for m in two] == [m["step"] for m in one]
+  for a, b in zip(two, one):
+    for k in ("l1", "l2", "l3", "total"):
+      np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6)
