@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# TPU pod slice: start the same command on every worker; JAX finds the other hosts itself
+# (jax.distributed.initialize() with no arguments on Cloud TPU).
+#   Needs: a TPU VM slice, this repository and the data on every worker (or on GCS), and
+#          `pip install -e . "jax[tpu]"` run on all workers.
+#   Usage: launch/tpu_pod.sh TPU_NAME ZONE CONFIG WORKDIR [--config.field=value ...]
+#   e.g.   launch/tpu_pod.sh my-v4-64 us-central2-b \
+#              configs/pretrain.py:vit=L/16,data=gs://bucket/emoset gs://bucket/ckpt/l16
+#   WORKDIR must be shared by all workers (GCS): checkpoints are written by every host.
+set -euo pipefail
+[[ $# -ge 4 ]] || { sed -n '2,9p' "$0"; exit 2; }
+tpu=$1 zone=$2 config=$3 workdir=$4
+shift 4
+repo=${REPO_DIR:-\$HOME/uniemox-jax}
+gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
+  "cd $repo && python3 -m uniemox_jax.main --config '$config' --workdir '$workdir' $*"
