@@ -11,8 +11,10 @@ $(STAMP): setup.py
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-# The main job on its embedded default (tiny model, tiny random CLIP teacher, CPU).
+# The main job on its embedded default (tiny model, tiny random CLIP teacher, CPU). Each run
+# trains afresh (the generated data and teacher are reused).
 demo: $(STAMP)
+	rm -rf workdirs/demo/checkpoints workdirs/demo/metrics.jsonl workdirs/demo/events.out.*
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m uniemox_jax.main --config configs/demo.py --workdir workdirs/demo
 
 test: $(STAMP)

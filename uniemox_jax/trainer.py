@@ -267,6 +267,8 @@ class Trainer:
     preemption = Preemption()
     kill_at = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
     pending, last, window_start, window_steps = None, {}, time.perf_counter(), 0
+    if start >= total:
+      logging.info("Nothing to do: %s already holds the final step %d", self.workdir, total)
     logging.info("Training steps %d..%d (%d per epoch), global batch %d on %s", start, total,
                  self.schedule.steps_per_epoch, cfg.batch_size, dict(self.mesh.shape))
     try:
