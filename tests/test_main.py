@@ -15,16 +15,21 @@ def _run(*args):
                         capture_output=True, text=True, timeout=600)
 
 
-def test_demo_runs_and_writes_config(tmp_path):
-  proc = _run("--config", "configs/demo.py", f"--workdir={tmp_path}")
+def test_demo_command_trains_and_writes_its_workdir(tmp_path):
+  """The README's main job (shortened: the full demo's loss curve is test_trainer's)."""
+  proc = _run("--config", "configs/demo.py", f"--workdir={tmp_path}",
+              "--config.total_steps=10", "--config.data.synthetic_per_class=6,2,2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(proc.stdout[proc.stdout.index("{"):])
-  assert set(result) == {"l1", "l2", "l3", "total", "grad_norm"}
+  assert {"l1", "l2", "l3", "total", "grad_norm", "learning_rate"} <= set(result)
   assert result["grad_norm"] > 0
   assert abs(result["total"] - (result["l1"] + result["l2"] + result["l3"])) < 1e-5
   saved = json.loads((tmp_path / "config.json").read_text())
-  assert saved["model"]["variant"] == "mu/8"
+  assert saved["model"]["variant"] == "mu/8" and saved["total_steps"] == 10
   assert (tmp_path / "tiny_clip" / "flax_model.msgpack").exists()
+  assert (tmp_path / "checkpoints" / "10").is_dir()
+  assert list(tmp_path.glob("events.out.tfevents.*"))        # TensorBoard, through clu
+  assert (tmp_path / "synthetic" / "uniemox_info.json").exists()
 
 
 @pytest.mark.parametrize("arg,message", [
