@@ -17,7 +17,7 @@ import argparse
 import io
 import json
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw

@@ -1,6 +1,6 @@
 """grain pipelines over converted shards: views, order, exactly-once eval, resume, errors."""
+import functools
 import json
-import os
 import shutil
 
 import grain
@@ -173,8 +173,8 @@ def test_bad_split_and_dir_are_named(synthetic_data, tmp_path):
 def test_tokens_for_datasets_without_text_embeddings(synthetic_data, tiny_teacher):
   _, out = synthetic_data
 
-  def tokenize(prompt):
-    return {k: v[0] for k, v in tiny_teacher.tokenize([prompt]).items()}
+  from uniemox_jax.teacher import clip
+  tokenize = functools.partial(clip.tokenize_one, tiny_teacher.tokenizer)
   batch = ip.pretrain_dataset(out, batch_size=4, image_size=16, tokenize=tokenize)[0]
   assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 77)
   assert "text_emb" not in batch

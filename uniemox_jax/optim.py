@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-import jax
 import optax
 from flax import traverse_util
 
@@ -60,7 +59,3 @@ def make_optimizer(config, lr_schedule) -> optax.GradientTransformation:
   parts.append(optax.adamw(lr_schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                            mask=decay_mask))
   return optax.chain(*parts)
-
-
-def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)

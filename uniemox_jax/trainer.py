@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from absl import logging
 import flax.linen as nn
@@ -149,7 +149,7 @@ class Trainer:
     info = input_pipeline.load_info(self.data_dir)
     tokenize = None
     if not info.get("text_emb_dim"):
-      tokenize = functools.partial(_tokenize_one, self.teacher.tokenizer)
+      tokenize = functools.partial(clip.tokenize_one, self.teacher.tokenizer)
     self.dataset = input_pipeline.pretrain_dataset(
         self.data_dir, config.data.split, batch_size=self.local_batch,
         image_size=config.model.image_size, person_view=config.data.person_view,
@@ -230,9 +230,9 @@ class Trainer:
     (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(terms, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params),
-                   update_norm=optax.global_norm(updates),
+    metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates),
                    learning_rate=self.lr(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
@@ -333,12 +333,6 @@ class Trainer:
                                                         sorted(values.items()))
           + "; the last checkpoint before it is kept")
     return values
-
-
-def _tokenize_one(tokenizer, prompt: str) -> Dict[str, np.ndarray]:
-  out = tokenizer([prompt], max_length=clip.MAX_TEXT_TOKENS, truncation=True,
-                  padding="max_length", return_tensors="np")
-  return {"input_ids": out["input_ids"][0], "attention_mask": out["attention_mask"][0]}
 
 
 def pretrain(config, workdir: str) -> Dict[str, float]:

@@ -6,7 +6,7 @@ are the ablation variants.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Type
+from typing import Dict, Type
 
 import flax.linen as nn
 import jax

@@ -40,6 +40,19 @@ def renormalize(images: jax.Array, src: Sequence[Sequence[float]],
   return (raw - channels(dst_mean)) / channels(dst_std)
 
 
+def tokenize(tokenizer, texts: Sequence[str]) -> Dict[str, np.ndarray]:
+  """[len(texts), 77] int32 ids and attention mask: truncated (EOS kept last), padded."""
+  out = tokenizer(list(texts), max_length=MAX_TEXT_TOKENS, truncation=True,
+                  padding="max_length", return_tensors="np")
+  return {"input_ids": out["input_ids"].astype(np.int32),
+          "attention_mask": out["attention_mask"].astype(np.int32)}
+
+
+def tokenize_one(tokenizer, text: str) -> Dict[str, np.ndarray]:
+  """One prompt's [77] ids and mask (the per-record form the input pipeline wants)."""
+  return {k: v[0] for k, v in tokenize(tokenizer, [text]).items()}
+
+
 def _check_source(name_or_dir: str) -> None:
   """Fails early, naming the path, for a local directory that cannot hold a CLIP model."""
   looks_local = os.path.isabs(name_or_dir) or name_or_dir.startswith((".", "~")) or \
@@ -129,10 +142,7 @@ class ClipTeacher:
     """CLIP tokens, truncated (EOS kept last) and padded to 77."""
     if self.tokenizer is None:
       raise ValueError("this ClipTeacher was loaded without a tokenizer")
-    out = self.tokenizer(list(texts), max_length=MAX_TEXT_TOKENS, truncation=True,
-                         padding="max_length", return_tensors="np")
-    return {"input_ids": out["input_ids"].astype(np.int32),
-            "attention_mask": out["attention_mask"].astype(np.int32)}
+    return tokenize(self.tokenizer, texts)
 
   def embed_texts(self, texts: Iterable[str], batch_size: int = 256) -> np.ndarray:
     """Text embeddings of many prompts, in batches (the conversion tool's path)."""
