@@ -59,7 +59,8 @@ def get_config(arg=None):
   config.total_epochs = arg.epochs         # the released checkpoints: 100 and 200
   config.total_steps = 0                   # > 0 overrides total_epochs
   config.optim = dict(base_lr=1e-3, b1=0.9, b2=0.95, weight_decay=0.05, warmup_epochs=40,
-                      warmup_steps=0, min_lr=0.0, grad_clip=0.0)
+                      warmup_steps=0, min_lr=0.0, grad_clip=0.0,
+                      accum_steps=1)   # > 1: micro-batches per step, gradients averaged
   config.mesh = dict(data=-1, fsdp=1)      # fsdp > 1 shards params and optimizer state
   config.checkpoint = dict(every_steps=1000, keep=3, keep_every=10_000, asynchronous=True)
   # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.

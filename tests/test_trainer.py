@@ -15,6 +15,7 @@ import pytest
 
 from configs import demo
 from uniemox_jax import checkpointing
+from uniemox_jax import sharding
 from uniemox_jax import trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,3 +222,31 @@ def test_two_processes_match_one(reference, tmp_path):
   for a, b in zip(two, one):
     for k in ("l1", "l2", "l3", "total"):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6)
+
+
+def test_gradient_accumulation_averages_device_local_micro_batches(tmp_path, synthetic_data):
+  _, data = synthetic_data
+  config = demo.get_config()
+  config.unlock()
+  config.update_from_flattened_dict({"optim.accum_steps": 2, "data.dir": data,
+                                     "data.synthetic": False})
+  t = trainer.Trainer(config, str(tmp_path))
+  batch = jax.tree.map(np.asarray, t.dataset[0])
+  batch = {k: batch[k] for k in ("scene", "person")}
+  batch["text_emb"] = t.teacher.embed_texts(["The overall emotion conveyed is awe."] * 32)
+  batch = {k: (v.astype(np.float32) / 255 if v.dtype == np.uint8 else v)
+           for k, v in batch.items()}
+  state = t._init(jax.random.key(0))
+  teacher_params = sharding.host_to_global(t.teacher.params, t.replicated)
+  key = jax.random.key(3)
+  grads, terms = jax.jit(t._gradients)(state["params"], teacher_params, batch, key)
+  # By hand: device d holds rows 4d..4d+3; micro-batch i takes rows 4d+2i, 4d+2i+1 of each.
+  rows = [[4 * d + 2 * i + j for d in range(8) for j in range(2)] for i in range(2)]
+  config.optim.accum_steps = 1
+  parts = [jax.jit(t._gradients)(state["params"], teacher_params,
+                                 {k: v[r] for k, v in batch.items()}, jax.random.fold_in(key, i))
+           for i, r in enumerate(rows)]
+  expect = jax.tree.map(lambda a, b: (a + b) / 2, parts[0], parts[1])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               (grads, terms), expect)
+  t.checkpointer.close()

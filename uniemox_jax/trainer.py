@@ -135,9 +135,11 @@ class Trainer:
     self.model = models.pretrain_model(config.model)
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     num_devices, procs = self.mesh.devices.size, jax.process_count()
-    if config.batch_size % num_devices or config.batch_size % procs:
+    accum = config.optim.get("accum_steps", 1)
+    if accum < 1 or config.batch_size % (num_devices * accum) or config.batch_size % procs:
       raise ValueError(f"config.batch_size={config.batch_size} must divide evenly over "
-                       f"{num_devices} devices and {procs} processes")
+                       f"{num_devices} devices x config.optim.accum_steps={accum} "
+                       f"micro-batches and {procs} processes")
     self.data_dir = resolve_data_dir(config, workdir)
     self.teacher = load_teacher(config, workdir)
     objective.check_compatible(self.model, self.teacher)
@@ -222,12 +224,7 @@ class Trainer:
     batch = dict(batch, scene=augment.normalize(batch["scene"]),
                  person=augment.normalize(batch["person"]))
 
-    def loss_fn(params):
-      terms, _ = objective.pretrain_losses(self.model, params, self.teacher, teacher_params,
-                                           batch, key, train=True)
-      return terms["total"], terms
-
-    (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grads, terms = self._gradients(state["params"], teacher_params, batch, key)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(terms, grad_norm=optax.tree.norm(grads),
@@ -235,6 +232,38 @@ class Trainer:
                    update_norm=optax.tree.norm(updates),
                    learning_rate=self.lr(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  def _gradients(self, params, teacher_params, batch, key):
+    """Gradients and loss terms of one global batch, in `config.optim.accum_steps`
+    micro-batches whose gradients are averaged (to bound activation memory). Each
+    micro-batch takes the same rows of every device's shard, so no data moves between
+    devices; L1's B x B similarities then span one micro-batch, not the global batch."""
+
+    def loss_fn(p, micro, k):
+      terms, _ = objective.pretrain_losses(self.model, p, self.teacher, teacher_params, micro,
+                                           k, train=True)
+      return terms["total"], terms
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    accum = self.config.optim.get("accum_steps", 1)
+    if accum == 1:
+      (_, terms), grads = grad_fn(params, batch, key)
+      return grads, terms
+    shards = self.mesh.devices.size
+
+    def split(x):   # [B, ...] -> [accum, B / accum, ...], rows kept on their device
+      x = x.reshape((shards, accum, x.shape[0] // (shards * accum)) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1).reshape((accum, x.shape[0] * x.shape[2]) + x.shape[3:])
+    micro_batches = jax.tree.map(split, batch)
+
+    def body(carry, inputs):
+      i, micro = inputs
+      (_, terms), grads = grad_fn(params, micro, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (grads, terms)), None
+    (_, terms_shape), grads_shape = jax.eval_shape(
+        grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), key)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, terms_shape))
+    (grads, terms), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro_batches))
+    return jax.tree.map(lambda g: g / accum, (grads, terms))
 
   def to_global(self, batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k])
