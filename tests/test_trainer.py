@@ -250,3 +250,39 @@ def test_gradient_accumulation_averages_device_local_micro_batches(tmp_path, syn
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                (grads, terms), expect)
   t.checkpointer.close()
+
+
+def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_path):
+  overrides = {"total_steps": STEPS, "data.synthetic_per_class": "6,2,2",
+               "data.synthetic_image_size": 48, "mesh.fsdp": 4}
+
+  def make(workdir, **init):
+    config = demo.get_config()
+    config.unlock()
+    config.update_from_flattened_dict(dict(overrides, **{f"init.{k}": v for k, v in
+                                                         init.items()}))
+    return trainer.Trainer(config, str(workdir))
+
+  # An explicit checkpoint path (a step directory) when the workdir has none.
+  t = make(tmp_path / "a", checkpoint=os.path.join(reference, "checkpoints", "10"))
+  state = t.initial_state(None)
+  assert int(state["step"]) == 10
+  _assert_bitwise_equal(state["params"], _params(reference, 10)[0])
+  t.checkpointer.close()
+  # An encoder through a registered importer when there is no checkpoint at all.
+  trainer.register_encoder_importer(
+      "test_plus_one", lambda path, template: jax.tree.map(lambda x: np.asarray(x) + 1.0,
+                                                           template))
+  t = make(tmp_path / "b", encoder="unused.file", encoder_format="test_plus_one")
+  state = t.initial_state(None)
+  fresh = t._init(jax.random.key(t.config.seed))
+  assert int(state["step"]) == 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b) + 1.0, rtol=1e-6),
+               state["params"]["encoder"], fresh["params"]["encoder"])
+  _assert_bitwise_equal(state["params"]["decoder"], fresh["params"]["decoder"])
+  t.checkpointer.close()
+  t = make(tmp_path / "c", encoder="x", encoder_format="nope")
+  with pytest.raises(ValueError, match="config.init.encoder_format='nope'"):
+    t.initial_state(None)
+  t.checkpointer.close()
+  del trainer.ENCODER_IMPORTERS["test_plus_one"]
