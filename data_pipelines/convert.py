@@ -39,7 +39,7 @@ from data_pipelines import sources
 from data_pipelines import tfrecord
 from uniemox_jax.teacher import prompts
 
-INFO_FILE = "uniemox_info.json"
+INFO_FILE = records.INFO_FILE
 REPORT_FILE = "conversion_report.json"
 MANIFEST_FILE = "split_manifest.json"
 STATS_SUFFIX = ".stats.json"

@@ -24,7 +24,7 @@ from data_pipelines import records
 from data_pipelines import tfrecord
 from data_pipelines import transforms
 
-INFO_FILE = "uniemox_info.json"
+INFO_FILE = records.INFO_FILE
 PERSON_VIEWS = ("box", "second_view")
 
 

@@ -23,6 +23,8 @@ import numpy as np
 from data_pipelines import example_proto
 
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
+# The dataset-info file written beside the shards by the converter, read by the pipelines.
+INFO_FILE = "uniemox_info.json"
 
 
 @dataclasses.dataclass
