@@ -128,9 +128,10 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
       writer.write(rec.serialize())
       stats["hashes"][digest] = e.rel_path
       stats["with_person"] += int(box is not None)
-      for c, count in enumerate(e.labels if e.labels is not None else
-                                np.eye(task["num_classes"], dtype=int)[e.label]):
-        stats["class_counts"][c] += int(count)
+      if e.labels is not None:
+        stats["class_counts"] = [n + int(on) for n, on in zip(stats["class_counts"], e.labels)]
+      else:
+        stats["class_counts"][e.label] += 1
     stats.update(writer.commit())
   # Written after the shard: a shard without its stats is simply rewritten on the next run.
   tmp = f"{path}{STATS_SUFFIX}.tmp-{os.getpid()}"

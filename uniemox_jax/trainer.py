@@ -80,8 +80,7 @@ def resolve_data_dir(config, workdir: str) -> str:
   return out
 
 
-def _num_examples(data_dir: str, split: str) -> int:
-  info = input_pipeline.load_info(data_dir)
+def _num_examples(info: Dict[str, Any], split: str) -> int:
   return sum(info["splits"][s]["num_records"] for s in split.split("+")
              if s in info["splits"])
 
@@ -143,12 +142,11 @@ class Trainer:
     self.data_dir = resolve_data_dir(config, workdir)
     self.teacher = load_teacher(config, workdir)
     objective.check_compatible(self.model, self.teacher)
-    self.schedule = optim.resolve_schedule(
-        config, _num_examples(self.data_dir, config.data.split))
+    info = input_pipeline.load_info(self.data_dir)
+    self.schedule = optim.resolve_schedule(config, _num_examples(info, config.data.split))
     self.lr = optim.learning_rate(config, self.schedule)
     self.tx = optim.make_optimizer(config, self.lr)
     self.local_batch = config.batch_size // procs
-    info = input_pipeline.load_info(self.data_dir)
     tokenize = None
     if not info.get("text_emb_dim"):
       tokenize = functools.partial(clip.tokenize_one, self.teacher.tokenizer)
