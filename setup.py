@@ -32,8 +32,10 @@ setuptools.setup(
         "tensorflow-cpu>=2.18,<2.22",
         "tensorboard>=2.18,<2.22",
         "scipy>=1.11",              # EMOTIC's Annotations.mat
+        "matplotlib>=3.8,<4",       # the confusion-matrix PNG of evaluation reports
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
+        # scikit-learn: the reference the evaluation metrics are tested against.
+        "test": ["pytest>=8,<10", "scikit-learn>=1.5,<2"],
     },
 )

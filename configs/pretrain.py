@@ -49,6 +49,7 @@ def get_config(arg=None):
                                person="box", teacher="openai/clip-vit-base-patch16",
                                data="", epochs=200)
   config = ml_collections.ConfigDict()
+  config.task = "pretrain"
   config.seed = 0
   config.model = model_config(arg.vit, arg.mask, arg.fusion, arg.losses)
   config.teacher = dict(name=arg.teacher, tiny=False, normalization="clip", dtype="bfloat16")

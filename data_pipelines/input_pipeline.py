@@ -131,17 +131,24 @@ class FinetuneTransform(grain.transforms.RandomMap):
 
 
 class EvalTransform(grain.transforms.Map):
-  """Resize the shorter side to `resize` (bicubic), center crop `image_size`."""
+  """Resize the shorter side to `resize` (bicubic), center crop `image_size`. With
+  `person_view`, also "person": the stored person box (or whole image) resized to
+  `image_size`, as pretraining's person view (zero-shot reads both)."""
 
-  def __init__(self, image_size: int, resize: Optional[int] = None):
+  def __init__(self, image_size: int, resize: Optional[int] = None, person_view: bool = False):
     self.image_size = image_size
     self.resize = resize or int(round(image_size / 0.875))   # 224 -> 256
+    self.person_view = person_view
 
   def map(self, data: bytes) -> Dict[str, np.ndarray]:
     rec = records.parse(data)
-    img = transforms.resize_center_crop(transforms.decode(rec["image"]), self.resize,
-                                        self.image_size)
-    return {"image": transforms.to_array(img), **_labels(rec), "mask": np.bool_(True)}
+    decoded = transforms.decode(rec["image"])
+    img = transforms.resize_center_crop(decoded, self.resize, self.image_size)
+    out = {"image": transforms.to_array(img), **_labels(rec), "mask": np.bool_(True)}
+    if self.person_view:
+      box = transforms.person_box_pixels(decoded, rec["person_box"])
+      out["person"] = transforms.to_array(transforms.crop_resize(decoded, box, self.image_size))
+    return out
 
 
 def _check_process(process_index: int, process_count: int) -> None:
@@ -215,13 +222,13 @@ def finetune_dataset(data_dir: str, split: str = "train", *, batch_size: int,
 
 def eval_dataset(data_dir: str, split: str = "test", *, batch_size: int,
                  image_size: int = 224, process_index: int = 0,
-                 process_count: int = 1) -> grain.MapDataset:
+                 process_count: int = 1, person_view: bool = False) -> grain.MapDataset:
   """Every example exactly once over all processes: process p reads records p, p + P, ...;
   each process yields the same number of batches, the last ones padded with `mask` False
   (and `index`, the record's position in the split, -1)."""
   _check_process(process_index, process_count)
   source = ShardSource(data_dir, split)
-  transform = EvalTransform(image_size)
+  transform = EvalTransform(image_size, person_view=person_view)
   mine = grain.MapDataset.source(source)[process_index::process_count]
   per_process = -(-len(source) // process_count)
   total = max(1, -(-per_process // batch_size)) * batch_size

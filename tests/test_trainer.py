@@ -17,6 +17,7 @@ from configs import demo
 from uniemox_jax import checkpointing
 from uniemox_jax import sharding
 from uniemox_jax import trainer
+from uniemox_jax import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 30
@@ -143,13 +144,13 @@ _RESTORE = r"""
 import json, sys
 import jax, numpy as np
 from configs import demo
-from uniemox_jax import trainer
+from uniemox_jax import pretrain
 config = demo.get_config()
 config.unlock()
 config.update_from_flattened_dict({"total_steps": 30,
                                    "data.synthetic_per_class": "6,2,2",
                                    "data.synthetic_image_size": 48})
-t = trainer.Trainer(config, sys.argv[1])
+t = pretrain.PretrainTrainer(config, sys.argv[1])
 state = t.checkpointer.restore(30, t.abstract_state)
 leaves = jax.tree.leaves(state["params"])
 print(json.dumps({"devices": len(jax.devices()),
@@ -172,7 +173,7 @@ def test_restore_on_fewer_devices(reference, devices):
 
 def test_demo_loss_falls(tmp_path):
   config = demo.get_config()
-  t = trainer.Trainer(config, str(tmp_path))
+  t = pretrain.PretrainTrainer(config, str(tmp_path))
   t.run()
   t.checkpointer.close()
   totals = [m["total"] for _, m in t.history]
@@ -189,7 +190,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                                      "optim.warmup_steps": 0, "checkpoint.every_steps": 1,
                                      "checkpoint.keep": 100,
                                      "data.synthetic_per_class": "6,2,2"})
-  t = trainer.Trainer(config, str(tmp_path))
+  t = pretrain.PretrainTrainer(config, str(tmp_path))
   with pytest.raises(FloatingPointError, match=r"non-finite loss at step (\d+)") as err:
     t.run()
   bad = int(err.value.args[0].split("step ")[1].split(":")[0])
@@ -230,7 +231,7 @@ def test_gradient_accumulation_averages_device_local_micro_batches(tmp_path, syn
   config.unlock()
   config.update_from_flattened_dict({"optim.accum_steps": 2, "data.dir": data,
                                      "data.synthetic": False})
-  t = trainer.Trainer(config, str(tmp_path))
+  t = pretrain.PretrainTrainer(config, str(tmp_path))
   batch = jax.tree.map(np.asarray, t.dataset[0])
   batch = {k: batch[k] for k in ("scene", "person")}
   batch["text_emb"] = t.teacher.embed_texts(["The overall emotion conveyed is awe."] * 32)
@@ -261,7 +262,7 @@ def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_p
     config.unlock()
     config.update_from_flattened_dict(dict(overrides, **{f"init.{k}": v for k, v in
                                                          init.items()}))
-    return trainer.Trainer(config, str(workdir))
+    return pretrain.PretrainTrainer(config, str(workdir))
 
   # An explicit checkpoint path (a step directory) when the workdir has none.
   t = make(tmp_path / "a", checkpoint=os.path.join(reference, "checkpoints", "10"))

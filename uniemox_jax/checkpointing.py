@@ -7,14 +7,17 @@ carries the current mesh's shardings: a checkpoint saved on 8 devices restores o
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Sequence
 
+from etils import epath
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-STATE, DATA = "state", "data"
+STATE, DATA, META = "state", "data", "meta"
 
 
 class Checkpointer:
@@ -35,10 +38,14 @@ class Checkpointer:
   def all_steps(self):
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state: Any, data_iterator=None) -> None:
+  def save(self, step: int, state: Any, data_iterator=None,
+           meta: Optional[Dict[str, Any]] = None) -> None:
+    """`meta`: a JSON-able dict kept with the step (the task, the class names)."""
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
+    if meta is not None:
+      items[META] = ocp.args.JsonSave(meta)
     self._manager.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
@@ -76,18 +83,64 @@ def split_checkpoint_path(path: str):
   return path, None
 
 
-def open_for_restore(path: str):
-  """A read-only Checkpointer over an explicit checkpoint path, and the step to restore."""
+def open_for_restore(path: str, flag: str = "config.init.checkpoint"):
+  """A read-only Checkpointer over an explicit checkpoint path, and the step to restore.
+  `flag` names where the path came from, for the error messages."""
   directory, step = split_checkpoint_path(path)
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory {directory} does not exist "
-                            "(config.init.checkpoint)")
+    raise FileNotFoundError(f"checkpoint directory {directory} does not exist ({flag})")
   ckpt = Checkpointer(directory, read_only=True, asynchronous=False)
   if step is None:
     step = ckpt.latest_step()
     if step is None:
-      raise FileNotFoundError(f"no finished checkpoint in {directory} (config.init.checkpoint)")
+      raise FileNotFoundError(f"no finished checkpoint in {directory} ({flag})")
   elif step not in ckpt.all_steps():
     raise FileNotFoundError(f"checkpoint step {step} is not in {directory}; it has "
-                            f"{sorted(ckpt.all_steps())} (config.init.checkpoint)")
+                            f"{sorted(ckpt.all_steps())} ({flag})")
   return ckpt, step
+
+
+def resolve_step_dir(path: str, flag: str = "--checkpoint") -> str:
+  """A step directory from "<dir>/<step>" or "<dir>" (its latest finished step)."""
+  ckpt, step = open_for_restore(path, flag)
+  ckpt.close()
+  return os.path.join(ckpt.directory, str(step))
+
+
+def state_metadata(step_dir: str) -> Any:
+  """The saved state's tree, with shapes and dtypes, read without loading any array."""
+  path = epath.Path(os.path.abspath(step_dir)) / STATE
+  if not path.exists():
+    raise FileNotFoundError(f"{step_dir} holds no train state (no '{STATE}' item)")
+  return ocp.PyTreeCheckpointHandler().metadata(path).tree
+
+
+def read_meta(step_dir: str) -> Dict[str, Any]:
+  """The step's `meta` dict ({} for a checkpoint saved without one)."""
+  path = os.path.join(step_dir, META, "metadata")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def read_subtree(step_dir: str, keys: Sequence[str] = ("params",)) -> Any:
+  """One subtree of the saved state (by default the parameters, without the optimizer
+  state) as host NumPy arrays, whatever mesh it was saved from."""
+  tree = state_metadata(step_dir)
+  sub = tree
+  for i, key in enumerate(keys):
+    if not isinstance(sub, dict) or key not in sub:
+      raise KeyError(f"{step_dir}: the saved state has no {'/'.join(keys[:i + 1])} "
+                     f"(it has {sorted(sub) if isinstance(sub, dict) else type(sub).__name__})")
+    sub = sub[key]
+  item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), sub)
+  for key in reversed(keys):
+    item = {key: item}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  restored = ocp.PyTreeCheckpointer().restore(
+      os.path.abspath(os.path.join(step_dir, STATE)),
+      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  for key in keys:
+    restored = restored[key]
+  return restored

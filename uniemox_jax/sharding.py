@@ -50,6 +50,11 @@ def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device of the mesh."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over every device of the mesh."""
   return NamedSharding(mesh, PartitionSpec(MESH_AXES))

@@ -1,5 +1,9 @@
-"""UniEmoX pretraining: one jitted, sharded step over a device mesh, orbax checkpoints with
-exact resume, clu metrics. `pretrain(config, workdir)` is the main job.
+"""The training loop that pretraining and fine-tuning share: one jitted, sharded step over a
+device mesh, orbax checkpoints with exact resume, preemption, clu metrics.
+
+`TrainLoop` holds the mesh, the optimizer, the sharded state, the checkpoints and the loop;
+a task (`uniemox_jax.pretrain.PretrainTrainer`, `uniemox_jax.finetune.FinetuneTrainer`)
+supplies the model, its data, its loss and what to do with a pretrained encoder.
 
 Resume order (first that applies): the latest checkpoint in WORKDIR/checkpoints, then
 `config.init.checkpoint` (an explicit path, state and data position), then
@@ -7,35 +11,32 @@ Resume order (first that applies): the latest checkpoint in WORKDIR/checkpoints,
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import optax
 
 from data_pipelines import input_pipeline
-from uniemox_jax import augment
 from uniemox_jax import checkpointing
 from uniemox_jax import models
-from uniemox_jax import objective
 from uniemox_jax import optim
 from uniemox_jax import sharding
 from uniemox_jax.teacher import clip
 from uniemox_jax.teacher import tiny
 
-# Names of encoder importers for config.init.encoder_format; the checkpoint-import work adds
-# PyTorch formats here. Each maps (path, encoder params template) -> encoder params.
+# Names of encoder importers for config.init.encoder_format. Each maps (path, the encoder
+# params of the model being initialized, as a template) -> encoder params in this codebase's
+# layout (host arrays; a final `norm` may be present and is dropped by classifiers).
 ENCODER_IMPORTERS: Dict[str, Callable[[str, Any], Any]] = {}
 
 # Fault injection for tests: SIGKILL this process right after dispatching the save of this
@@ -45,6 +46,28 @@ KILL_DURING_SAVE_ENV = "UNIEMOX_FAULT_KILL_DURING_SAVE"
 
 def register_encoder_importer(name: str, fn: Callable[[str, Any], Any]) -> None:
   ENCODER_IMPORTERS[name] = fn
+
+
+def _import_uniemox_jax(path: str, template: Any) -> Any:
+  """The encoder of a checkpoint written here (pretraining or fine-tuning): `<dir>/<step>`
+  or `<dir>` for its latest step."""
+  del template
+  step_dir = checkpointing.resolve_step_dir(path, "config.init.encoder")
+  return checkpointing.read_subtree(step_dir, ("params", "encoder"))
+
+
+register_encoder_importer("uniemox_jax", _import_uniemox_jax)
+
+
+def import_encoder(config, template: Any) -> Any:
+  """The encoder that config.init.encoder / encoder_format name, as host arrays."""
+  cfg = config.init
+  if cfg.encoder_format not in ENCODER_IMPORTERS:
+    raise ValueError(f"config.init.encoder_format={cfg.encoder_format!r}: known formats "
+                     f"are {sorted(ENCODER_IMPORTERS)}")
+  encoder = ENCODER_IMPORTERS[cfg.encoder_format](cfg.encoder, template)
+  logging.info("Encoder read from %s (%s)", cfg.encoder, cfg.encoder_format)
+  return encoder
 
 
 def load_teacher(config, workdir: str) -> clip.ClipTeacher:
@@ -80,7 +103,7 @@ def resolve_data_dir(config, workdir: str) -> str:
   return out
 
 
-def _num_examples(info: Dict[str, Any], split: str) -> int:
+def num_examples(info: Dict[str, Any], split: str) -> int:
   return sum(info["splits"][s]["num_records"] for s in split.split("+")
              if s in info["splits"])
 
@@ -107,16 +130,6 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _device_batch_keys(batch: Dict[str, np.ndarray]):
-  keys = ["scene", "person"]
-  keys += ["text_emb"] if "text_emb" in batch else ["input_ids", "attention_mask"]
-  missing = [k for k in keys if k not in batch]
-  if missing:
-    raise KeyError(f"pretraining batches lack {missing}: convert the data with "
-                   "--text_embeddings, or give the pipeline a tokenizer")
-  return keys
-
-
 def batch_fingerprint(batch: Dict[str, np.ndarray]) -> str:
   h = hashlib.sha1()
   for k in sorted(batch):
@@ -125,13 +138,23 @@ def batch_fingerprint(batch: Dict[str, np.ndarray]) -> str:
   return h.hexdigest()[:16]
 
 
-class Trainer:
-  """Everything one pretraining run holds; `run()` trains to config.total_steps."""
+class TrainLoop:
+  """One training run. A task subclass provides:
+
+    setup()                     -> sets self.model and self.dataset (after the mesh, the data
+                                   info and the schedule exist)
+    init_params(key)            -> the model's (logically boxed) parameters
+    loss_fn(params, consts, batch, key) -> (loss, metrics); metrics[LOSS] is the loss
+    constants()                 -> arrays every step reads but never trains (or None)
+    batch_keys(host_batch)      -> the host batch's entries that go to the devices
+    from_pretrained(state)      -> the fresh state with config.init.encoder loaded into it
+  and may override lr_multipliers(params), after_step(step, state), checkpoint_meta().
+  """
+  LOSS = "total"
 
   def __init__(self, config, workdir: str):
     self.config, self.workdir = config, workdir
     self.history = []     # (step, metrics) of every logged step
-    self.model = models.pretrain_model(config.model)
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     num_devices, procs = self.mesh.devices.size, jax.process_count()
     accum = config.optim.get("accum_steps", 1)
@@ -139,45 +162,64 @@ class Trainer:
       raise ValueError(f"config.batch_size={config.batch_size} must divide evenly over "
                        f"{num_devices} devices x config.optim.accum_steps={accum} "
                        f"micro-batches and {procs} processes")
-    self.data_dir = resolve_data_dir(config, workdir)
-    self.teacher = load_teacher(config, workdir)
-    objective.check_compatible(self.model, self.teacher)
-    info = input_pipeline.load_info(self.data_dir)
-    self.schedule = optim.resolve_schedule(config, _num_examples(info, config.data.split))
-    self.lr = optim.learning_rate(config, self.schedule)
-    self.tx = optim.make_optimizer(config, self.lr)
     self.local_batch = config.batch_size // procs
-    tokenize = None
-    if not info.get("text_emb_dim"):
-      tokenize = functools.partial(clip.tokenize_one, self.teacher.tokenizer)
-    self.dataset = input_pipeline.pretrain_dataset(
-        self.data_dir, config.data.split, batch_size=self.local_batch,
-        image_size=config.model.image_size, person_view=config.data.person_view,
-        seed=config.seed, process_index=jax.process_index(), process_count=procs,
-        tokenize=tokenize)
+    self.data_dir = resolve_data_dir(config, workdir)
+    self.info = input_pipeline.load_info(self.data_dir)
+    self.schedule = optim.resolve_schedule(config, num_examples(self.info, config.data.split))
+    self.lr = optim.learning_rate(config, self.schedule)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.replicated = sharding.replicated(self.mesh)
+    self.setup()
     self._build_state_fns()
     self.checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
         keep_every=config.checkpoint.keep_every,
         asynchronous=config.checkpoint.asynchronous)
 
+  # --- what a task provides ---------------------------------------------------------------
+
+  def setup(self) -> None:
+    raise NotImplementedError
+
+  def init_params(self, key):
+    raise NotImplementedError
+
+  def loss_fn(self, params, consts, batch, key):
+    raise NotImplementedError
+
+  def constants(self):
+    return None
+
+  def batch_keys(self, host_batch) -> list:
+    raise NotImplementedError
+
+  def from_pretrained(self, state):
+    raise NotImplementedError
+
+  def lr_multipliers(self, params):
+    """Per-parameter learning-rate multipliers (a tree like `params`), or None."""
+    del params
+    return None
+
+  def after_step(self, step: int, state) -> Dict[str, float]:
+    """Runs after `step` (1-based) is dispatched, before its checkpoint; returns metrics to
+    log (fine-tuning evaluates here)."""
+    del step, state
+    return {}
+
+  def checkpoint_meta(self) -> Dict[str, Any]:
+    return {"task": type(self).__name__}
+
   # --- state -----------------------------------------------------------------------------
 
-  def _example_inputs(self):
-    size, width = self.config.model.image_size, self.config.model.decoder.width
-    img = jnp.zeros((2, size, size, 3), jnp.float32)
-    emb = jnp.zeros((2, width), jnp.float32)
-    return img, img, emb, emb, jnp.float32(1.0)
-
   def _init_boxed(self, key):
-    params = self.model.init({"params": key, "mask": key, "dropout": key},
-                             *self._example_inputs())["params"]
+    params = self.init_params(key)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": self.tx.init(params)}
 
   def _build_state_fns(self):
+    abstract_params = nn.unbox(jax.eval_shape(self.init_params, jax.random.key(0)))
+    self.tx = optim.make_optimizer(self.config, self.lr, self.lr_multipliers(abstract_params))
     abstract_boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
     self.state_shardings = nn.logical_to_mesh_sharding(
         nn.get_partition_spec(abstract_boxed), self.mesh, sharding.LOGICAL_RULES)
@@ -190,6 +232,10 @@ class Trainer:
                                        self.batch_sharding, self.replicated),
                          out_shardings=(self.state_shardings, self.replicated),
                          donate_argnums=(0,))
+
+  def place_params(self, params):
+    """Host parameters -> global arrays in the state's parameter shardings."""
+    return sharding.host_to_global(params, self.state_shardings["params"])
 
   def initial_state(self, iterator):
     """The state to start from, following the documented resume order."""
@@ -206,23 +252,14 @@ class Trainer:
       return state
     state = self._init(jax.random.key(self.config.seed))
     if cfg.encoder:
-      if cfg.encoder_format not in ENCODER_IMPORTERS:
-        raise ValueError(f"config.init.encoder_format={cfg.encoder_format!r}: known formats "
-                         f"are {sorted(ENCODER_IMPORTERS)}")
-      encoder = ENCODER_IMPORTERS[cfg.encoder_format](cfg.encoder, state["params"]["encoder"])
-      params = dict(state["params"], encoder=encoder)
-      state = dict(state, params=sharding.host_to_global(params, self.state_shardings["params"]))
-      logging.info("Encoder initialized from %s (%s)", cfg.encoder, cfg.encoder_format)
+      state = self.from_pretrained(state)
     return state
 
   # --- the step ---------------------------------------------------------------------------
 
-  def _train_step(self, state, teacher_params, batch, base_key):
+  def _train_step(self, state, consts, batch, base_key):
     key = jax.random.fold_in(base_key, state["step"])
-    batch = dict(batch, scene=augment.normalize(batch["scene"]),
-                 person=augment.normalize(batch["person"]))
-
-    grads, terms = self._gradients(state["params"], teacher_params, batch, key)
+    grads, terms = self._gradients(state["params"], consts, batch, key)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = dict(terms, grad_norm=optax.tree.norm(grads),
@@ -231,20 +268,15 @@ class Trainer:
                    learning_rate=self.lr(state["step"]))
     return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
-  def _gradients(self, params, teacher_params, batch, key):
-    """Gradients and loss terms of one global batch, in `config.optim.accum_steps`
+  def _gradients(self, params, consts, batch, key):
+    """Gradients and metrics of one global batch, in `config.optim.accum_steps`
     micro-batches whose gradients are averaged (to bound activation memory). Each
     micro-batch takes the same rows of every device's shard, so no data moves between
-    devices; L1's B x B similarities then span one micro-batch, not the global batch."""
-
-    def loss_fn(p, micro, k):
-      terms, _ = objective.pretrain_losses(self.model, p, self.teacher, teacher_params, micro,
-                                           k, train=True)
-      return terms["total"], terms
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    devices; batch-wide terms (pretraining's L1, mixup's partner) then span one micro-batch."""
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
     accum = self.config.optim.get("accum_steps", 1)
     if accum == 1:
-      (_, terms), grads = grad_fn(params, batch, key)
+      (_, terms), grads = grad_fn(params, consts, batch, key)
       return grads, terms
     shards = self.mesh.devices.size
 
@@ -255,21 +287,23 @@ class Trainer:
 
     def body(carry, inputs):
       i, micro = inputs
-      (_, terms), grads = grad_fn(params, micro, jax.random.fold_in(key, i))
+      (_, terms), grads = grad_fn(params, consts, micro, jax.random.fold_in(key, i))
       return jax.tree.map(jnp.add, carry, (grads, terms)), None
     (_, terms_shape), grads_shape = jax.eval_shape(
-        grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), key)
+        grad_fn, params, consts, jax.tree.map(lambda x: x[0], micro_batches), key)
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, terms_shape))
     (grads, terms), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro_batches))
     return jax.tree.map(lambda g: g / accum, (grads, terms))
 
   def to_global(self, batch: Dict[str, np.ndarray]) -> Dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, batch[k])
-            for k in _device_batch_keys(batch)}
+            for k in self.batch_keys(batch)}
 
   # --- the loop ---------------------------------------------------------------------------
 
-  def run(self) -> Dict[str, float]:
+  def run(self, stop_after: Optional[int] = None) -> Dict[str, float]:
+    """Trains to the schedule's last step, or (as a preemption would) saves and stops after
+    step `stop_after`."""
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     cfg = self.config
@@ -277,10 +311,10 @@ class Trainer:
     state = self.initial_state(iterator)
     start = int(jax.device_get(state["step"]))
     total = self.schedule.total_steps
-    teacher_params = sharding.host_to_global(self.teacher.params, self.replicated)
+    consts = self.constants()
     base_key = jax.random.key(cfg.seed + 1)
-    writer = metric_writers.create_default_writer(self.workdir,
-                                                  just_logging=jax.process_index() > 0)
+    self.writer = writer = metric_writers.create_default_writer(
+        self.workdir, just_logging=jax.process_index() > 0)
     hooks = []
     if jax.process_index() == 0:
       hooks.append(periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
@@ -305,8 +339,7 @@ class Trainer:
           hashes.write(json.dumps({"step": step + 1,
                                    "hash": batch_fingerprint(host_batch)}) + "\n")
           hashes.flush()
-        state, metrics = self._step(state, teacher_params, self.to_global(host_batch),
-                                    base_key)
+        state, metrics = self._step(state, consts, self.to_global(host_batch), base_key)
         # The previous step's metrics are fetched while this one runs.
         if pending is not None:
           last = self._check(*pending)
@@ -319,11 +352,16 @@ class Trainer:
         window_steps += 1
         for hook in hooks:
           hook(step + 1)
-        preempted = preemption.reached()
+        paused = time.perf_counter()
+        extra = self.after_step(step + 1, state)
+        if extra:
+          self._log(writer, step + 1, extra)
+          window_start += time.perf_counter() - paused   # images/s counts training only
+        preempted = preemption.reached() or step + 1 == stop_after
         done = step + 1 == total
         if preempted or done or (step + 1) % cfg.checkpoint.every_steps == 0:
           last = self._check(*pending)     # never checkpoint a non-finite step
-          self.checkpointer.save(step + 1, state, iterator)
+          self.checkpointer.save(step + 1, state, iterator, meta=self.checkpoint_meta())
           if step + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
           if preempted:
@@ -351,20 +389,21 @@ class Trainer:
       with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps({"step": step, **values}) + "\n")
 
-  @staticmethod
-  def _check(step: int, metrics) -> Dict[str, float]:
+  def _check(self, step: int, metrics) -> Dict[str, float]:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not np.isfinite(values["total"]):
+    if not np.isfinite(values[self.LOSS]):
       raise FloatingPointError(
           f"non-finite loss at step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in
                                                         sorted(values.items()))
           + "; the last checkpoint before it is kept")
     return values
 
+  def close(self) -> None:
+    self.checkpointer.close()
 
-def pretrain(config, workdir: str) -> Dict[str, float]:
-  trainer = Trainer(config, workdir)
+
+def train(trainer: TrainLoop) -> Dict[str, float]:
   try:
     return trainer.run()
   finally:
-    trainer.checkpointer.close()
+    trainer.close()

@@ -95,3 +95,12 @@ class UniEmoX(nn.Module):
                                                       scene_mask)
     terms["total"] = losses.total_loss(terms, weights)
     return terms, aux
+
+  def embed(self, scene: jax.Array, person: jax.Array) -> Dict[str, jax.Array]:
+    """The student tokens of unmasked views (inference): alpha, beta and the fused gamma,
+    which live in CLIP's embedding space (zero-shot classification reads gamma)."""
+    batch = scene.shape[0]
+    tokens, _ = self.encoder(jnp.concatenate([scene, person], axis=0), train=False)
+    projected = self.decoder.project(tokens)
+    alpha, beta = projected[:batch, 0], projected[batch:, 0]
+    return {"alpha": alpha, "beta": beta, "gamma": self.fuse(alpha, beta)}

@@ -1,0 +1,71 @@
+r"""Fine-tuning on an emotion benchmark (METHOD.md 5): the paper's recipe.
+
+  python -m uniemox_jax.main --config configs/finetune.py:dataset=emo8,data=/data/emo8,\
+init=/ckpt/uniemox-l16/checkpoints --workdir WORKDIR
+
+Variant keys (after ':', comma-separated):
+  dataset=emo8    emo8 | fi | emotion6 | ube | heco | caer_s | emoset | emotic
+  vit=L/16        the encoder size of the pretrained checkpoint
+  data=DIR        the converted dataset (python -m data_pipelines.convert)
+  init=PATH       the pretrained encoder: a checkpoint directory written here (format
+                  uniemox_jax: <workdir>/checkpoints or <workdir>/checkpoints/<step>), or a
+                  file of another format
+  format=uniemox_jax   the importer of `init` (config.init.encoder_format)
+  epochs=100      total epochs (warmup 5)
+"""
+import ml_collections
+
+from uniemox_jax import config_utils
+
+# Classes of each benchmark; EMOTIC is 26-way multi-label, scored by mAP.
+DATASETS = {
+    "emo8": dict(num_classes=8, multi_label=False),
+    "fi": dict(num_classes=8, multi_label=False),
+    "emotion6": dict(num_classes=6, multi_label=False),
+    "ube": dict(num_classes=6, multi_label=False),
+    "heco": dict(num_classes=8, multi_label=False),
+    "caer_s": dict(num_classes=7, multi_label=False),
+    "emoset": dict(num_classes=8, multi_label=False),
+    "emotic": dict(num_classes=26, multi_label=True),
+}
+
+
+def get_config(arg=None):
+  arg = config_utils.parse_arg(arg, dataset="emo8", vit="L/16", data="", init="",
+                               format="uniemox_jax", epochs=100)
+  if arg.dataset not in DATASETS:
+    raise ValueError(f"config variant dataset={arg.dataset!r}: choose one of "
+                     f"{sorted(DATASETS)}")
+  spec = DATASETS[arg.dataset]
+  config = ml_collections.ConfigDict()
+  config.task = "finetune"
+  config.seed = 0
+  config.dataset = arg.dataset
+  config.num_classes = spec["num_classes"]       # checked against the data's class list
+  config.multi_label = spec["multi_label"]
+  config.model = dict(variant=arg.vit, image_size=224, drop_path=0.2, remat=False,
+                      scan=False, dtype="bfloat16", param_dtype="float32")
+  config.data = dict(dir=arg.data, split="train", eval_split="val", workers=8,
+                     synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)
+  # Host: RandAugment m9 mstd0.5; device: random erasing, mixup/cutmix, label smoothing.
+  config.augment = dict(rand_augment=True, erase_prob=0.25, mixup_alpha=0.8,
+                        cutmix_alpha=1.0, switch_prob=0.5, mix_prob=1.0,
+                        label_smoothing=0.0 if spec["multi_label"] else 0.1)
+  config.batch_size = 1024                 # global
+  config.eval_batch_size = 1024            # global; the last batch is padded and masked
+  config.total_epochs = arg.epochs
+  config.total_steps = 0                   # > 0 overrides total_epochs
+  config.optim = dict(base_lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05, warmup_epochs=5,
+                      warmup_steps=0, min_lr=1e-6, grad_clip=0.0, accum_steps=1,
+                      layer_decay=0.75)    # lr x 0.75 ** (depth + 1 - layer): MAE's LLRD
+  config.eval_every_epochs = 1             # validation; the best state goes to WORKDIR/best
+  config.eval_every_steps = 0              # > 0 overrides eval_every_epochs
+  config.test_split = "test"               # evaluated with the best state at the end ("": no)
+  config.mesh = dict(data=-1, fsdp=1)
+  config.checkpoint = dict(every_steps=1000, keep=2, keep_every=0, asynchronous=True)
+  # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.
+  config.init = dict(checkpoint="", encoder=arg.init, encoder_format=arg.format)
+  config.log_every_steps = 50
+  config.profile = dict(first_step=10, num_steps=0)
+  config.log_batch_hashes = False
+  return config

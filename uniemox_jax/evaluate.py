@@ -1,0 +1,233 @@
+r"""Evaluation of a classifier checkpoint on one split, and the report every downstream path
+writes (fine-tuning's per-epoch validation, linear probe, zero-shot).
+
+  python -m uniemox_jax.evaluate --config configs/finetune.py:dataset=emo8,data=/data/emo8 \
+      --checkpoint WORKDIR/best --split test [--workdir OUT]
+
+Every example of the split is counted exactly once on any number of devices and processes:
+the eval pipeline pads the last batch and marks padding with `mask` False and `index` -1; the
+scores of every process are gathered, padding dropped, and the rest put back in record order
+(`gather_split`). The report: top-1 / top-3 accuracy, per-class accuracy, macro F1 and the
+confusion matrix (JSON and PNG with the class names), or mAP and per-class AP for
+multi-label data, written to OUT/<split>_results.json (OUT defaults to the checkpoint's
+workdir) and printed as a table.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Any, Callable, Dict, Optional, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import numpy as np
+
+from data_pipelines import input_pipeline
+from uniemox_jax import augment
+from uniemox_jax import checkpointing
+from uniemox_jax import metrics
+from uniemox_jax import models
+from uniemox_jax import sharding
+
+
+def check_batch(batch_size: int, mesh, field: str = "config.eval_batch_size") -> int:
+  """This process's share of a global eval batch, after checking it divides evenly."""
+  procs = jax.process_count()
+  if batch_size % mesh.devices.size or batch_size % procs:
+    raise ValueError(f"{field}={batch_size} must divide evenly over {mesh.devices.size} "
+                     f"devices and {procs} processes")
+  return batch_size // procs
+
+
+def gather_split(fn: Callable[[Dict[str, jax.Array]], Dict[str, jax.Array]], dataset,
+                 mesh, keys: Sequence[str] = ("image",), progress: bool = True,
+                 description: str = "eval") -> Dict[str, np.ndarray]:
+  """Runs `fn` (a jitted function of the device batch -> dict of [B, ...] outputs) over an
+  `input_pipeline.eval_dataset` and returns, on every process, its outputs plus "label"
+  (and "labels" for multi-label data) for every record of the split exactly once, in record
+  order. Raises if any record is missing or repeated."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  parts = []
+  batches = iter(dataset)
+  if progress and jax.process_index() == 0:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    batches = tqdm.tqdm(batches, total=len(dataset), desc=description, unit="batch")
+  for host in batches:
+    device = {k: jax.make_array_from_process_local_data(batch_sharding, host[k]) for k in keys}
+    out = fn(device)
+    local = {k: host[k] for k in ("index", "mask", "label", "labels") if k in host}
+    parts.append((multihost_utils.process_allgather(out, tiled=True),
+                  multihost_utils.process_allgather(local, tiled=True)))
+  if not parts:
+    raise ValueError("the evaluation split yielded no batch")
+  joined = {k: np.concatenate([np.asarray(p[0][k]) for p in parts]) for k in parts[0][0]}
+  joined.update({k: np.concatenate([np.asarray(p[1][k]) for p in parts]) for k in parts[0][1]})
+  keep = joined.pop("mask").astype(bool)
+  index = joined.pop("index")[keep]
+  order = np.argsort(index, kind="stable")
+  index = index[order]
+  if not np.array_equal(index, np.arange(len(index))):
+    raise RuntimeError("evaluation did not see every record exactly once: "
+                       f"{len(index)} records, indices {index[:10]}...")
+  return {k: v[keep][order] for k, v in joined.items()}
+
+
+def report(scores: np.ndarray, outputs: Dict[str, np.ndarray], info: Dict[str, Any],
+           top_k: int = 3) -> Dict[str, Any]:
+  """The metrics of `uniemox_jax.metrics` for this dataset's kind (single- or multi-label)."""
+  names = info["class_names"]
+  if info.get("multi_label"):
+    return metrics.multilabel_report(scores, outputs["labels"], names)
+  return metrics.classification_report(scores, outputs["label"], names, top_k=top_k)
+
+
+def write_report(result: Dict[str, Any], out_dir: str, name: str) -> Dict[str, str]:
+  """OUT/<name>_results.json, and for single-label data <name>_confusion.json and .png."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = {"results": os.path.join(out_dir, f"{name}_results.json")}
+  with open(paths["results"], "w") as f:
+    json.dump(result, f, indent=2)
+  if "confusion_matrix" in result:
+    paths["confusion_json"] = os.path.join(out_dir, f"{name}_confusion.json")
+    with open(paths["confusion_json"], "w") as f:
+      json.dump({"class_names": result["class_names"],
+                 "rows_true_columns_predicted": result["confusion_matrix"]}, f, indent=2)
+    paths["confusion_png"] = os.path.join(out_dir, f"{name}_confusion.png")
+    plot_confusion(np.asarray(result["confusion_matrix"]), result["class_names"],
+                   paths["confusion_png"], title=name)
+  return paths
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
+                   title: str = "") -> None:
+  """The confusion matrix, row-normalized colours, counts written in the cells."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  n = len(class_names)
+  rows = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+  size = max(4.0, 0.55 * n + 2)
+  fig, ax = plt.subplots(figsize=(size, size))
+  ax.imshow(matrix / rows, cmap="Blues", vmin=0, vmax=1)
+  ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right")
+  ax.set_yticks(range(n), labels=class_names)
+  ax.set_xlabel("predicted")
+  ax.set_ylabel("true")
+  if title:
+    ax.set_title(title)
+  for i in range(n):
+    for j in range(n):
+      ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
+              color="white" if matrix[i, j] > 0.5 * rows[i, 0] else "black")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+# --- classifier checkpoints -------------------------------------------------------------
+
+
+def check_classes(step_dir: str, info: Dict[str, Any]) -> None:
+  """The checkpoint's head must predict this dataset's classes (by count, and by name when
+  the checkpoint recorded them)."""
+  names = info["class_names"]
+  tree = checkpointing.state_metadata(step_dir)
+  head = tree.get("params", {}).get("head")
+  if head is None:
+    raise ValueError(f"{step_dir} has no classification head (params/head): it is not a "
+                     "fine-tuned checkpoint; use --config.init.encoder to fine-tune from it")
+  width = head["kernel"].shape[-1]
+  if width != len(names):
+    raise ValueError(f"{step_dir}: the head predicts {width} classes but the dataset "
+                     f"{info.get('name', '')} has {len(names)} ({names})")
+  saved = checkpointing.read_meta(step_dir).get("class_names")
+  if saved is not None and list(saved) != list(names):
+    raise ValueError(f"{step_dir} was trained on classes {saved}, the dataset has {names}")
+
+
+def classifier_scorer(model, multi_label: bool):
+  """A jitted (params, device batch) -> {"scores"}: softmax probabilities, or per-class
+  sigmoids for multi-label data. Keep one per model: jit caches by function."""
+  @jax.jit
+  def fn(params, batch):
+    logits, _ = model.apply({"params": params}, augment.normalize(batch["image"]), train=False)
+    return {"scores": jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)}
+  return fn
+
+
+def place_classifier(model, params, mesh, image_size: int):
+  """Host params -> global arrays with the model's logical shardings."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
+  shardings = sharding.param_shardings(abstract, mesh)
+  return sharding.host_to_global(params, shardings)
+
+
+def evaluate_classifier(config, params, split: str, mesh, info: Dict[str, Any],
+                        data_dir: str, progress: bool = True,
+                        scorer: Optional[Callable] = None) -> Dict[str, Any]:
+  """The report of a classifier (host or global params) on `split` of `data_dir`.
+  `scorer`: a `classifier_scorer` to reuse (a training run evaluating every epoch)."""
+  model = models.classification_model(config.model, len(info["class_names"]))
+  scorer = scorer or classifier_scorer(model, info.get("multi_label", False))
+  local = check_batch(config.eval_batch_size, mesh)
+  dataset = input_pipeline.eval_dataset(
+      data_dir, split, batch_size=local, image_size=config.model.image_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+    params = place_classifier(model, params, mesh, config.model.image_size)
+  outputs = gather_split(functools.partial(scorer, params), dataset, mesh, progress=progress, description=f"eval {split}")
+  return report(outputs.pop("scores"), outputs, info)
+
+
+def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[str] = None,
+                        progress: bool = True) -> Dict[str, Any]:
+  """Loads a fine-tuned checkpoint, evaluates it on `split`, writes and returns the report."""
+  from uniemox_jax import trainer  # pylint: disable=g-import-not-at-top
+  step_dir = checkpointing.resolve_step_dir(checkpoint)
+  data_dir = trainer.resolve_data_dir(config, out_dir or os.path.dirname(
+      os.path.dirname(step_dir)))
+  info = input_pipeline.load_info(data_dir)
+  if split not in info["splits"]:
+    raise ValueError(f"--split {split!r}: {data_dir} has the splits {sorted(info['splits'])}")
+  check_classes(step_dir, info)
+  params = checkpointing.read_subtree(step_dir, ("params",))
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  result = evaluate_classifier(config, params, split, mesh, info, data_dir, progress)
+  result["checkpoint"] = step_dir
+  result["split"] = split
+  out_dir = out_dir or os.path.dirname(os.path.dirname(step_dir))
+  if jax.process_index() == 0:
+    write_report(result, out_dir, split)
+  return result
+
+
+_CONFIG = None
+
+
+def main(argv):
+  del argv
+  from uniemox_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(None, None, None)
+  result = evaluate_checkpoint(_CONFIG.value, flags.FLAGS.checkpoint, flags.FLAGS.split,
+                               flags.FLAGS.workdir)
+  if jax.process_index() == 0:
+    print(metrics.format_table(result, f"{flags.FLAGS.split}: {result['checkpoint']}"))
+    logging.info("Report written beside %s", result["checkpoint"])
+
+
+if __name__ == "__main__":
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config (its data, "
+                                            "model and eval batch size).", lock_config=False)
+  flags.DEFINE_string("checkpoint", None, "A checkpoint directory (<dir> or <dir>/<step>).")
+  flags.DEFINE_string("split", "test", "The split to evaluate.")
+  flags.DEFINE_string("workdir", None, "Where the report goes (default: the checkpoint's "
+                      "workdir).")
+  flags.mark_flags_as_required(["config", "checkpoint"])
+  app.run(main)

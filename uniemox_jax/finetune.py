@@ -1,0 +1,166 @@
+"""Classification fine-tuning (METHOD.md 5) on the shared training loop.
+
+Encoder from a pretrained checkpoint (config.init.encoder through an importer), global-average
+pooled head, layer-wise lr decay on the encoder blocks, drop path; on the host RandAugment,
+on device (inside the step) random erasing, mixup/cutmix and label smoothing; softmax
+cross-entropy, or binary cross-entropy for multi-label data (EMOTIC). Validation runs every
+`config.eval_every_epochs`; the best validation state is kept in WORKDIR/best (with
+WORKDIR/best.json), apart from the latest checkpoints in WORKDIR/checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import optax
+
+from data_pipelines import input_pipeline
+from uniemox_jax import augment
+from uniemox_jax import checkpointing
+from uniemox_jax import evaluate
+from uniemox_jax import metrics
+from uniemox_jax import models
+from uniemox_jax import optim
+from uniemox_jax import trainer
+from uniemox_jax.models import classifier
+from uniemox_jax.models import vit
+
+BEST_DIR, BEST_FILE = "best", "best.json"
+
+
+def check_dataset(config, info: Dict[str, Any]) -> None:
+  """The data's classes must be the ones config.dataset promises."""
+  expected = config.get("num_classes", 0)
+  names = info["class_names"]
+  if expected and len(names) != expected:
+    raise ValueError(f"config.dataset={config.get('dataset')!r} has {expected} classes but "
+                     f"{config.data.dir or 'the data'} has {len(names)}: {names}")
+  if bool(info.get("multi_label")) != bool(config.get("multi_label", False)):
+    raise ValueError(f"config.multi_label={config.get('multi_label')} but the data's "
+                     f"multi_label is {info.get('multi_label')}")
+
+
+class FinetuneTrainer(trainer.TrainLoop):
+  """One fine-tuning run; `run()` trains, validating and keeping the best state."""
+  LOSS = "loss"
+
+  def setup(self):
+    config = self.config
+    check_dataset(config, self.info)
+    self.class_names = list(self.info["class_names"])
+    self.multi_label = bool(self.info.get("multi_label"))
+    self.model = models.classification_model(config.model, len(self.class_names))
+    self.dataset = input_pipeline.finetune_dataset(
+        self.data_dir, config.data.split, batch_size=self.local_batch,
+        image_size=config.model.image_size, rand_augment=config.augment.rand_augment,
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    evaluate.check_batch(config.eval_batch_size, self.mesh)
+    self.scorer = evaluate.classifier_scorer(self.model, self.multi_label)
+    self.eval_every = config.get("eval_every_steps", 0) or max(
+        1, int(round(config.eval_every_epochs * self.schedule.steps_per_epoch)))
+    self.best = checkpointing.Checkpointer(os.path.join(self.workdir, BEST_DIR), keep=1,
+                                           asynchronous=False)
+
+  def init_params(self, key):
+    size = self.config.model.image_size
+    return self.model.init({"params": key, "dropout": key},
+                           jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+
+  def batch_keys(self, host_batch):
+    return ["image", "labels" if self.multi_label else "label"]
+
+  def lr_multipliers(self, params):
+    decay = self.config.optim.get("layer_decay", 1.0)
+    if decay >= 1.0:
+      return None
+    depth = vit.decode_variant(self.config.model.variant).depth
+    return optim.layerwise_multipliers(params, depth, decay)
+
+  def loss_fn(self, params, consts, batch, key):
+    del consts
+    a = self.config.augment
+    k_erase, k_mix, k_drop = jax.random.split(key, 3)
+    images = augment.random_erasing(k_erase, augment.normalize(batch["image"]), a.erase_prob)
+    if self.multi_label:
+      targets = batch["labels"].astype(jnp.float32)
+    else:
+      targets = augment.smooth_targets(batch["label"], len(self.class_names),
+                                       a.label_smoothing)
+    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
+      images, targets = augment.mixup_cutmix(
+          k_mix, images, targets, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+          switch_prob=a.switch_prob, prob=a.mix_prob)
+    logits, _ = self.model.apply({"params": params}, images, train=True,
+                                 rngs={"dropout": k_drop})
+    if self.multi_label:
+      loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
+    else:
+      loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+    return loss, {"loss": loss}
+
+  def from_pretrained(self, state):
+    host = jax.device_get(state["params"])
+    encoder = trainer.import_encoder(self.config, host["encoder"])
+    params, load_report = classifier.load_encoder_params(host, encoder)
+    logging.info("Fine-tuning from %s: %s", self.config.init.encoder, load_report.summary())
+    return dict(state, params=self.place_params(params))
+
+  def checkpoint_meta(self) -> Dict[str, Any]:
+    return {"task": "finetune", "dataset": self.config.get("dataset", ""),
+            "class_names": self.class_names, "multi_label": self.multi_label}
+
+  # --- validation and the best state ------------------------------------------------------
+
+  def best_so_far(self) -> Dict[str, Any]:
+    path = os.path.join(self.workdir, BEST_FILE)
+    if not os.path.exists(path):
+      return {"step": 0, "value": float("-inf")}
+    with open(path) as f:
+      return json.load(f)
+
+  def after_step(self, step: int, state) -> Dict[str, float]:
+    if step % self.eval_every and step != self.schedule.total_steps:
+      return {}
+    split = self.config.data.eval_split
+    result = evaluate.evaluate_classifier(self.config, state["params"], split, self.mesh,
+                                          self.info, self.data_dir, progress=False,
+                                          scorer=self.scorer)
+    value = metrics.headline(result)
+    best = self.best_so_far()
+    if value > best["value"]:
+      if step not in self.best.all_steps():   # a rerun after a crash re-evaluates the same
+        self.best.save(step, {"step": state["step"], "params": state["params"]},
+                       meta=self.checkpoint_meta())
+      best = {"step": step, "value": value, "split": split, "report": result}
+      if jax.process_index() == 0:
+        tmp = os.path.join(self.workdir, BEST_FILE + ".tmp")
+        with open(tmp, "w") as f:
+          json.dump(best, f, indent=2)
+        os.replace(tmp, os.path.join(self.workdir, BEST_FILE))
+    scalars = {f"{split}_{k}": v for k, v in result.items() if isinstance(v, float)}
+    scalars[f"best_{split}"] = best["value"]
+    return scalars
+
+  def close(self) -> None:
+    super().close()
+    self.best.close()
+
+
+def finetune(config, workdir: str) -> Dict[str, Any]:
+  """Fine-tunes, then (with config.test_split) evaluates the best state on the test split;
+  returns the last training metrics, the best validation value and the test report."""
+  t = FinetuneTrainer(config, workdir)
+  try:
+    last = t.run()
+  finally:
+    t.close()
+  result = {"train": last, "best": {k: v for k, v in t.best_so_far().items() if k != "report"}}
+  if config.get("test_split"):
+    result["test"] = evaluate.evaluate_checkpoint(
+        config, os.path.join(workdir, BEST_DIR), config.test_split, workdir)
+  return result

@@ -1,0 +1,131 @@
+"""Linear probe: a frozen pretrained encoder's features, computed once, and a linear classifier
+trained on them (configs/linear_probe.py).
+
+Features: the mean of the patch tokens after the encoder's final norm (the same pooling as the
+fine-tuning head), for every record of the train, validation and test splits exactly once
+(eval transform, no augmentation), standardized with the train statistics (a BatchNorm
+without affine terms, as MAE's probe). The classifier: full-batch AdamW on device for
+`config.probe.steps`, once per weight decay in `config.probe.weight_decays`; the one with the
+best validation headline (top-1, or mAP) is reported on the test split. Reports go to
+WORKDIR/linear_probe/.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Dict, Tuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from data_pipelines import input_pipeline
+from uniemox_jax import augment
+from uniemox_jax import evaluate
+from uniemox_jax import finetune
+from uniemox_jax import metrics
+from uniemox_jax import sharding
+from uniemox_jax import trainer
+from uniemox_jax.models import vit
+
+
+def encoder_features(config, encoder_params, split: str, mesh, data_dir: str,
+                     progress: bool = True) -> Dict[str, np.ndarray]:
+  """{"features" [N, D], "label" (and "labels")} of every record of `split`, in order."""
+  final_norm = "norm" in encoder_params
+  m = config.model
+  encoder = vit.Encoder(m.variant, m.image_size, final_norm=final_norm)
+  params = sharding.host_to_global(encoder_params, sharding.replicated(mesh))
+
+  @jax.jit
+  def fn(p, batch):
+    tokens, _ = encoder.apply({"params": p}, augment.normalize(batch["image"]), train=False)
+    return {"features": jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)}
+  dataset = input_pipeline.eval_dataset(
+      data_dir, split, batch_size=evaluate.check_batch(config.eval_batch_size, mesh),
+      image_size=m.image_size, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  return evaluate.gather_split(functools.partial(fn, params), dataset, mesh,
+                               progress=progress, description=f"features {split}")
+
+
+def train_linear(features: np.ndarray, targets: np.ndarray, multi_label: bool,
+                 steps: int, lr: float, weight_decay: float, seed: int = 0
+                 ) -> Tuple[np.ndarray, np.ndarray]:
+  """(W [D, C], b [C]) minimizing softmax (or sigmoid) cross-entropy, full batch."""
+  x, y = jnp.asarray(features), jnp.asarray(targets, jnp.float32)
+  params = {"w": 0.01 * jax.random.normal(jax.random.key(seed), (x.shape[1], y.shape[1])),
+            "b": jnp.zeros((y.shape[1],))}
+  tx = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay,
+                   mask={"w": True, "b": False})
+
+  def loss(p):
+    logits = x @ p["w"] + p["b"]
+    if multi_label:
+      return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
+    return jnp.mean(optax.softmax_cross_entropy(logits, y))
+
+  @jax.jit
+  def fit(p):
+    def step(carry, _):
+      p, opt_state = carry
+      grads = jax.grad(loss)(p)
+      updates, opt_state = tx.update(grads, opt_state, p)
+      return (optax.apply_updates(p, updates), opt_state), None
+    (p, _), _ = jax.lax.scan(step, (p, tx.init(p)), None, length=steps)
+    return p
+  fitted = jax.device_get(fit(params))
+  return np.asarray(fitted["w"]), np.asarray(fitted["b"])
+
+
+def _scores(features, w, b, multi_label):
+  logits = features @ w + b
+  return np.asarray(jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits))
+
+
+def linear_probe(config, workdir: str) -> Dict[str, Any]:
+  """Features once, a classifier per weight decay, the best on validation reported on test."""
+  data_dir = trainer.resolve_data_dir(config, workdir)
+  info = input_pipeline.load_info(data_dir)
+  finetune.check_dataset(config, info)
+  multi = bool(info.get("multi_label"))
+  if not config.init.encoder:
+    raise ValueError("config.init.encoder is empty: a linear probe needs a pretrained encoder")
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  encoder = trainer.import_encoder(config, None)
+  splits = [config.data.split, config.data.eval_split] + (
+      [config.test_split] if config.get("test_split") else [])
+  feats = {s: encoder_features(config, encoder, s, mesh, data_dir) for s in splits}
+  train = feats[config.data.split]
+  mean = train["features"].mean(axis=0)
+  std = train["features"].std(axis=0) + 1e-6
+  for s in splits:
+    feats[s]["features"] = (feats[s]["features"] - mean) / std
+  num_classes = len(info["class_names"])
+  targets = train["labels"] if multi else np.eye(num_classes)[train["label"]]
+  out_dir = os.path.join(workdir, "linear_probe")
+  best = None
+  for wd in config.probe.weight_decays:
+    w, b = train_linear(train["features"], targets, multi, config.probe.steps, config.probe.lr,
+                        wd, config.seed)
+    val = feats[config.data.eval_split]
+    result = evaluate.report(_scores(val["features"], w, b, multi), val, info)
+    logging.info("linear probe weight decay %g: validation %s %.4f", wd,
+                 "mAP" if multi else "top-1", metrics.headline(result))
+    if best is None or metrics.headline(result) > metrics.headline(best[2]):
+      best = (w, b, result, wd)
+  w, b, val_result, wd = best
+  val_result["weight_decay"] = wd
+  summary = {"best_weight_decay": wd, "val": metrics.headline(val_result)}
+  if jax.process_index() == 0:
+    evaluate.write_report(val_result, out_dir, config.data.eval_split)
+  if config.get("test_split"):
+    test = feats[config.test_split]
+    result = evaluate.report(_scores(test["features"], w, b, multi), test, info)
+    result.update(weight_decay=wd, checkpoint=config.init.encoder, split=config.test_split)
+    if jax.process_index() == 0:
+      evaluate.write_report(result, out_dir, config.test_split)
+    summary["test"] = result
+  return summary

@@ -1,0 +1,89 @@
+"""UniEmoX pretraining (METHOD.md 1-4) on the shared training loop: the main job.
+
+The frozen CLIP teacher's parameters are a step constant, placed once, replicated; only the
+UniEmoX parameters are differentiated (see `uniemox_jax.objective`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from data_pipelines import input_pipeline
+from uniemox_jax import augment
+from uniemox_jax import models
+from uniemox_jax import objective
+from uniemox_jax import sharding
+from uniemox_jax import trainer
+from uniemox_jax.teacher import clip
+
+
+class PretrainTrainer(trainer.TrainLoop):
+  """Everything one pretraining run holds; `run()` trains to the schedule's last step."""
+  LOSS = "total"
+
+  def setup(self):
+    config = self.config
+    self.model = models.pretrain_model(config.model)
+    self.teacher = trainer.load_teacher(config, self.workdir)
+    objective.check_compatible(self.model, self.teacher)
+    tokenize = None
+    if not self.info.get("text_emb_dim"):
+      tokenize = functools.partial(clip.tokenize_one, self.teacher.tokenizer)
+    self.dataset = input_pipeline.pretrain_dataset(
+        self.data_dir, config.data.split, batch_size=self.local_batch,
+        image_size=config.model.image_size, person_view=config.data.person_view,
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count(), tokenize=tokenize)
+
+  def init_params(self, key):
+    size, width = self.config.model.image_size, self.config.model.decoder.width
+    img = jnp.zeros((2, size, size, 3), jnp.float32)
+    emb = jnp.zeros((2, width), jnp.float32)
+    return self.model.init({"params": key, "mask": key, "dropout": key},
+                           img, img, emb, emb, jnp.float32(1.0))["params"]
+
+  def constants(self):
+    return sharding.host_to_global(self.teacher.params, self.replicated)
+
+  def batch_keys(self, host_batch):
+    keys = ["scene", "person"]
+    keys += ["text_emb"] if "text_emb" in host_batch else ["input_ids", "attention_mask"]
+    missing = [k for k in keys if k not in host_batch]
+    if missing:
+      raise KeyError(f"pretraining batches lack {missing}: convert the data with "
+                     "--text_embeddings, or give the pipeline a tokenizer")
+    return keys
+
+  def loss_fn(self, params, teacher_params, batch, key):
+    batch = dict(batch, scene=augment.normalize(batch["scene"]),
+                 person=augment.normalize(batch["person"]))
+    terms, _ = objective.pretrain_losses(self.model, params, self.teacher, teacher_params,
+                                         batch, key, train=True)
+    return terms["total"], terms
+
+  def from_pretrained(self, state):
+    template = jax.device_get(state["params"]["encoder"])
+    encoder = trainer.import_encoder(self.config, template)
+    check_same_tree(encoder, template, "config.init.encoder")
+    return dict(state, params=self.place_params(dict(state["params"], encoder=encoder)))
+
+
+def check_same_tree(tree, template, what: str) -> None:
+  """Raises a ValueError naming every array that is missing, extra or mis-shaped."""
+  got = traverse_util.flatten_dict(dict(tree), sep="/")
+  want = traverse_util.flatten_dict(dict(template), sep="/")
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems += [f"{k}: shape {np.shape(got[k])} != model's {np.shape(want[k])}"
+               for k in sorted(set(got) & set(want)) if np.shape(got[k]) != np.shape(want[k])]
+  if problems:
+    raise ValueError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
+
+
+def pretrain(config, workdir: str) -> Dict[str, float]:
+  return trainer.train(PretrainTrainer(config, workdir))
