@@ -25,3 +25,10 @@ def test_input_pipeline_benchmark_tiny():
   out = _run("input_pipeline.py", "--images_per_class", "6", "--size", "64",
              "--image_size", "32", "--batch", "8", "--workers", "1")
   assert "pretrain pipeline (1 core)" in out and "finetune pipeline (1 core)" in out
+
+
+def test_finetune_step_benchmark_tiny():
+  out = _run("finetune_step.py", "--vit", "mu/16", "--batch", "2", "--steps", "1")
+  rows = [line.split() for line in out.splitlines() if line.startswith(("plain", "finetune"))]
+  assert [r[0] for r in rows] == ["plain", "finetune"]
+  assert all(float(r[2]) > 0 for r in rows)       # images/s

@@ -44,6 +44,28 @@ def check_dataset(config, info: Dict[str, Any]) -> None:
                      f"multi_label is {info.get('multi_label')}")
 
 
+def classification_loss(model, aug, num_classes: int, multi_label: bool, params, batch, key):
+  """The fine-tuning objective on a uint8 batch: normalize, random erasing, label smoothing
+  (single-label), mixup/cutmix, then softmax (or, multi-label, sigmoid) cross-entropy.
+  `aug` is config.augment. Returns (loss, {"loss": loss})."""
+  k_erase, k_mix, k_drop = jax.random.split(key, 3)
+  images = augment.random_erasing(k_erase, augment.normalize(batch["image"]), aug.erase_prob)
+  if multi_label:
+    targets = batch["labels"].astype(jnp.float32)
+  else:
+    targets = augment.smooth_targets(batch["label"], num_classes, aug.label_smoothing)
+  if aug.mixup_alpha > 0 or aug.cutmix_alpha > 0:
+    images, targets = augment.mixup_cutmix(
+        k_mix, images, targets, mixup_alpha=aug.mixup_alpha, cutmix_alpha=aug.cutmix_alpha,
+        switch_prob=aug.switch_prob, prob=aug.mix_prob)
+  logits, _ = model.apply({"params": params}, images, train=True, rngs={"dropout": k_drop})
+  if multi_label:
+    loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
+  else:
+    loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
+  return loss, {"loss": loss}
+
+
 class FinetuneTrainer(trainer.TrainLoop):
   """One fine-tuning run; `run()` trains, validating and keeping the best state."""
   LOSS = "loss"
@@ -83,25 +105,8 @@ class FinetuneTrainer(trainer.TrainLoop):
 
   def loss_fn(self, params, consts, batch, key):
     del consts
-    a = self.config.augment
-    k_erase, k_mix, k_drop = jax.random.split(key, 3)
-    images = augment.random_erasing(k_erase, augment.normalize(batch["image"]), a.erase_prob)
-    if self.multi_label:
-      targets = batch["labels"].astype(jnp.float32)
-    else:
-      targets = augment.smooth_targets(batch["label"], len(self.class_names),
-                                       a.label_smoothing)
-    if a.mixup_alpha > 0 or a.cutmix_alpha > 0:
-      images, targets = augment.mixup_cutmix(
-          k_mix, images, targets, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
-          switch_prob=a.switch_prob, prob=a.mix_prob)
-    logits, _ = self.model.apply({"params": params}, images, train=True,
-                                 rngs={"dropout": k_drop})
-    if self.multi_label:
-      loss = jnp.mean(optax.sigmoid_binary_cross_entropy(logits, targets))
-    else:
-      loss = jnp.mean(optax.softmax_cross_entropy(logits, targets))
-    return loss, {"loss": loss}
+    return classification_loss(self.model, self.config.augment, len(self.class_names),
+                               self.multi_label, params, batch, key)
 
   def from_pretrained(self, state):
     host = jax.device_get(state["params"])

@@ -62,7 +62,7 @@ def train_linear(features: np.ndarray, targets: np.ndarray, multi_label: bool,
                    mask={"w": True, "b": False})
 
   def loss(p):
-    logits = x @ p["w"] + p["b"]
+    logits = x @ p["w"] + p["b"][None, :]
     if multi_label:
       return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, y))
     return jnp.mean(optax.softmax_cross_entropy(logits, y))

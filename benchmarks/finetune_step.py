@@ -1,0 +1,126 @@
+r"""Throughput and model-FLOPs utilization of one fine-tuning step (METHOD.md 5: drop path 0.2,
+layer-wise lr decay, on-device random erasing + mixup/cutmix + label smoothing), beside a plain
+supervised step of the same classifier (no augmentation, no decay) measured in the same run.
+
+  python benchmarks/finetune_step.py --vit B/16,L/16 --batch 256 [--remat] [--find_max_batch]
+  python benchmarks/finetune_step.py --vit mu/16 --batch 2 --steps 1    # CPU smoke size
+
+The step is the one `uniemox_jax.finetune` trains with (`classification_loss`, the optimizer
+of `uniemox_jax.optim`), on synthetic device-resident uint8 batches. MFU is against
+--peak_tflops (default: H100/H200 dense bf16, 989.4); on CPU it is left out.
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from configs import finetune as finetune_config  # noqa: E402
+from uniemox_jax import finetune  # noqa: E402
+from uniemox_jax import models  # noqa: E402
+from uniemox_jax import optim  # noqa: E402
+from uniemox_jax.models import vit  # noqa: E402
+
+NUM_CLASSES = 8
+
+
+def build_step(variant: str, dtype: str, remat: bool, recipe: bool):
+  """(init, tx, step) of the fine-tuning step; `recipe` False: the plain supervised baseline."""
+  config = finetune_config.get_config(f"vit={variant}")
+  config.model.update(dtype=dtype, remat=remat, drop_path=0.2 if recipe else 0.0)
+  if not recipe:
+    config.augment.update(erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
+                          label_smoothing=0.0)
+  model = models.classification_model(config.model, NUM_CLASSES)
+  depth = vit.decode_variant(variant).depth
+
+  def init(key):
+    return nn.unbox(model.init({"params": key, "dropout": key},
+                               jnp.zeros((1, 224, 224, 3), jnp.float32))["params"])
+  mult = None
+  if recipe:
+    mult = optim.layerwise_multipliers(jax.eval_shape(init, jax.random.key(0)), depth, 0.75)
+  tx = optim.make_optimizer(config, optax.constant_schedule(1e-4), mult)
+
+  def step(state, batch, key, tx):
+    params, opt_state = state
+    (loss, _), grads = jax.value_and_grad(
+        lambda p: finetune.classification_loss(model, config.augment, NUM_CLASSES, False, p,
+                                               batch, key), has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+  return init, tx, step
+
+
+def measure(variant, dtype, remat, recipe, batch_size, steps):
+  init, tx, step = build_step(variant, dtype, remat, recipe)
+  params = jax.jit(init)(jax.random.key(0))
+  state = (params, jax.jit(tx.init)(params))
+  k1, k2 = jax.random.split(jax.random.key(1))
+  batch = {"image": jax.random.randint(k1, (batch_size, 224, 224, 3), 0, 256, jnp.uint8),
+           "label": jax.random.randint(k2, (batch_size,), 0, NUM_CLASSES)}
+  fn = jax.jit(lambda s, b, k: step(s, b, k, tx), donate_argnums=(0,))
+  compiled = fn.lower(state, batch, jax.random.key(2)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  state, loss = compiled(state, batch, jax.random.key(2))      # warm-up
+  loss.block_until_ready()
+  start = time.perf_counter()
+  for i in range(steps):
+    state, loss = compiled(state, batch, jax.random.key(3 + i))
+  loss.block_until_ready()
+  seconds = (time.perf_counter() - start) / steps
+  return batch_size / seconds, flops / seconds
+
+
+def largest_batch(variant, dtype, remat, start, limit=4096):
+  best, size = None, start
+  while size <= limit:
+    try:
+      measure(variant, dtype, remat, True, size, 1)
+      best, size = size, size * 2
+    except Exception as e:  # pylint: disable=broad-except
+      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+        break
+      raise
+  return best
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--vit", default="B/16,L/16")
+  p.add_argument("--batch", type=int, default=256, help="per device")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  p.add_argument("--remat", action="store_true")
+  p.add_argument("--peak_tflops", type=float, default=989.4)
+  p.add_argument("--find_max_batch", action="store_true")
+  args = p.parse_args()
+  device = jax.devices()[0]
+  on_accelerator = device.platform != "cpu"
+  print(f"device: {device.device_kind} ({device.platform}); per-device batch {args.batch}; "
+        f"{args.dtype}; remat {args.remat}")
+  print(f"{'step':22s} {'images/s':>10s} {'TFLOP/s':>9s} {'MFU':>6s} {'vs plain':>8s}"
+        + ("  max batch" if args.find_max_batch else ""))
+  for variant in args.vit.split(","):
+    rates = {}
+    for name, recipe in (("plain", False), ("finetune", True)):
+      rate, flops = measure(variant, args.dtype, args.remat, recipe, args.batch, args.steps)
+      rates[name] = rate
+      mfu = f"{flops / 1e12 / args.peak_tflops:6.1%}" if on_accelerator else "     -"
+      extra = ""
+      if args.find_max_batch and recipe:
+        extra = f"  {largest_batch(variant, args.dtype, args.remat, args.batch)}"
+      print(f"{name + ' ' + variant:22s} {rate:10.1f} {flops / 1e12:9.2f} {mfu} "
+            f"{rate / rates['plain']:8.2f}{extra}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,307 @@
+"""Downstream: layer-wise lr decay, exactly-once evaluation, fine-tuning from the demo encoder,
+best-state selection and exact resume, the evaluation report and its errors, linear probe,
+zero-shot and the prediction CLI."""
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import demo
+from configs import demo_finetune
+from configs import linear_probe as linear_probe_config
+from data_pipelines import convert
+from data_pipelines import input_pipeline as ip
+from data_pipelines import synthetic
+from uniemox_jax import checkpointing
+from uniemox_jax import evaluate
+from uniemox_jax import finetune
+from uniemox_jax import linear_probe
+from uniemox_jax import models
+from uniemox_jax import optim
+from uniemox_jax import predict
+from uniemox_jax import pretrain
+from uniemox_jax import sharding
+from uniemox_jax import zero_shot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- layer-wise learning-rate decay -------------------------------------------------------
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_layer_decay_gives_each_block_its_multiplier(scan):
+  cfg = demo_finetune.get_config()
+  cfg.model.update(variant="Ti/16", image_size=32, scan=scan)
+  model = models.classification_model(cfg.model, 8)
+  params = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.tree.map(lambda x: np.ones(x.shape, np.float32), params)
+  params = __import__("flax").linen.unbox(params)
+  depth, decay = 12, 0.75
+  mult = optim.layerwise_multipliers(params, depth, decay)
+  enc = mult["encoder"]
+  assert float(enc["patch_embed"]["proj"]["kernel"]) == pytest.approx(decay ** 13)
+  assert float(enc["cls_token"]) == pytest.approx(decay ** 13)
+  assert float(mult["head"]["kernel"]) == 1.0 and float(mult["fc_norm"]["scale"]) == 1.0
+  for i in range(depth):
+    if scan:
+      got = np.asarray(enc["transformer"]["blocks"]["attn"]["qkv"]["kernel"])[i].ravel()
+    else:
+      got = [float(x) for x in jax.tree.leaves(enc["transformer"][f"block_{i}"])]
+    np.testing.assert_allclose(got, decay ** (depth - i), rtol=1e-6)
+
+  # The optimizer applies them: one step's update of each leaf is the plain update x its
+  # multiplier (AdamW's update is linear in the learning rate).
+  cfg.optim.update(weight_decay=0.05)
+  grads = jax.tree.map(lambda x: np.full(x.shape, 0.3, np.float32), params)
+  plain = optim.make_optimizer(cfg, 1e-3)
+  scaled = optim.make_optimizer(cfg, 1e-3, mult)
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+  jax.tree.map(lambda a, b, m: np.testing.assert_allclose(a, np.asarray(b) * m, rtol=1e-5),
+               u_scaled, u_plain, jax.tree.map(np.asarray, mult))
+
+
+# --- exactly-once evaluation --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+  """A converted set whose test split has 13 records: divides neither 8 devices nor the
+  eval batches below."""
+  root = tmp_path_factory.mktemp("odd")
+  synthetic.generate(str(root / "raw"), (2, 1, 2), 40, seed=1)
+  test_files = sorted(p for p in (root / "raw" / "test").rglob("*.jpg"))
+  for p in test_files[:3]:
+    p.unlink()
+  convert.main(["--source", "split_tree", "--root", str(root / "raw"), "--name", "odd",
+                "--out", str(root / "shards"), "--workers", "1", "--no_progress"])
+  return str(root / "shards")
+
+
+def _expected(data_dir, split, size):
+  source = ip.ShardSource(data_dir, split)
+  t = ip.EvalTransform(size)
+  out = [t.map(source[i]) for i in range(len(source))]
+  return (np.array([o["image"].astype(np.float64).sum() for o in out]),
+          np.array([o["label"] for o in out]))
+
+
+_SUMS = jax.jit(lambda b: {"sum": jnp.sum(b["image"].astype(jnp.float32), axis=(1, 2, 3))})
+
+
+def test_exactly_once_on_eight_devices(odd_data):
+  mesh = sharding.make_mesh(-1, 1)
+  sums, labels = _expected(odd_data, "test", 32)
+  assert len(sums) == 13
+  for batch in (8, 24):
+    ds = ip.eval_dataset(odd_data, "test", batch_size=batch, image_size=32)
+    out = evaluate.gather_split(_SUMS, ds, mesh, progress=False)
+    np.testing.assert_allclose(out["sum"], sums, rtol=1e-6)
+    np.testing.assert_array_equal(out["label"], labels)
+  with pytest.raises(ValueError, match="config.eval_batch_size=12 must divide evenly"):
+    evaluate.check_batch(12, mesh)
+
+
+_TWO_PROCESS = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+jax.distributed.initialize(sys.argv[2], 2, int(sys.argv[3]))
+from data_pipelines import input_pipeline as ip
+from uniemox_jax import evaluate, sharding
+mesh = sharding.make_mesh(-1, 1)
+ds = ip.eval_dataset(sys.argv[1], "test", batch_size=12, image_size=32,
+                     process_index=jax.process_index(), process_count=2)
+fn = jax.jit(lambda b: {"sum": jnp.sum(b["image"].astype(jnp.float32), axis=(1, 2, 3))})
+out = evaluate.gather_split(fn, ds, mesh, progress=False)
+print(json.dumps({"devices": len(jax.devices()), "sum": out["sum"].tolist(),
+                  "label": out["label"].tolist()}))
+"""
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_exactly_once_on_two_processes(odd_data):
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, odd_data,
+                             f"127.0.0.1:{port}", str(i)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i in range(2)]
+  sums, labels = _expected(odd_data, "test", 32)
+  for p in procs:
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    got = json.loads(out.strip().splitlines()[-1])
+    assert got["devices"] == 8                 # 2 processes x 4 devices, one global batch
+    np.testing.assert_allclose(got["sum"], sums, rtol=1e-6)
+    assert got["label"] == labels.tolist()
+
+
+# --- fine-tuning from the demo encoder ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  """The demo pretraining, shortened: a workdir with checkpoints/, synthetic/, tiny_clip/."""
+  workdir = tmp_path_factory.mktemp("pretrained")
+  config = demo.get_config()
+  config.unlock()
+  config.update_from_flattened_dict({"total_steps": 60, "data.synthetic_per_class": "16,4,4",
+                                     "checkpoint.every_steps": 60})
+  pretrain.pretrain(config, str(workdir))
+  return str(workdir)
+
+
+def _finetune_config(pretrained, **overrides):
+  config = demo_finetune.get_config(f"pretrained={pretrained}")
+  config.unlock()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("finetuned"))
+  config = _finetune_config(pretrained, total_epochs=15, eval_every_epochs=3)
+  result = finetune.finetune(config, workdir)
+  return workdir, config, result
+
+
+def test_finetune_beats_chance_and_keeps_the_best_state(finetuned):
+  workdir, config, result = finetuned
+  test = result["test"]
+  assert test["num_examples"] == 32 and test["top1"] >= 2 / 8, test
+  best = json.load(open(os.path.join(workdir, finetune.BEST_FILE)))
+  logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  val = {m["step"]: m["val_top1"] for m in logged if "val_top1" in m}
+  assert len(val) == 5                       # every 3 epochs of 4 steps, 60 steps
+  assert best["value"] == max(val.values())
+  assert best["step"] == min(s for s, v in val.items() if v == best["value"])
+  assert checkpointing.Checkpointer(os.path.join(workdir, "best"), read_only=True
+                                    ).all_steps() == [best["step"]]
+  for name in ("test_results.json", "test_confusion.json", "test_confusion.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 0
+  assert test["checkpoint"].endswith(f"best/{best['step']}")
+
+
+def test_finetune_resumes_exactly(pretrained, tmp_path):
+  overrides = dict(total_epochs=6, eval_every_epochs=2, **{"checkpoint.every_steps": 100})
+  full = finetune.FinetuneTrainer(_finetune_config(pretrained, **overrides), str(tmp_path / "a"))
+  full.run()
+  full.close()
+  first = finetune.FinetuneTrainer(_finetune_config(pretrained, **overrides),
+                                   str(tmp_path / "b"))
+  first.run(stop_after=10)
+  first.close()
+  assert first.checkpointer.all_steps() == [10]
+  second = finetune.FinetuneTrainer(_finetune_config(pretrained, **overrides),
+                                    str(tmp_path / "b"))
+  second.run()
+  second.close()
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(full.final_state),
+               jax.device_get(second.final_state))
+  a, b = (json.load(open(tmp_path / d / finetune.BEST_FILE)) for d in ("a", "b"))
+  assert a == b
+
+
+def test_evaluate_checkpoint_and_its_errors(finetuned, pretrained, tmp_path):
+  workdir, config, _ = finetuned
+  result = evaluate.evaluate_checkpoint(config, os.path.join(workdir, "best"), "val",
+                                        str(tmp_path), progress=False)
+  assert result["num_examples"] == 32 and sum(map(sum, result["confusion_matrix"])) == 32
+  assert os.path.exists(tmp_path / "val_results.json")
+  with pytest.raises(ValueError, match=r"--split 'nosuch'.*has the splits"):
+    evaluate.evaluate_checkpoint(config, os.path.join(workdir, "best"), "nosuch",
+                                 str(tmp_path))
+  step_dir = checkpointing.resolve_step_dir(os.path.join(workdir, "best"))
+  info = ip.load_info(config.data.dir)
+  with pytest.raises(ValueError, match="the head predicts 8 classes but the dataset"):
+    evaluate.check_classes(step_dir, dict(info, class_names=info["class_names"][:7]))
+  with pytest.raises(ValueError, match="was trained on classes"):
+    evaluate.check_classes(step_dir, dict(info, class_names=info["class_names"][::-1]))
+  with pytest.raises(ValueError, match="no classification head"):
+    evaluate.check_classes(checkpointing.resolve_step_dir(
+        os.path.join(pretrained, "checkpoints")), info)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    evaluate.evaluate_checkpoint(config, str(tmp_path / "missing"), "test")
+  with pytest.raises(ValueError, match="not a UniEmoX pretraining checkpoint"):
+    zero_shot.zero_shot(demo.get_config(), os.path.join(workdir, "best"), config.data.dir)
+
+
+def test_wrong_class_count_in_config_is_named(pretrained, tmp_path):
+  config = _finetune_config(pretrained, num_classes=7)
+  with pytest.raises(ValueError, match="has 7 classes but .* has 8"):
+    finetune.FinetuneTrainer(config, str(tmp_path))
+
+
+# --- linear probe, zero-shot, prediction ---------------------------------------------------
+
+
+def test_linear_probe_end_to_end(pretrained, tmp_path):
+  config = linear_probe_config.get_config(f"demo=True,pretrained={pretrained}")
+  config.probe.steps = 200
+  result = linear_probe.linear_probe(config, str(tmp_path))
+  assert result["test"]["num_examples"] == 32
+  assert result["best_weight_decay"] in config.probe.weight_decays
+  assert result["test"]["top1"] > 1 / 8
+  assert os.path.exists(tmp_path / "linear_probe" / "test_results.json")
+
+
+def test_zero_shot_end_to_end(pretrained, tmp_path):
+  config = demo.get_config()
+  result = zero_shot.zero_shot(config, os.path.join(pretrained, "checkpoints"),
+                               os.path.join(pretrained, "synthetic"), "test", str(tmp_path),
+                               progress=False)
+  assert result["num_examples"] == 32
+  assert sum(map(sum, result["confusion_matrix"])) == 32
+  assert os.path.exists(tmp_path / "zero_shot" / "test_confusion.png")
+
+
+def test_class_embeddings_average_templates(tiny_teacher):
+  emb = zero_shot.class_embeddings(tiny_teacher, ["awe", "fear"])
+  assert emb.shape == (2, tiny_teacher.embed_dim)
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+  one = tiny_teacher.embed_texts([t.format("awe") for t in zero_shot.TEMPLATES])
+  one = one / np.linalg.norm(one, axis=1, keepdims=True)
+  mean = one.mean(0)
+  np.testing.assert_allclose(emb[0], mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-6)
+
+
+def test_predict_folder_to_csv_and_json(finetuned, tmp_path):
+  workdir, config, _ = finetuned
+  images = tmp_path / "images"
+  # The converter generated the raw tree inside the data folder.
+  shutil.copytree(os.path.join(config.data.dir, "raw", "test"), images)
+  (images / "broken.jpg").write_bytes(b"not an image")
+  paths = predict.list_images(str(images))
+  result = predict.predict(config, os.path.join(workdir, "best"), paths, top_k=3)
+  assert len(result["rows"]) == len(paths) - 1
+  assert [p for p, _ in result["unreadable"]] == [str(images / "broken.jpg")]
+  first = result["rows"][0]["predictions"]
+  assert len(first) == 3 and first[0]["probability"] >= first[1]["probability"]
+  predict.write(result, str(tmp_path / "p.csv"), str(images), 3)
+  rows = list(csv.reader(open(tmp_path / "p.csv")))
+  assert rows[0][:3] == ["path", "emotion_1", "prob_1"] and len(rows) == len(paths)
+  predict.write(result, str(tmp_path / "p.json"), str(images), 3)
+  assert len(json.load(open(tmp_path / "p.json"))["predictions"]) == len(paths) - 1
+  # The images' folder names are their true classes: most predictions match.
+  hits = [r["predictions"][0]["emotion"] == os.path.basename(os.path.dirname(r["path"]))
+          for r in result["rows"]]
+  assert np.mean(hits) >= 2 / 8
+  with pytest.raises(FileNotFoundError, match="is not a directory"):
+    predict.list_images(str(tmp_path / "nope"))
