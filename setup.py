@@ -35,7 +35,12 @@ setuptools.setup(
         "matplotlib>=3.8,<4",       # the confusion-matrix PNG of evaluation reports
     ],
     extras_require={
-        # scikit-learn: the reference the evaluation metrics are tested against.
-        "test": ["pytest>=8,<10", "scikit-learn>=1.5,<2"],
+        # PyTorch checkpoint import (uniemox_jax/tools/import_torch.py). Pinned: an unpinned
+        # torch can pull a multi-GB download.
+        "torch": ["torch==2.14.1", "torchvision==0.29.1"],
+        # scikit-learn: the reference the evaluation metrics are tested against; timm: the
+        # PyTorch ViTs the checkpoint import is tested against.
+        "test": ["pytest>=8,<10", "scikit-learn>=1.5,<2", "torch==2.14.1",
+                 "torchvision==0.29.1", "timm>=1.0.20,<2"],
     },
 )

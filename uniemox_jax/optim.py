@@ -55,15 +55,15 @@ def decay_mask(params: Any) -> Any:
 
 
 def layer_ids(params: Any, depth: int) -> Any:
-  """Each parameter's layer in MAE's layer-wise decay numbering: 0 for the patch embedding and
-  the CLS token, i + 1 for encoder block i, depth + 1 for everything after the blocks (the
+  """Each parameter's layer in MAE's layer-wise decay numbering: 0 for the patch embedding, the
+  CLS token and a learned position table, i + 1 for encoder block i, depth + 1 for everything after the blocks (the
   final norms and the head). A scanned stack ("blocks", layers on axis 0) gets an integer array
   shaped to broadcast over its leaf, one id per layer."""
   def one(path, leaf):
     names = [getattr(k, "key", str(k)) for k in path]
     if "encoder" in names:
       rest = names[names.index("encoder") + 1:]
-      if rest[0] in ("patch_embed", "cls_token"):
+      if rest[0] in ("patch_embed", "cls_token", "pos_embed"):
         return 0
       if rest[0] == "transformer" and rest[1].startswith("block_"):
         return int(rest[1][len("block_"):]) + 1

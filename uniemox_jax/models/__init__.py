@@ -47,4 +47,5 @@ def pretrain_model(cfg) -> UniEmoX:
 def classification_model(cfg, num_classes: int) -> Classifier:
   """The downstream classifier over the same encoder fields of `config.model`."""
   vit.grid_size(cfg.image_size, vit.decode_variant(cfg.variant).patch)
-  return Classifier(num_classes=num_classes, **_common(cfg))
+  return Classifier(num_classes=num_classes, pos_embed=cfg.get("pos_embed", "sincos"),
+                    **_common(cfg))

@@ -33,6 +33,7 @@ class Classifier(nn.Module):
   variant: str = "B/16"
   image_size: int = 224
   drop_path: float = 0.0
+  pos_embed: str = "sincos"
   remat: bool = False
   scan: bool = False
   dtype: vit.Dtype = jnp.float32
@@ -41,7 +42,7 @@ class Classifier(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False):
     tokens, _ = vit.Encoder(self.variant, self.image_size, self.drop_path, final_norm=False,
-                            remat=self.remat, scan=self.scan, dtype=self.dtype,
+                            pos_embed=self.pos_embed, remat=self.remat, scan=self.scan, dtype=self.dtype,
                             param_dtype=self.param_dtype, name="encoder")(images, train=train)
     pooled = jnp.mean(tokens[:, 1:], axis=1)
     features = vit.layer_norm("fc_norm", self.dtype, self.param_dtype)(pooled)
@@ -55,6 +56,9 @@ class Classifier(nn.Module):
 
 # Parameters of a pretrained encoder that a classifier does not use, by design.
 EXPECTED_UNUSED = ("norm/scale", "norm/bias")
+# Classifier encoder parameters a pretrained encoder may lack, by design: a learned position
+# table starts from the fixed sin-cos one that pretraining used.
+EXPECTED_NEW = ("encoder/pos_embed",)
 
 
 @dataclasses.dataclass
@@ -91,8 +95,12 @@ def load_encoder_params(classifier_params: Mapping[str, Any],
     else:
       target[full] = jnp.asarray(value, target[full].dtype)
       report.loaded.append(full)
-  report.problems += [f"missing pretrained array {k}" for k in target
-                      if k.startswith("encoder/") and k[len("encoder/"):] not in source]
+  for k in target:
+    if k.startswith("encoder/") and k[len("encoder/"):] not in source:
+      if k in EXPECTED_NEW:
+        report.kept_from_init.append(k)
+      else:
+        report.problems.append(f"missing pretrained array {k}")
   if report.problems:
     raise ValueError("Pretrained encoder does not fit the classifier:\n  "
                      + "\n  ".join(report.problems))

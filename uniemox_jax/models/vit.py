@@ -258,6 +258,9 @@ class Encoder(nn.Module):
   image_size: int = 224
   drop_path: float = 0.0
   final_norm: bool = True
+  # "sincos": MAE's fixed table (pretraining). "learned": a parameter `pos_embed` [1, 1 + N, D]
+  # initialized to that table (CLS row zero), as MAE fine-tuning and timm ViTs train it.
+  pos_embed: str = "sincos"
   remat: bool = False
   scan: bool = False
   dtype: Dtype = jnp.float32
@@ -281,15 +284,23 @@ class Encoder(nn.Module):
                        f"got {images.shape}")
     x = PatchEmbed(shape.patch, shape.width, self.dtype, self.param_dtype,
                    name="patch_embed")(images)
-    x = x + jnp.asarray(sincos_2d(shape.width, gs), x.dtype)[None]
+    table = sincos_2d(shape.width, gs, cls_token=True)
+    if self.pos_embed == "learned":
+      pos = self.param("pos_embed", nn.with_logical_partitioning(
+          lambda key, shp, dtype: jnp.asarray(table, dtype)[None], (None, None, "embed")),
+                       (1, gs * gs + 1, shape.width), self.param_dtype).astype(x.dtype)
+    elif self.pos_embed == "sincos":
+      pos = jnp.asarray(table, x.dtype)[None]
+    else:
+      raise ValueError(f"config.model.pos_embed={self.pos_embed!r}: 'sincos' or 'learned'")
+    x = x + pos[:, 1:]
     if ids_keep is not None:
       x = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
     cls = self.param("cls_token", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, shape.width),
                      self.param_dtype)
-    # The CLS position embedding is the zero row, so CLS enters as itself.
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, shape.width)), x],
-                        axis=1)
+    cls = cls.astype(x.dtype) + pos[:, :1]     # the fixed table's CLS row is zero
+    x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, shape.width)), x], axis=1)
     x = Transformer(shape.depth, shape.heads, shape.mlp_dim, self.drop_path, self.remat,
                     self.scan, self.dtype, self.param_dtype, name="transformer")(
                         x, deterministic=not train)

@@ -1,0 +1,445 @@
+r"""PyTorch checkpoints -> this codebase's Flax parameters, written as an orbax checkpoint.
+
+  python -m uniemox_jax.tools.import_torch --src mae_pretrain_vit_large.pth --kind mae \
+      --vit L/16 --out /ckpt/mae-l16
+
+Kinds (the layouts of the files users have):
+  mae               facebookresearch/mae `mae_pretrain_vit_{base,large,huge}.pth`: encoder
+                    (patch_embed, cls_token, fixed pos_embed, blocks.i, norm) and, where
+                    present, the decoder (decoder_embed, mask_token, decoder_blocks.i,
+                    decoder_norm, decoder_pred).
+  vit               a ViT classifier: MAE fine-tuned checkpoints and timm `vit_*_patch16_224`
+                    state dicts (learned pos_embed, norm or fc_norm, head).
+  uniemox_pretrain  the authors' pretrained UniEmoX: the MAE layout plus the fusion
+                    (`*fusion*.linear.*`, `*fusion*.bn.*`: ELU(Linear(LN(a) + LN(b)))).
+  uniemox_finetune  the authors' fine-tuned classifiers: the vit layout with fc_norm and head.
+
+Files may be a bare state dict or a dict with a "model" (or "state_dict") entry; a `module.`
+prefix (DistributedDataParallel) is removed. A position table for another grid is resampled
+(bicubic) to --image_size. Every source key ends up loaded, deliberately dropped (listed with
+the reason) or reported as unexpected; every target array is loaded or reported missing;
+shapes are checked. Anything unexpected, missing or mis-shaped stops the import with the list.
+
+The output directory is a checkpoint of this codebase (`<out>/0/`, state {"step", "params"}
+plus a `meta` record of the kind, source and class count), which `--config.init.encoder=<out>`
+(format `uniemox_jax`), `uniemox_jax.evaluate --checkpoint <out>` (fine-tuned kinds) and
+`uniemox_jax.zero_shot` (uniemox_pretrain) read directly. The trainer can also read a .pth
+directly: --config.init.encoder=FILE.pth --config.init.encoder_format=torch_mae (or torch_vit,
+torch_uniemox_pretrain, torch_uniemox_finetune).
+
+PyTorch is an optional extra (`pip install .[torch]`), imported only here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from uniemox_jax.models import vit
+
+KINDS = ("mae", "vit", "uniemox_pretrain", "uniemox_finetune")
+
+
+@dataclasses.dataclass
+class ImportReport:
+  source: str
+  loaded: List[str] = dataclasses.field(default_factory=list)        # source keys used
+  dropped: Dict[str, str] = dataclasses.field(default_factory=dict)  # key -> why
+  unexpected: List[str] = dataclasses.field(default_factory=list)
+  missing: List[str] = dataclasses.field(default_factory=list)       # target arrays
+  misshaped: List[str] = dataclasses.field(default_factory=list)
+  notes: List[str] = dataclasses.field(default_factory=list)
+
+  @property
+  def problems(self) -> List[str]:
+    return ([f"unexpected key {k}" for k in self.unexpected]
+            + [f"missing {k}" for k in self.missing] + self.misshaped)
+
+  def check(self) -> None:
+    if self.problems:
+      raise ValueError(f"{self.source} does not fit the model:\n  "
+                       + "\n  ".join(self.problems)
+                       + (f"\n(dropped as expected: {sorted(self.dropped)})"
+                          if self.dropped else ""))
+
+  def summary(self) -> str:
+    lines = [f"{self.source}: loaded {len(self.loaded)} arrays"]
+    lines += [f"  dropped {k}: {why}" for k, why in sorted(self.dropped.items())]
+    lines += [f"  note: {n}" for n in self.notes]
+    return "\n".join(lines)
+
+
+# --- reading the file ---------------------------------------------------------------------
+
+
+def load_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """A PyTorch checkpoint file -> {key: float32/int NumPy array}, unwrapped and unprefixed."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--src {path} does not exist")
+  if path.endswith(".safetensors"):
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      raw = load_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+  else:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError("reading .pth files needs PyTorch: pip install '.[torch]'") from None
+    try:
+      raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or not a "
+                       f"torch.save file): {type(e).__name__}: {e}") from None
+  if isinstance(raw, Mapping):
+    for key in ("model", "state_dict", "model_state_dict"):
+      if key in raw and isinstance(raw[key], Mapping):
+        raw = raw[key]
+        break
+  if not isinstance(raw, Mapping) or not raw:
+    raise ValueError(f"{path} holds no state dict (got {type(raw).__name__})")
+  out = {}
+  for key, value in raw.items():
+    if not hasattr(value, "shape"):
+      raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    key = key[len("module."):] if key.startswith("module.") else key
+    arr = value.detach().cpu().float().numpy() if hasattr(value, "detach") else np.asarray(value)
+    out[key] = arr
+  return out
+
+
+# --- layouts ------------------------------------------------------------------------------
+
+
+class _Reader:
+  """Takes source keys, converted, and records what was used."""
+
+  def __init__(self, sd: Dict[str, np.ndarray], report: ImportReport):
+    self.sd, self.report = sd, report
+
+  def has(self, key: str) -> bool:
+    return key in self.sd
+
+  def take(self, key: str) -> Optional[np.ndarray]:
+    if key not in self.sd:
+      return None
+    self.report.loaded.append(key)
+    return self.sd[key]
+
+  def drop(self, key: str, why: str) -> None:
+    if key in self.sd:
+      self.report.dropped[key] = why
+
+
+def _linear(r: _Reader, prefix: str) -> Dict[str, np.ndarray]:
+  out = {}
+  w, b = r.take(prefix + ".weight"), r.take(prefix + ".bias")
+  if w is not None:
+    out["kernel"] = w.T
+  if b is not None:
+    out["bias"] = b
+  return out
+
+
+def _norm(r: _Reader, prefix: str) -> Dict[str, np.ndarray]:
+  out = {}
+  w, b = r.take(prefix + ".weight"), r.take(prefix + ".bias")
+  if w is not None:
+    out["scale"] = w
+  if b is not None:
+    out["bias"] = b
+  return out
+
+
+def _block(r: _Reader, prefix: str, heads: int) -> Dict[str, Any]:
+  qkv_w, qkv_b = r.take(prefix + ".attn.qkv.weight"), r.take(prefix + ".attn.qkv.bias")
+  proj_w, proj_b = r.take(prefix + ".attn.proj.weight"), r.take(prefix + ".attn.proj.bias")
+  attn = {"qkv": {}, "proj": {}}
+  if qkv_w is not None:
+    width = qkv_w.shape[1]
+    attn["qkv"]["kernel"] = qkv_w.T.reshape(width, 3, heads, -1)
+  if qkv_b is not None:
+    attn["qkv"]["bias"] = qkv_b.reshape(3, heads, -1)
+  if proj_w is not None:
+    attn["proj"]["kernel"] = proj_w.T.reshape(heads, -1, proj_w.shape[0])
+  if proj_b is not None:
+    attn["proj"]["bias"] = proj_b
+  return {"norm1": _norm(r, prefix + ".norm1"), "attn": attn,
+          "norm2": _norm(r, prefix + ".norm2"),
+          "mlp": {"fc1": _linear(r, prefix + ".mlp.fc1"), "fc2": _linear(r, prefix + ".mlp.fc2")}}
+
+
+def resample_pos_embed(table: np.ndarray, grid: int) -> np.ndarray:
+  """[1, 1 + g*g, D] -> [1, 1 + grid*grid, D]: the patch rows resized bicubically as an image,
+  the CLS row kept."""
+  n = table.shape[1] - 1
+  side = int(round(n ** 0.5))
+  if side * side != n:
+    raise ValueError(f"position table of {n} patches is not a square grid")
+  if side == grid:
+    return table
+  patches = table[0, 1:].reshape(side, side, -1)
+  resized = np.asarray(jax.image.resize(patches, (grid, grid, patches.shape[-1]), "bicubic"))
+  return np.concatenate([table[:, :1], resized.reshape(1, grid * grid, -1)], axis=1)
+
+
+def _encoder(r: _Reader, shape: vit.VitShape, image_size: int, learned_pos: bool,
+             prefix: str = "") -> Dict[str, Any]:
+  grid = vit.grid_size(image_size, shape.patch)
+  out: Dict[str, Any] = {}
+  w = r.take(prefix + "patch_embed.proj.weight")
+  if w is not None:
+    if w.shape[2:] != (shape.patch, shape.patch):
+      r.report.misshaped.append(f"{prefix}patch_embed.proj.weight: patch {w.shape[2:]} != "
+                                f"the model's {shape.patch}")
+    out["patch_embed"] = {"proj": {"kernel": w.transpose(2, 3, 1, 0)}}
+    b = r.take(prefix + "patch_embed.proj.bias")
+    if b is not None:
+      out["patch_embed"]["proj"]["bias"] = b
+  cls = r.take(prefix + "cls_token")
+  if cls is not None:
+    out["cls_token"] = cls
+  pos_key = prefix + "pos_embed"
+  if r.has(pos_key):
+    table = r.sd[pos_key]
+    fixed = vit.sincos_2d(shape.width, int(round((table.shape[1] - 1) ** 0.5)), cls_token=True)
+    is_fixed = table.shape[1:] == fixed.shape and np.allclose(table[0], fixed, atol=1e-5)
+    if learned_pos:
+      r.take(pos_key)
+      out["pos_embed"] = resample_pos_embed(table, grid)
+      if table.shape[1] != grid * grid + 1:
+        r.report.notes.append(f"{pos_key} resampled from {table.shape[1] - 1} to "
+                              f"{grid * grid} patches")
+    elif is_fixed:
+      r.drop(pos_key, "MAE's fixed sin-cos table, which the encoder computes itself")
+    else:
+      r.report.unexpected.append(f"{pos_key} (a learned table: import into a model with "
+                                 "pos_embed='learned', i.e. --pos_embed learned)")
+  blocks = {}
+  for i in range(shape.depth):
+    blocks[f"block_{i}"] = _block(r, f"{prefix}blocks.{i}", shape.heads)
+  out["transformer"] = blocks
+  norm = _norm(r, prefix + "norm")
+  if norm:
+    out["norm"] = norm
+  return out
+
+
+def _decoder(r: _Reader, width: int, depth: int, heads: int) -> Dict[str, Any]:
+  out = {"embed": _linear(r, "decoder_embed"),
+         "transformer": {f"block_{i}": _block(r, f"decoder_blocks.{i}", heads)
+                         for i in range(depth)},
+         "norm": _norm(r, "decoder_norm"), "pred": _linear(r, "decoder_pred")}
+  token = r.take("mask_token")
+  if token is not None:
+    out["mask_token"] = token
+  if r.has("decoder_pos_embed"):
+    table = r.sd["decoder_pos_embed"]
+    side = int(round((table.shape[1] - 1) ** 0.5))
+    fixed = vit.sincos_2d(table.shape[-1], side, cls_token=True)
+    if table.shape[1:] == fixed.shape and np.allclose(table[0], fixed, atol=1e-5):
+      r.drop("decoder_pos_embed", "MAE's fixed sin-cos table, computed by the decoder")
+    else:
+      r.report.unexpected.append("decoder_pos_embed (not the fixed sin-cos table)")
+  return out
+
+
+def _fusion(r: _Reader) -> Dict[str, Any]:
+  keys = [k for k in r.sd if re.search(r"fusion.*\.linear\.weight$", k)]
+  if len(keys) != 1:
+    r.report.missing.append("the fusion (one '*fusion*.linear.weight' key; found "
+                            f"{keys or 'none'})")
+    return {}
+  prefix = keys[0][:-len("linear.weight")]
+  return {"norm": _norm(r, prefix + "bn"), "proj": _linear(r, prefix + "linear")}
+
+
+def _decoder_shape(sd: Dict[str, np.ndarray]) -> Tuple[int, int]:
+  width = sd["decoder_embed.weight"].shape[0]
+  depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
+  return width, depth
+
+
+def convert(sd: Dict[str, np.ndarray], kind: str, variant: str, image_size: int = 224, *,
+            source: str = "state dict", pos_embed: Optional[str] = None,
+            decoder_heads: int = 16) -> Tuple[Dict[str, Any], ImportReport]:
+  """(params, report). params: {"encoder", and "decoder" / "fuse" (pretraining kinds, when
+  present) or "fc_norm" / "head" (classifier kinds, when present)} in this codebase's layout.
+  `pos_embed` ("sincos" | "learned") defaults to "sincos" for the pretraining kinds and
+  "learned" for the classifier kinds."""
+  if kind not in KINDS:
+    raise ValueError(f"--kind {kind!r}: choose one of {KINDS}")
+  shape = vit.decode_variant(variant)
+  report = ImportReport(source)
+  r = _Reader(sd, report)
+  classifier = kind in ("vit", "uniemox_finetune")
+  learned = (pos_embed or ("learned" if classifier else "sincos")) == "learned"
+  params: Dict[str, Any] = {"encoder": _encoder(r, shape, image_size, learned)}
+  if classifier:
+    fc_norm = _norm(r, "fc_norm")
+    if fc_norm:
+      params["fc_norm"] = fc_norm
+    head = _linear(r, "head")
+    if head:
+      params["head"] = head
+    if kind == "uniemox_finetune" and not (fc_norm and head):
+      report.missing.append("fc_norm and head (a UniEmoX fine-tuned classifier has both)")
+    if "norm" in params["encoder"] and fc_norm:
+      report.notes.append("both norm and fc_norm present: the classifier uses fc_norm")
+  else:
+    if "decoder_embed.weight" in sd:
+      width, depth = _decoder_shape(sd)
+      params["decoder"] = _decoder(r, width, depth, decoder_heads)
+    elif kind == "uniemox_pretrain":
+      report.missing.append("the decoder (decoder_embed.*): a UniEmoX pretraining checkpoint "
+                            "has one")
+    if kind == "uniemox_pretrain":
+      params["fuse"] = _fusion(r)
+    r.drop("head.weight", "a classification head, not part of pretraining")
+    r.drop("head.bias", "a classification head, not part of pretraining")
+  report.unexpected += sorted(k for k in sd if k not in report.loaded and k not in
+                              report.dropped and not any(k in u for u in report.unexpected))
+  return params, report
+
+
+def fit_to(params: Dict[str, Any], template: Mapping[str, Any], report: ImportReport,
+           where: str = "") -> Dict[str, Any]:
+  """`params` shaped as `template` (a model's params): blocks stacked for a scanned model,
+  dtypes matched; target arrays absent from `params` are reported missing and mis-shaped
+  ones named."""
+  template = dict(template)
+  flat_t = traverse_util.flatten_dict(template, sep="/")
+  if any("/blocks/" in k for k in flat_t):
+    params = _stack_blocks(params)
+  flat_p = traverse_util.flatten_dict(params, sep="/")
+  out = {}
+  for key, target in flat_t.items():
+    if key not in flat_p:
+      report.missing.append(where + key)
+      continue
+    value = np.asarray(flat_p[key])
+    if value.shape != tuple(target.shape):
+      report.misshaped.append(f"{where}{key}: file {value.shape} != model {tuple(target.shape)}")
+      continue
+    out[key] = value.astype(target.dtype)
+  extra = sorted(set(flat_p) - set(flat_t))
+  report.unexpected += [f"{where}{k} (converted, but the model has no such array)" for k in extra]
+  return traverse_util.unflatten_dict(out, sep="/")
+
+
+def _stack_blocks(tree: Any) -> Any:
+  """Unrolled {"block_0": .., "block_1": ..} -> scanned {"blocks": stacked}, recursively."""
+  if not isinstance(tree, dict):
+    return tree
+  if tree and all(re.fullmatch(r"block_\d+", k) for k in tree):
+    blocks = [tree[f"block_{i}"] for i in range(len(tree))]
+    return {"blocks": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+  return {k: _stack_blocks(v) for k, v in tree.items()}
+
+
+# --- the trainer's hook and the output checkpoint ---------------------------------------------
+
+
+def encoder_importer(kind: str):
+  """An importer for trainer.ENCODER_IMPORTERS: (file, encoder template) -> encoder params."""
+  def load(path: str, template: Any) -> Any:
+    sd = load_state_dict(path)
+    variant = variant_of(sd, path)
+    image_size = _template_image_size(template, variant)
+    learned = "pos_embed" in template
+    params, report = convert(sd, kind, variant, image_size, source=path,
+                             pos_embed="learned" if learned else "sincos")
+    # Only the encoder is asked for: what else the file holds is dropped on purpose.
+    for key in list(sd):
+      if key not in report.loaded and not key.startswith(("patch_embed", "cls_token",
+                                                           "pos_embed", "blocks.", "norm.")):
+        report.dropped.setdefault(key, "not part of the encoder")
+    report.unexpected = [k for k in report.unexpected if k not in report.dropped]
+    template = dict(template)
+    encoder = params["encoder"]
+    if "norm" not in template:
+      encoder.pop("norm", None)
+    encoder = fit_to(encoder, template, report, "encoder/")
+    report.check()
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.info("%s", report.summary())
+    return encoder
+  return load
+
+
+def _template_image_size(template, variant: str) -> int:
+  patch = vit.decode_variant(variant).patch
+  if "pos_embed" in template:
+    n = np.shape(template["pos_embed"])[1] - 1
+    return int(round(n ** 0.5)) * patch
+  return 224
+
+
+def write_checkpoint(params: Dict[str, Any], out: str, meta: Dict[str, Any]) -> str:
+  """Writes `params` as step 0 of a checkpoint directory; returns the step directory."""
+  from uniemox_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  if os.path.exists(os.path.join(out, "0")):
+    raise FileExistsError(f"--out {out} already holds a checkpoint (step 0); choose another")
+  ckpt = checkpointing.Checkpointer(out, keep=1, asynchronous=False)
+  ckpt.save(0, {"step": np.int32(0), "params": params}, meta=meta)
+  ckpt.close()
+  return os.path.join(os.path.abspath(out), "0")
+
+
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--src", required=True, help="the .pth (or .safetensors) file")
+  p.add_argument("--kind", required=True, choices=KINDS)
+  p.add_argument("--out", required=True, help="the checkpoint directory to write")
+  p.add_argument("--vit", default=None, help="ViT size, e.g. L/16 (default: from the file)")
+  p.add_argument("--image_size", type=int, default=224)
+  p.add_argument("--pos_embed", choices=["sincos", "learned"], default=None,
+                 help="the target model's position table (default: sincos for pretraining "
+                      "kinds, learned for classifiers)")
+  p.add_argument("--decoder_heads", type=int, default=16)
+  p.add_argument("--class_names", default="",
+                 help="comma-separated class names of a classifier, recorded for evaluation")
+  args = p.parse_args(argv)
+  sd = load_state_dict(args.src)
+  variant = args.vit or variant_of(sd, args.src)
+  params, report = convert(sd, args.kind, variant, args.image_size, source=args.src,
+                           pos_embed=args.pos_embed, decoder_heads=args.decoder_heads)
+  report.check()
+  meta = {"task": "import", "kind": args.kind, "source": os.path.abspath(args.src),
+          "variant": variant}
+  names = [n for n in args.class_names.split(",") if n]
+  if names:
+    classes = params.get("head", {}).get("kernel", np.zeros((0, 0))).shape[-1]
+    if len(names) != classes:
+      raise ValueError(f"--class_names gives {len(names)} names, the head has {classes} "
+                       "classes")
+    meta["class_names"] = names
+  step_dir = write_checkpoint(params, args.out, meta)
+  print(report.summary())
+  print(f"wrote {step_dir}")
+  return 0
+
+
+def variant_of(sd: Mapping[str, np.ndarray], path: str) -> str:
+  """The ViT size of a state dict, from its patch embedding and number of blocks."""
+  if "patch_embed.proj.weight" not in sd:
+    raise ValueError(f"{path}: no patch_embed.proj.weight; is it a ViT? (pass --vit)")
+  w = sd["patch_embed.proj.weight"]
+  width, patch = w.shape[0], w.shape[-1]
+  depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+  for name, (wd, d, _, _) in vit.VIT_SIZES.items():
+    if wd == width and d == depth:
+      return f"{name}/{patch}"
+  raise ValueError(f"{path}: {depth} blocks of width {width} match no ViT size; pass --vit")
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
