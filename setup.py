@@ -33,6 +33,10 @@ setuptools.setup(
         "tensorboard>=2.18,<2.22",
         "scipy>=1.11",              # EMOTIC's Annotations.mat
         "matplotlib>=3.8,<4",       # the confusion-matrix PNG of evaluation reports
+        # Converted datasets are TFDS datasets too (metadata writer, builders); imported by the
+        # conversion tool only.
+        "tensorflow-datasets>=4.9.9,<4.10",
+        "importlib-resources>=6",   # TFDS builders need it (etils.epath) but do not declare it
     ],
     extras_require={
         # PyTorch checkpoint import (uniemox_jax/tools/import_torch.py). Pinned: an unpinned

@@ -13,6 +13,8 @@ Output in --out:
   <shard>.index                             record offsets, for random access
   <shard>.stats.json                        what the shard holds (used to resume)
   uniemox_info.json                         class names, splits, counts, shards and checksums
+  dataset_info.json, features.json          TFDS metadata: the folder is a TFDS dataset too
+                                            (tfds.builder_from_directory(--out))
   conversion_report.json                    unreadable images, structural problems, duplicates
   split_manifest.json                       (class_folders) the drawn split, for --manifest
 
@@ -85,6 +87,18 @@ def _relative_box(box, width, height):
   return [float(v) for v in rel]
 
 
+def make_record(e: sources.Entry, prompt: str, text_emb: Optional[np.ndarray] = None,
+                max_size: int = 0):
+  """(Record, content hash, whether a given person box was empty after clipping) of one
+  entry: the one place a source image becomes a record, for the CLI and the TFDS builders.
+  Raises on an image that does not decode completely."""
+  data, width, height, digest = _encode_image(e.path, max_size)
+  box = None if e.box_xyxy is None else _relative_box(e.box_xyxy, width, height)
+  rec = records.Record(data, f"{e.split}/{e.rel_path}", e.rel_path, e.label, e.label_name,
+                       prompt, e.attributes, box, e.labels, text_emb)
+  return rec, digest, e.box_xyxy is not None and box is None
+
+
 def _complete(path: str, fingerprint: str) -> Optional[Dict[str, Any]]:
   """The stats of a finished shard with these contents, or None if it must be (re)written."""
   stats_path = path + STATS_SUFFIX
@@ -113,18 +127,16 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
            "hashes": {}, "with_person": 0}
   with tfrecord.ShardWriter(path) as writer:
     for k, e in enumerate(task["entries"]):
+      emb = None if task["text_emb"] is None else task["text_emb"][k]
       try:
-        data, width, height, digest = _encode_image(e.path, task["max_size"])
+        rec, digest, box_dropped = make_record(e, task["prompts"][k], emb, task["max_size"])
       except Exception as err:  # pylint: disable=broad-except
         # Any decoding failure: reported, counted, never silently dropped.
         stats["bad"].append({"path": e.rel_path, "error": f"{type(err).__name__}: {err}"})
         continue
-      box = None if e.box_xyxy is None else _relative_box(e.box_xyxy, width, height)
-      if e.box_xyxy is not None and box is None:
+      box = rec.person_box
+      if box_dropped:
         stats["bad_boxes"].append(e.rel_path)
-      emb = None if task["text_emb"] is None else task["text_emb"][k]
-      rec = records.Record(data, f"{e.split}/{e.rel_path}", e.rel_path, e.label, e.label_name,
-                           task["prompts"][k], e.attributes, box, e.labels, emb)
       writer.write(rec.serialize())
       stats["hashes"][digest] = e.rel_path
       stats["with_person"] += int(box is not None)
@@ -153,8 +165,10 @@ def _fingerprint(entries: Sequence[sources.Entry], texts: Sequence[str], max_siz
 
 
 def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: int = 1,
-            max_size: int = 0, text_embedder=None, progress: bool = True) -> Dict[str, Any]:
-  """Writes `plan` to `out`; returns the dataset info (also written to INFO_FILE)."""
+            max_size: int = 0, text_embedder=None, progress: bool = True,
+            tfds_metadata: bool = True, tfds_version: Optional[str] = None) -> Dict[str, Any]:
+  """Writes `plan` to `out`; returns the dataset info (also written to INFO_FILE). With
+  `tfds_metadata`, `out` is also a TFDS dataset (data_pipelines/tfds_format.py)."""
   if shard_size < 1:
     raise ValueError(f"--shard_size must be positive, got {shard_size}")
   os.makedirs(out, exist_ok=True)
@@ -195,6 +209,9 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
   _write_json(os.path.join(out, REPORT_FILE), report)
   if plan.manifest is not None:
     _write_json(os.path.join(out, MANIFEST_FILE), plan.manifest)
+  if tfds_metadata:
+    from data_pipelines import tfds_format  # pylint: disable=g-import-not-at-top
+    tfds_format.write_metadata(out, info, version=tfds_version)
   return info
 
 
@@ -332,6 +349,11 @@ def parse_args(argv=None):
   p.add_argument("--per_class", default="40,8,8", help="synthetic: train,val,test per class")
   p.add_argument("--image_size", type=int, default=64, help="synthetic: image side")
   p.add_argument("--no_progress", action="store_true")
+  p.add_argument("--tfds_version", default=None,
+                 help="the TFDS version to record (default: --out's name if it is one, as in "
+                      "<data_dir>/<name>/1.0.0, else 1.0.0)")
+  p.add_argument("--no_tfds_metadata", action="store_true",
+                 help="skip dataset_info.json / features.json (TFDS is then not imported)")
   return p.parse_args(argv)
 
 
@@ -345,7 +367,8 @@ def main(argv=None) -> int:
     embedder = teacher.embed_texts
   info = convert(plan, args.out, shard_size=args.shard_size, workers=args.workers,
                  max_size=args.max_size, text_embedder=embedder,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, tfds_metadata=not args.no_tfds_metadata,
+                 tfds_version=args.tfds_version)
   with open(os.path.join(args.out, REPORT_FILE)) as f:
     report = json.load(f)
   for split, s in info["splits"].items():

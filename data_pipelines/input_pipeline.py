@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from data_pipelines import records
+from data_pipelines import tfds_format
 from data_pipelines import tfrecord
 from data_pipelines import transforms
 
@@ -29,10 +30,15 @@ PERSON_VIEWS = ("box", "second_view")
 
 
 def load_info(data_dir: str) -> Dict[str, Any]:
+  """The dataset info of a folder written by `data_pipelines.convert`, or derived from the
+  TFDS metadata of one built by `tfds build` (see data_pipelines/tfds_builders.py)."""
   path = os.path.join(data_dir, INFO_FILE)
   if not os.path.exists(path):
+    if tfds_format.is_tfds_dir(data_dir):
+      return tfds_format.info_from_tfds(data_dir)
     raise FileNotFoundError(f"{path} does not exist: config.data.dir must be a folder written "
-                            "by `python -m data_pipelines.convert`")
+                            "by `python -m data_pipelines.convert` (or a TFDS dataset folder "
+                            "with dataset_info.json)")
   with open(path) as f:
     return json.load(f)
 
@@ -56,7 +62,9 @@ class ShardSource:
   def __init__(self, data_dir: str, split: str):
     self.info = load_info(data_dir)
     self.split = split
-    self._reader = tfrecord.RandomAccessReader(split_shards(data_dir, split, self.info))
+    self._reader = tfrecord.RandomAccessReader(
+        split_shards(data_dir, split, self.info),
+        scan_if_missing=self.info.get("source") == "tfds")
 
   def __len__(self) -> int:
     return len(self._reader)

@@ -40,7 +40,9 @@ class Record:
   labels: Optional[Sequence[int]] = None          # multi-hot, multi-label datasets
   text_emb: Optional[np.ndarray] = None
 
-  def serialize(self) -> bytes:
+  def features(self) -> Dict[str, Any]:
+    """The record as feature values, by schema name: what `serialize` writes, and what a
+    TFDS builder yields (data_pipelines/tfds_builders.py)."""
     has_person = self.person_box is not None
     feats = {
         "image": self.image,
@@ -57,7 +59,10 @@ class Record:
       feats["labels"] = np.asarray(self.labels, np.int64)
     if self.text_emb is not None:
       feats["text_emb"] = np.asarray(self.text_emb, np.float32)
-    return example_proto.serialize(feats)
+    return feats
+
+  def serialize(self) -> bytes:
+    return example_proto.serialize(self.features())
 
 
 def parse(data: bytes) -> Dict[str, Any]:

@@ -83,12 +83,37 @@ class ShardWriter:
       self.abort()
 
 
-def read_index(path: str) -> np.ndarray:
-  """The N + 1 offsets of a shard; fails, naming the shard, when the index is absent or does
-  not describe the file as it is (a truncated or replaced shard)."""
+def scan_offsets(path: str) -> np.ndarray:
+  """The N + 1 record offsets of a shard without an index (one written by TFDS or tf.data),
+  found by walking the length headers; a bad header or a cut-off record is named."""
+  offsets, pos = [0], 0
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    while pos < size:
+      header = f.read(_HEADER.size)
+      if len(header) < _HEADER.size:
+        raise CorruptRecordError(f"{path}: record {len(offsets) - 1} is truncated")
+      length, length_crc = _HEADER.unpack_from(header)
+      if masked_crc(header[:8]) != length_crc:
+        raise CorruptRecordError(f"{path}: record {len(offsets) - 1} has a corrupt length "
+                                 "header (CRC mismatch)")
+      pos += _HEADER.size + length + _FOOTER.size
+      if pos > size:
+        raise CorruptRecordError(f"{path}: record {len(offsets) - 1} is truncated")
+      f.seek(pos)
+      offsets.append(pos)
+  return np.asarray(offsets, np.int64)
+
+
+def read_index(path: str, scan_if_missing: bool = False) -> np.ndarray:
+  """The N + 1 offsets of a shard; fails, naming the shard, when the index is absent (unless
+  `scan_if_missing`: then the shard is scanned) or does not describe the file as it is (a
+  truncated or replaced shard)."""
   index_path = path + INDEX_SUFFIX
   if not os.path.exists(path):
     raise FileNotFoundError(f"TFRecord shard {path} does not exist")
+  if scan_if_missing and not os.path.exists(index_path):
+    return scan_offsets(path)
   if not os.path.exists(index_path):
     raise FileNotFoundError(f"index {index_path} of shard {path} is missing; rerun the "
                             "conversion (finished shards are kept) to rebuild it")
@@ -125,9 +150,10 @@ class RandomAccessReader:
   """Record i of a list of shards, by global index. Picklable: file handles are opened lazily
   in each process (grain workers included), never shared across a fork."""
 
-  def __init__(self, paths: Sequence[str]):
+  def __init__(self, paths: Sequence[str], scan_if_missing: bool = False):
+    """`scan_if_missing`: shards without an index (TFDS-built) are scanned once, here."""
     self.paths = list(paths)
-    self._offsets = [read_index(p) for p in self.paths]
+    self._offsets = [read_index(p, scan_if_missing) for p in self.paths]
     counts = [len(o) - 1 for o in self._offsets]
     self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64).tolist()
     self._fds: dict = {}

@@ -1,0 +1,143 @@
+"""Converted datasets are TFDS datasets; TFDS-built datasets are read by the grain pipelines."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from data_pipelines import convert
+from data_pipelines import input_pipeline as ip
+from data_pipelines import records
+from data_pipelines import tfds_builders
+from data_pipelines import tfds_format
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _grain_records(data_dir, split):
+  source = ip.ShardSource(data_dir, split)
+  return [records.parse(source[i]) for i in range(len(source))]
+
+
+def _same(rec, ex):
+  """A record read by our pipeline and a TFDS example (images not decoded) agree."""
+  assert ex["image"] == rec["image"]
+  assert ex["image_id"].decode() == rec["image_id"]
+  assert ex["source_path"].decode() == rec["source_path"]
+  assert int(ex["label"]) == rec["label"]
+  assert ex["label_name"].decode() == rec["label_name"]
+  assert ex["prompt"].decode() == rec["prompt"]
+  assert json.loads(ex["attributes"]) == rec["attributes"]
+  np.testing.assert_array_equal(ex["person_box"], rec["person_box"])
+  assert int(ex["has_person"]) == rec["has_person"]
+
+
+def test_converted_folder_is_a_tfds_dataset(synthetic_data, tmp_path):
+  _, data = synthetic_data
+  builder = tfds.builder_from_directory(data)
+  info = ip.load_info(data)
+  assert builder.info.features["label"].names == info["class_names"]
+  for split in ("train", "val", "test"):
+    assert builder.info.splits[split].num_examples == info["splits"][split]["num_records"]
+    ds = builder.as_dataset(split=split, shuffle_files=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+    examples = {ex["image_id"].decode(): ex for ex in tfds.as_numpy(ds)}
+    ours = _grain_records(data, split)
+    assert len(examples) == len(ours) > 0
+    for rec in ours:
+      _same(rec, examples[rec["image_id"]])
+  # Decoded by TFDS, an image is the one our pipeline decodes (up to the JPEG decoders'
+  # rounding: TensorFlow's and Pillow's IDCT and chroma upsampling differ by a few levels).
+  ex = next(iter(tfds.as_numpy(builder.as_dataset(split="test", shuffle_files=False))))
+  from data_pipelines import transforms
+  rec = next(r for r in _grain_records(data, "test") if r["image_id"] == ex["image_id"].decode())
+  ours = np.asarray(transforms.decode(rec["image"]))
+  assert ex["image"].shape == ours.shape
+  assert np.abs(ex["image"].astype(int) - ours.astype(int)).mean() < 1.5
+
+  # In TFDS's <data_dir>/<name>/<version>/ layout, tfds.load finds it by name.
+  layout = tmp_path / "tfds" / "synthetic" / "1.0.0"
+  shutil.copytree(data, layout, ignore=shutil.ignore_patterns("raw"))
+  loaded = tfds.load("synthetic", data_dir=str(tmp_path / "tfds"), split="val",
+                     shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
+  examples = {ex["image_id"].decode(): ex for ex in tfds.as_numpy(loaded)}
+  for rec in _grain_records(data, "val"):
+    _same(rec, examples[rec["image_id"]])
+
+
+def test_multi_label_and_text_embedding_features():
+  feats = tfds_format.features(["a", "b", "c"], multi_label=True, text_emb_dim=4)
+  assert feats["labels"].shape == (3,) and feats["text_emb"].shape == (4,)
+  assert feats["label"].np_dtype == np.int64
+  assert tfds_format._version_of("/x/emo8/2.1.0") == "2.1.0"
+  assert tfds_format._version_of("/x/emo8") == "1.0.0"
+
+
+@pytest.fixture(scope="module")
+def manual_dir(synthetic_data, tmp_path_factory):
+  """Fake manual files: the synthetic raw tree in the authors' split-folder layout, with the
+  side files the builders pick up by name."""
+  raw, _ = synthetic_data
+  manual = tmp_path_factory.mktemp("manual") / "Emo8"
+  shutil.copytree(raw, manual)
+  shutil.move(manual / "boxes.json", manual / "person_boxes.json")
+  return str(manual)
+
+
+def test_tfds_builder_matches_the_cli_and_reads_with_grain(manual_dir, tmp_path):
+  built = tfds_builders.build("emo8", manual_dir, str(tmp_path / "tfds"))
+  assert built == str(tmp_path / "tfds" / "emo8" / "1.0.0")
+  cli = str(tmp_path / "cli")
+  assert convert.main(["--source", "split_tree", "--root", manual_dir, "--name", "emo8",
+                       "--out", cli, "--person_boxes",
+                       os.path.join(manual_dir, "person_boxes.json"), "--attributes",
+                       os.path.join(manual_dir, "attributes.json"), "--workers", "1",
+                       "--no_progress", "--no_tfds_metadata"]) == 0
+  assert not os.path.exists(os.path.join(cli, tfds_format.DATASET_INFO_FILE))
+  info = ip.load_info(built)        # from TFDS's metadata: no uniemox_info.json there
+  assert info["class_names"] == ip.load_info(cli)["class_names"]
+  for split in ("train", "val", "test"):
+    tfds_recs = {r["image_id"]: r for r in _grain_records(built, split)}
+    cli_recs = {r["image_id"]: r for r in _grain_records(cli, split)}
+    assert tfds_recs.keys() == cli_recs.keys() and tfds_recs
+    for key, rec in cli_recs.items():
+      other = tfds_recs[key]
+      for field in ("image", "label", "label_name", "prompt", "attributes", "has_person",
+                    "source_path"):
+        assert other[field] == rec[field], (key, field)
+      np.testing.assert_array_equal(other["person_box"], rec["person_box"])
+  # The pipelines read the TFDS-built folder: every test example exactly once.
+  ds = ip.eval_dataset(built, "test", batch_size=5, image_size=32)
+  seen = [i for b in ds for i in b["index"][b["mask"]]]
+  assert sorted(seen) == list(range(info["splits"]["test"]["num_records"]))
+  batch = next(iter(ip.pretrain_dataset(built, "train", batch_size=4, image_size=32)))
+  assert batch["scene"].shape == (4, 32, 32, 3)
+
+
+def test_builder_names_a_class_mismatch(manual_dir, tmp_path):
+  with pytest.raises(ValueError, match=r"the emotion6 builder expects the classes .* the "
+                                       r"folder has \['amusement'"):
+    tfds_builders.build("emotion6", manual_dir, str(tmp_path))
+
+
+_NO_TF = r"""
+import sys
+from data_pipelines import input_pipeline as ip
+ds = ip.pretrain_dataset(sys.argv[1], "train", batch_size=4, image_size=32)
+it = ip.make_iterator(ds, workers=1)
+next(it)
+it.close()
+print(sorted(m for m in ("tensorflow", "tensorflow_datasets") if m in sys.modules))
+"""
+
+
+def test_grain_pipeline_imports_no_tensorflow(synthetic_data):
+  _, data = synthetic_data
+  proc = subprocess.run([sys.executable, "-c", _NO_TF, data], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"
