@@ -17,6 +17,7 @@ Output in --out:
                                             (tfds.builder_from_directory(--out))
   conversion_report.json                    unreadable images, structural problems, duplicates
   split_manifest.json                       (class_folders) the drawn split, for --manifest
+  person_boxes_yolov3.json                  (--person_boxes yolov3:...) the detected boxes
 
 Rerunning the same command skips the shards that are complete; a shard is published by a
 rename after it is fully written, so a killed run never leaves a complete-looking partial one.
@@ -44,6 +45,7 @@ from uniemox_jax.teacher import prompts
 INFO_FILE = records.INFO_FILE
 REPORT_FILE = "conversion_report.json"
 MANIFEST_FILE = "split_manifest.json"
+DETECTIONS_FILE = "person_boxes_yolov3.json"
 STATS_SUFFIX = ".stats.json"
 FORMAT_VERSION = 1
 
@@ -312,9 +314,40 @@ def build_plan(args) -> sources.Plan:
     plan = sources.emotic(_need(args.root, "--root"), args.name, splits)
   else:
     raise ValueError(f"--source {args.source!r} is unknown")
-  sources.apply_side_files(plan, _read_side_file(args.person_boxes, "--person_boxes"),
-                           _read_side_file(args.attributes, "--attributes"))
+  if args.person_boxes and args.person_boxes.startswith("yolov3:"):
+    boxes = detect_person_boxes(plan, args)
+  else:
+    boxes = _read_side_file(args.person_boxes, "--person_boxes")
+  sources.apply_side_files(plan, boxes, _read_side_file(args.attributes, "--attributes"))
   return plan
+
+
+def detect_person_boxes(plan: sources.Plan, args) -> Dict[str, Any]:
+  """--person_boxes yolov3:CFG,WEIGHTS: the top person box of every image without one, by
+  YOLOv3 (data_pipelines/yolov3.py). Kept in --out as DETECTIONS_FILE with the settings that
+  made it, and reused by a rerun with the same settings."""
+  from data_pipelines import yolov3  # pylint: disable=g-import-not-at-top
+  cfg_path, weights_path = yolov3.parse_spec(args.person_boxes)
+  settings = {"cfg": os.path.abspath(cfg_path), "weights": os.path.abspath(weights_path),
+              "weights_bytes": os.path.getsize(weights_path), "conf": args.yolo_conf,
+              "nms_iou": args.yolo_nms_iou}
+  todo = {e.rel_path.split("#")[0]: e.path for e in plan.entries if e.box_xyxy is None}
+  cache = os.path.join(args.out, DETECTIONS_FILE)
+  if os.path.exists(cache):
+    with open(cache) as f:
+      saved = json.load(f)
+    if saved.get("settings") == settings and set(todo) <= set(saved.get("boxes", {})):
+      print(f"YOLOv3: reusing {cache}")
+      return saved["boxes"]
+  boxes = yolov3.detect_files(todo, cfg_path, weights_path, args.yolo_conf, args.yolo_nms_iou,
+                              args.yolo_batch, progress=not args.no_progress)
+  found = sum(b is not None for b in boxes.values())
+  print(f"YOLOv3: a person in {found} of {len(boxes)} images, none in {len(boxes) - found} "
+        f"(confidence {args.yolo_conf}, NMS IoU {args.yolo_nms_iou})")
+  os.makedirs(args.out, exist_ok=True)
+  _write_json(cache, {"settings": settings, "with_person": found,
+                      "without_person": len(boxes) - found, "boxes": boxes})
+  return boxes
 
 
 def _need(value, flag):
@@ -337,7 +370,13 @@ def parse_args(argv=None):
   p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
   p.add_argument("--max_size", type=int, default=0,
                  help="re-encode images whose shorter side exceeds this (0: keep originals)")
-  p.add_argument("--person_boxes", help="JSON {relative path: [x1, y1, x2, y2] or null}")
+  p.add_argument("--person_boxes",
+                 help="JSON {relative path: [x1, y1, x2, y2] or null}, or yolov3:CFG,WEIGHTS "
+                      "to detect them (Darknet yolov3.cfg / yolov3.weights)")
+  p.add_argument("--yolo_conf", type=float, default=0.8,
+                 help="YOLOv3: person confidence (objectness x class probability)")
+  p.add_argument("--yolo_nms_iou", type=float, default=0.4, help="YOLOv3: NMS IoU threshold")
+  p.add_argument("--yolo_batch", type=int, default=16, help="YOLOv3: images per batch")
   p.add_argument("--attributes", help="JSON {relative path: {scene, objects, ...}}")
   p.add_argument("--recipe", default="", help="class_folders split recipe: "
                  + ", ".join(sorted(sources.RECIPES) + ["caer_s"]))
