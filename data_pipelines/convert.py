@@ -330,7 +330,7 @@ def detect_person_boxes(plan: sources.Plan, args) -> Dict[str, Any]:
   cfg_path, weights_path = yolov3.parse_spec(args.person_boxes)
   settings = {"cfg": os.path.abspath(cfg_path), "weights": os.path.abspath(weights_path),
               "weights_bytes": os.path.getsize(weights_path), "conf": args.yolo_conf,
-              "nms_iou": args.yolo_nms_iou}
+              "nms_iou": args.yolo_nms_iou, "size": args.yolo_size}
   todo = {e.rel_path.split("#")[0]: e.path for e in plan.entries if e.box_xyxy is None}
   cache = os.path.join(args.out, DETECTIONS_FILE)
   if os.path.exists(cache):
@@ -340,7 +340,8 @@ def detect_person_boxes(plan: sources.Plan, args) -> Dict[str, Any]:
       print(f"YOLOv3: reusing {cache}")
       return saved["boxes"]
   boxes = yolov3.detect_files(todo, cfg_path, weights_path, args.yolo_conf, args.yolo_nms_iou,
-                              args.yolo_batch, progress=not args.no_progress)
+                              args.yolo_batch, progress=not args.no_progress,
+                              size=args.yolo_size or None)
   found = sum(b is not None for b in boxes.values())
   print(f"YOLOv3: a person in {found} of {len(boxes)} images, none in {len(boxes) - found} "
         f"(confidence {args.yolo_conf}, NMS IoU {args.yolo_nms_iou})")
@@ -377,6 +378,8 @@ def parse_args(argv=None):
                  help="YOLOv3: person confidence (objectness x class probability)")
   p.add_argument("--yolo_nms_iou", type=float, default=0.4, help="YOLOv3: NMS IoU threshold")
   p.add_argument("--yolo_batch", type=int, default=16, help="YOLOv3: images per batch")
+  p.add_argument("--yolo_size", type=int, default=416,
+                 help="YOLOv3: letterboxed input side (0: the cfg's [net] width)")
   p.add_argument("--attributes", help="JSON {relative path: {scene, objects, ...}}")
   p.add_argument("--recipe", default="", help="class_folders split recipe: "
                  + ", ".join(sorted(sources.RECIPES) + ["caer_s"]))

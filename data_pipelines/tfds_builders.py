@@ -1,8 +1,11 @@
 r"""TensorFlow Datasets builders for the emotion benchmarks, on the conversion tool's code.
 
+  python -m data_pipelines.tfds_builders emo8 --manual_dir /data/Emo8 --data_dir data/tfds
+  # or, with TFDS's own CLI (which also needs apache-beam and mlcroissant installed, TFDS
+  # issue 5463):
   tfds build emo8 --imports data_pipelines.tfds_builders --manual_dir /data/Emo8 \
       --data_dir data/tfds
-  # then: our pipelines read data/tfds/emo8/1.0.0, and so does
+  # then our pipelines read data/tfds/emo8/1.0.0, and so does
   tfds.load("emo8", data_dir="data/tfds")   # after `import data_pipelines.tfds_builders`
 
 None of the datasets can be downloaded automatically; each builder's
@@ -155,5 +158,25 @@ def build(name: str, manual_dir: str, data_dir: str, version: Optional[str] = No
   return os.fspath(builder.data_dir)
 
 
+def main(argv=None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  p = argparse.ArgumentParser(description="Build a TFDS emotion dataset from manual files "
+                              "(what `tfds build` does for these builders).")
+  p.add_argument("dataset", choices=sorted(BUILDERS))
+  p.add_argument("--manual_dir", required=True, help="the files the builder's "
+                 "MANUAL_DOWNLOAD_INSTRUCTIONS describe")
+  p.add_argument("--data_dir", required=True, help="TFDS data dir: writes <name>/<version>/")
+  p.add_argument("--list_classes", action="store_true", help="print each builder's classes")
+  args = p.parse_args(argv)
+  if args.list_classes:
+    print(json.dumps({name: list(b.CLASSES) for name, b in BUILDERS.items()}, indent=1))
+    return 0
+  if not os.path.isdir(args.manual_dir):
+    raise FileNotFoundError(f"--manual_dir {args.manual_dir} does not exist:\n"
+                            f"{BUILDERS[args.dataset].MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  print(build(args.dataset, args.manual_dir, args.data_dir))
+  return 0
+
+
 if __name__ == "__main__":
-  print(json.dumps({name: b.CLASSES for name, b in BUILDERS.items()}, indent=1))
+  raise SystemExit(main())

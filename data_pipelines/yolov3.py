@@ -365,11 +365,18 @@ class PersonDetector:
   over the local devices, thresholds and NMS on the host."""
 
   def __init__(self, cfg: Sequence[Dict[str, str]], params: Dict[str, Any],
-               conf: float = 0.8, nms_iou: float = 0.4, batch_size: int = 16):
+               conf: float = 0.8, nms_iou: float = 0.4, batch_size: int = 16,
+               size: Optional[int] = None):
+    """`size`: the square input side (the paper: 416); default the cfg's [net] width. The
+    network is fully convolutional, so any multiple of its total stride (32) works."""
     net = cfg[0]
-    self.size = int(net.get("width", 416))
-    if int(net.get("height", self.size)) != self.size:
-      raise ValueError("only square nets are supported (width == height in [net])")
+    if size is None:
+      size = int(net.get("width", 416))
+      if int(net.get("height", size)) != size:
+        raise ValueError("only square inputs are supported: pass a size")
+    if size % 32:
+      raise ValueError(f"YOLOv3 input size {size} is not a multiple of 32")
+    self.size = size
     self.conf, self.nms_iou = conf, nms_iou
     self.model = Darknet.from_cfg(cfg)
     _, _, heads = channels_and_heads(cfg)
@@ -426,14 +433,14 @@ def parse_spec(spec: str) -> Tuple[str, str]:
 
 
 def detect_files(paths: Dict[str, str], cfg_path: str, weights_path: str, conf: float = 0.8,
-                 nms_iou: float = 0.4, batch_size: int = 16, progress: bool = True
-                 ) -> Dict[str, Optional[List[float]]]:
+                 nms_iou: float = 0.4, batch_size: int = 16, progress: bool = True,
+                 size: Optional[int] = 416) -> Dict[str, Optional[List[float]]]:
   """{key: image path} -> {key: top person box [x1, y1, x2, y2] pixels, or None}. An image
   that cannot be read gets None (the conversion reports it when it reads it)."""
   with open(cfg_path) as f:
     cfg = parse_cfg(f.read(), cfg_path)
   detector = PersonDetector(cfg, load_weights(weights_path, cfg, cfg_path), conf, nms_iou,
-                            batch_size)
+                            batch_size, size)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   keys = sorted(paths)
   out: Dict[str, Optional[List[float]]] = {}

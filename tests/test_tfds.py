@@ -118,6 +118,15 @@ def test_tfds_builder_matches_the_cli_and_reads_with_grain(manual_dir, tmp_path)
   assert batch["scene"].shape == (4, 32, 32, 3)
 
 
+def test_builder_cli(manual_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="--manual_dir .* does not exist:\n.*split "
+                                              "folders"):
+    tfds_builders.main(["fi", "--manual_dir", str(tmp_path / "none"), "--data_dir",
+                        str(tmp_path)])
+  assert tfds_builders.main(["ube", "--manual_dir", manual_dir, "--data_dir", str(tmp_path),
+                             "--list_classes"]) == 0
+
+
 def test_builder_names_a_class_mismatch(manual_dir, tmp_path):
   with pytest.raises(ValueError, match=r"the emotion6 builder expects the classes .* the "
                                        r"folder has \['amusement'"):

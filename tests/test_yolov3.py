@@ -304,7 +304,7 @@ def test_converter_attaches_yolov3_boxes(cfg, synthetic_data, tmp_path):
   yolov3.save_weights(str(weights), _confident_head_params(cfg), cfg)
   out = tmp_path / "out"
   args = ["--source", "split_tree", "--root", raw, "--name", "det", "--out", str(out),
-          "--person_boxes", f"yolov3:{cfg_path},{weights}", "--workers", "1",
+          "--person_boxes", f"yolov3:{cfg_path},{weights}", "--yolo_size", "0", "--workers", "1",
           "--no_progress", "--no_tfds_metadata", "--splits", "test"]
   assert convert.main(args) == 0
   saved = json.load(open(out / convert.DETECTIONS_FILE))
@@ -327,3 +327,12 @@ def test_converter_attaches_yolov3_boxes(cfg, synthetic_data, tmp_path):
              for a in args]
   with pytest.raises(FileNotFoundError, match="the YOLOv3 weights file .*nope does not exist"):
     convert.main(missing)
+
+
+def test_detector_input_size(cfg):
+  detector = yolov3.PersonDetector(cfg, _random_params(cfg), size=64, batch_size=3)
+  assert detector.batch_size % len(jax.local_devices()) == 0
+  boxes, scores = detector.detect_arrays(np.zeros((3, 64, 64, 3), np.float32))
+  assert boxes.shape == (3, 32 * 32 * 2 + 64 * 64 * 2, 4) and scores.shape == boxes.shape[:2]
+  with pytest.raises(ValueError, match="not a multiple of 32"):
+    yolov3.PersonDetector(cfg, _random_params(cfg), size=100)
