@@ -248,6 +248,9 @@ def test_import_cli_checkpoint_evaluates_and_fine_tunes(tmp_path, synthetic_data
     it.main(["--src", str(src), "--kind", "uniemox_finetune", "--image_size", "32",
              "--out", str(out)])
 
+  # The imported checkpoint is an encoder source like any checkpoint written here.
+  encoder = trainer.ENCODER_IMPORTERS["uniemox_jax"](str(out), None)
+  np.testing.assert_array_equal(encoder["cls_token"], m.state_dict()["cls_token"].numpy())
   # The trainer reads the .pth directly through its importer hook.
   config.update_from_flattened_dict({"init.encoder": str(src),
                                      "init.encoder_format": "torch_uniemox_finetune"})
