@@ -12,7 +12,6 @@ of `uniemox_jax.optim`), on synthetic device-resident uint8 batches. MFU is agai
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -21,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from configs import finetune as finetune_config  # noqa: E402
 from uniemox_jax import finetune  # noqa: E402
 from uniemox_jax import models  # noqa: E402
@@ -65,32 +65,9 @@ def measure(variant, dtype, remat, recipe, batch_size, steps):
   k1, k2 = jax.random.split(jax.random.key(1))
   batch = {"image": jax.random.randint(k1, (batch_size, 224, 224, 3), 0, 256, jnp.uint8),
            "label": jax.random.randint(k2, (batch_size,), 0, NUM_CLASSES)}
-  fn = jax.jit(lambda s, b, k: step(s, b, k, tx), donate_argnums=(0,))
-  compiled = fn.lower(state, batch, jax.random.key(2)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  state, loss = compiled(state, batch, jax.random.key(2))      # warm-up
-  loss.block_until_ready()
-  start = time.perf_counter()
-  for i in range(steps):
-    state, loss = compiled(state, batch, jax.random.key(3 + i))
-  loss.block_until_ready()
-  seconds = (time.perf_counter() - start) / steps
+  seconds, flops = timing.time_step(lambda s, b, k: step(s, b, k, tx), state, (batch,),
+                                    steps)
   return batch_size / seconds, flops / seconds
-
-
-def largest_batch(variant, dtype, remat, start, limit=4096):
-  best, size = None, start
-  while size <= limit:
-    try:
-      measure(variant, dtype, remat, True, size, 1)
-      best, size = size, size * 2
-    except Exception as e:  # pylint: disable=broad-except
-      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-        break
-      raise
-  return best
 
 
 def main():
@@ -117,7 +94,8 @@ def main():
       mfu = f"{flops / 1e12 / args.peak_tflops:6.1%}" if on_accelerator else "     -"
       extra = ""
       if args.find_max_batch and recipe:
-        extra = f"  {largest_batch(variant, args.dtype, args.remat, args.batch)}"
+        extra = "  " + str(timing.largest_batch(
+            lambda size: measure(variant, args.dtype, args.remat, True, size, 1), args.batch))
       print(f"{name + ' ' + variant:22s} {rate:10.1f} {flops / 1e12:9.2f} {mfu} "
             f"{rate / rates['plain']:8.2f}{extra}")
 

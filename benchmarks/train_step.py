@@ -14,7 +14,6 @@ runs out and prints the largest that fits.
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +22,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import timing  # noqa: E402
 from configs import pretrain  # noqa: E402
 from uniemox_jax import losses  # noqa: E402
 from uniemox_jax import models  # noqa: E402
@@ -124,32 +124,8 @@ def fake_batch(batch: int, dtype):
 def measure(init, step, teacher, batch_size, steps, dtype):
   batch = fake_batch(batch_size, dtype)
   state = jax.jit(init)(jax.random.key(0), batch)
-  fn = jax.jit(step, donate_argnums=(0,))
-  compiled = fn.lower(state, teacher.params, batch, jax.random.key(2)).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) if cost else 0.0
-  state, loss = compiled(state, teacher.params, batch, jax.random.key(2))   # warm-up
-  loss.block_until_ready()
-  start = time.perf_counter()
-  for i in range(steps):
-    state, loss = compiled(state, teacher.params, batch, jax.random.key(3 + i))
-  loss.block_until_ready()
-  seconds = (time.perf_counter() - start) / steps
+  seconds, flops = timing.time_step(step, state, (teacher.params, batch), steps)
   return batch_size / seconds, flops / seconds
-
-
-def largest_batch(init, step, teacher, start, dtype, limit=4096):
-  best, size = None, start
-  while size <= limit:
-    try:
-      measure(init, step, teacher, size, 1, dtype)
-      best, size = size, size * 2
-    except Exception as e:  # pylint: disable=broad-except
-      if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
-        break
-      raise
-  return best
 
 
 def main():
@@ -180,7 +156,8 @@ def main():
       mfu = f"{flops / 1e12 / args.peak_tflops:6.1%}" if on_accelerator else "     -"
       extra = ""
       if args.find_max_batch:
-        extra = f"  {largest_batch(init, step, teacher, args.batch, dtype)}"
+        extra = "  " + str(timing.largest_batch(
+            lambda size: measure(init, step, teacher, size, 1, dtype), args.batch))
       print(f"{name + ' ' + variant:22s} {rate:10.1f} {flops / 1e12:9.2f} {mfu} "
             f"{rate / rates['mae']:7.2f}{extra}")
 
