@@ -72,13 +72,8 @@ def measure(variant, dtype, remat, recipe, batch_size, steps):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--vit", default="B/16,L/16")
-  p.add_argument("--batch", type=int, default=256, help="per device")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  timing.add_common_flags(p)
   p.add_argument("--remat", action="store_true")
-  p.add_argument("--peak_tflops", type=float, default=989.4)
-  p.add_argument("--find_max_batch", action="store_true")
   args = p.parse_args()
   device = jax.devices()[0]
   on_accelerator = device.platform != "cpu"

@@ -36,3 +36,14 @@ def largest_batch(run: Callable[[int], object], start: int, limit: int = 4096
         break
       raise
   return best
+
+
+def add_common_flags(parser) -> None:
+  """The flags every step benchmark takes."""
+  parser.add_argument("--vit", default="B/16,L/16")
+  parser.add_argument("--batch", type=int, default=256, help="per device")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.add_argument("--peak_tflops", type=float, default=989.4,
+                      help="the chip's dense bf16 peak, for MFU (H100/H200: 989.4)")
+  parser.add_argument("--find_max_batch", action="store_true")

@@ -130,12 +130,7 @@ def measure(init, step, teacher, batch_size, steps, dtype):
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--vit", default="B/16,L/16")
-  p.add_argument("--batch", type=int, default=256, help="per device")
-  p.add_argument("--steps", type=int, default=10)
-  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-  p.add_argument("--peak_tflops", type=float, default=989.4)
-  p.add_argument("--find_max_batch", action="store_true")
+  timing.add_common_flags(p)
   args = p.parse_args()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   device = jax.devices()[0]
