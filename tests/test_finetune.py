@@ -239,6 +239,10 @@ def test_evaluate_checkpoint_and_its_errors(finetuned, pretrained, tmp_path):
         os.path.join(pretrained, "checkpoints")), info)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     evaluate.evaluate_checkpoint(config, str(tmp_path / "missing"), "test")
+  other = _finetune_config(pretrained, **{"model.pos_embed": "sincos"})
+  with pytest.raises(ValueError, match="does not fit the model:\n  unexpected "
+                                       "encoder/pos_embed"):
+    evaluate.evaluate_checkpoint(other, os.path.join(workdir, "best"), "val", str(tmp_path))
   with pytest.raises(ValueError, match="not a UniEmoX pretraining checkpoint"):
     zero_shot.zero_shot(demo.get_config(), os.path.join(workdir, "best"), config.data.dir)
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
@@ -160,17 +161,22 @@ def classifier_scorer(model, multi_label: bool):
   return fn
 
 
-def place_classifier(model, params, mesh, image_size: int):
-  """Host params -> global arrays with the model's logical shardings."""
+def place_classifier(model, params, mesh, image_size: int, what: str = "the checkpoint"):
+  """Host params -> global arrays with the model's logical shardings; a tree that does not
+  fit the model the config builds is refused with every differing array named."""
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
+  models.check_params(params, nn.unbox(abstract),
+                      f"{what} (config.model: variant {model.variant}, "
+                      f"pos_embed {model.pos_embed!r})")
   shardings = sharding.param_shardings(abstract, mesh)
   return sharding.host_to_global(params, shardings)
 
 
 def evaluate_classifier(config, params, split: str, mesh, info: Dict[str, Any],
                         data_dir: str, progress: bool = True,
-                        scorer: Optional[Callable] = None) -> Dict[str, Any]:
+                        scorer: Optional[Callable] = None,
+                        params_source: Optional[str] = None) -> Dict[str, Any]:
   """The report of a classifier (host or global params) on `split` of `data_dir`.
   `scorer`: a `classifier_scorer` to reuse (a training run evaluating every epoch)."""
   model = models.classification_model(config.model, len(info["class_names"]))
@@ -180,7 +186,8 @@ def evaluate_classifier(config, params, split: str, mesh, info: Dict[str, Any],
       data_dir, split, batch_size=local, image_size=config.model.image_size,
       process_index=jax.process_index(), process_count=jax.process_count())
   if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
-    params = place_classifier(model, params, mesh, config.model.image_size)
+    params = place_classifier(model, params, mesh, config.model.image_size,
+                              what=str(params_source or "the parameters"))
   outputs = gather_split(functools.partial(scorer, params), dataset, mesh, progress=progress, description=f"eval {split}")
   return report(outputs.pop("scores"), outputs, info)
 
@@ -198,7 +205,8 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[s
   check_classes(step_dir, info)
   params = checkpointing.read_subtree(step_dir, ("params",))
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  result = evaluate_classifier(config, params, split, mesh, info, data_dir, progress)
+  result = evaluate_classifier(config, params, split, mesh, info, data_dir, progress,
+                               params_source=step_dir)
   result["checkpoint"] = step_dir
   result["split"] = split
   out_dir = out_dir or os.path.dirname(os.path.dirname(step_dir))

@@ -67,7 +67,7 @@ def predict(config, checkpoint: str, paths: Sequence[str], top_k: int = 3,
   batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
   model = models.classification_model(config.model, len(names))
   params = evaluate.place_classifier(model, checkpointing.read_subtree(step_dir),
-                                     mesh, config.model.image_size)
+                                     mesh, config.model.image_size, what=step_dir)
   scorer = evaluate.classifier_scorer(model, info["multi_label"])
   size = config.model.image_size
   resize = int(round(size / 0.875))

@@ -10,8 +10,6 @@ from typing import Dict
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import traverse_util
 
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
@@ -69,20 +67,8 @@ class PretrainTrainer(trainer.TrainLoop):
   def from_pretrained(self, state):
     template = jax.device_get(state["params"]["encoder"])
     encoder = trainer.import_encoder(self.config, template)
-    check_same_tree(encoder, template, "config.init.encoder")
+    models.check_params(encoder, template, "config.init.encoder")
     return dict(state, params=self.place_params(dict(state["params"], encoder=encoder)))
-
-
-def check_same_tree(tree, template, what: str) -> None:
-  """Raises a ValueError naming every array that is missing, extra or mis-shaped."""
-  got = traverse_util.flatten_dict(dict(tree), sep="/")
-  want = traverse_util.flatten_dict(dict(template), sep="/")
-  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
-  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
-  problems += [f"{k}: shape {np.shape(got[k])} != model's {np.shape(want[k])}"
-               for k in sorted(set(got) & set(want)) if np.shape(got[k]) != np.shape(want[k])]
-  if problems:
-    raise ValueError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
 
 
 def pretrain(config, workdir: str) -> Dict[str, float]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from uniemox_jax import losses
 from uniemox_jax.models import fusion
@@ -49,3 +51,16 @@ def classification_model(cfg, num_classes: int) -> Classifier:
   vit.grid_size(cfg.image_size, vit.decode_variant(cfg.variant).patch)
   return Classifier(num_classes=num_classes, pos_embed=cfg.get("pos_embed", "sincos"),
                     **_common(cfg))
+
+
+def check_params(tree: Any, template: Any, what: str) -> None:
+  """Raises a ValueError naming every array of `tree` that is missing from, extra to or
+  shaped differently than `template` (a model's parameters)."""
+  got = traverse_util.flatten_dict(dict(tree), sep="/")
+  want = traverse_util.flatten_dict(dict(template), sep="/")
+  problems = [f"missing {k}" for k in sorted(set(want) - set(got))]
+  problems += [f"unexpected {k}" for k in sorted(set(got) - set(want))]
+  problems += [f"{k}: shape {np.shape(got[k])} != model's {np.shape(want[k])}"
+               for k in sorted(set(got) & set(want)) if np.shape(got[k]) != np.shape(want[k])]
+  if problems:
+    raise ValueError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
