@@ -87,6 +87,9 @@ class FinetuneTrainer(trainer.TrainLoop):
         1, int(round(config.eval_every_epochs * self.schedule.steps_per_epoch)))
     self.best = checkpointing.Checkpointer(os.path.join(self.workdir, BEST_DIR), keep=1,
                                            asynchronous=False)
+    # Read once: afterwards every process updates it from the same (gathered) evaluation, so
+    # they agree on when to save the best state without reading a file process 0 rewrites.
+    self._best = self.best_so_far()
 
   def init_params(self, key):
     size = self.config.model.image_size
@@ -136,12 +139,12 @@ class FinetuneTrainer(trainer.TrainLoop):
                                           self.info, self.data_dir, progress=False,
                                           scorer=self.scorer)
     value = metrics.headline(result)
-    best = self.best_so_far()
+    best = self._best
     if value > best["value"]:
       if step not in self.best.all_steps():   # a rerun after a crash re-evaluates the same
         self.best.save(step, {"step": state["step"], "params": state["params"]},
                        meta=self.checkpoint_meta())
-      best = {"step": step, "value": value, "split": split, "report": result}
+      best = self._best = {"step": step, "value": value, "split": split, "report": result}
       if jax.process_index() == 0:
         tmp = os.path.join(self.workdir, BEST_FILE + ".tmp")
         with open(tmp, "w") as f:
