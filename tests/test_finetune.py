@@ -177,7 +177,7 @@ def _finetune_config(pretrained, **overrides):
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("finetuned"))
-  config = _finetune_config(pretrained, total_epochs=15, eval_every_epochs=3)
+  config = _finetune_config(pretrained, total_epochs=10, eval_every_epochs=2)
   result = finetune.finetune(config, workdir)
   return workdir, config, result
 
@@ -189,7 +189,7 @@ def test_finetune_beats_chance_and_keeps_the_best_state(finetuned):
   best = json.load(open(os.path.join(workdir, finetune.BEST_FILE)))
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   val = {m["step"]: m["val_top1"] for m in logged if "val_top1" in m}
-  assert len(val) == 5                       # every 3 epochs of 4 steps, 60 steps
+  assert len(val) == 5                       # every 2 epochs of 4 steps, 40 steps
   assert best["value"] == max(val.values())
   assert best["step"] == min(s for s, v in val.items() if v == best["value"])
   assert checkpointing.Checkpointer(os.path.join(workdir, "best"), read_only=True

@@ -15,8 +15,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -109,18 +107,13 @@ def resolve_data_dir(config, workdir: str) -> str:
   out = os.path.join(workdir, "synthetic")
   if jax.process_index() == 0 and not os.path.exists(
       os.path.join(out, input_pipeline.INFO_FILE)):
-    # In a child process: the converter writes TFDS metadata, and TensorFlow Datasets stays
-    # out of the training process.
-    cmd = [sys.executable, "-m", "data_pipelines.convert", "--source", "synthetic",
-           "--name", "synthetic", "--out", os.path.abspath(out),
-           "--per_class", config.data.synthetic_per_class,
-           "--image_size", str(config.data.synthetic_image_size),
-           "--workers", "1", "--no_progress"]
-    proc = subprocess.run(cmd, capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if proc.returncode:
-      raise RuntimeError(f"building the synthetic dataset in {out} failed:\n"
-                         f"{proc.stderr[-3000:]}")
+    # Without TFDS metadata: TensorFlow Datasets stays out of the training process (convert
+    # the synthetic set with the CLI to get a TFDS dataset).
+    from data_pipelines import convert  # pylint: disable=g-import-not-at-top
+    convert.main(["--source", "synthetic", "--name", "synthetic", "--out", out,
+                  "--per_class", config.data.synthetic_per_class,
+                  "--image_size", str(config.data.synthetic_image_size),
+                  "--workers", "1", "--no_progress", "--no_tfds_metadata"])
   multihost_utils.sync_global_devices("synthetic data written")
   return out
 
