@@ -31,6 +31,17 @@ def test_demo_command_trains_and_writes_its_workdir(tmp_path):
   assert list(tmp_path.glob("events.out.tfevents.*"))        # TensorBoard, through clu
   assert (tmp_path / "synthetic" / "uniemox_info.json").exists()
 
+  # The demo's second command: fine-tune that encoder, then the test table is printed.
+  proc = _run("--config", f"configs/demo_finetune.py:pretrained={tmp_path}",
+              f"--workdir={tmp_path / 'finetune'}", "--config.total_epochs=2",
+              "--config.eval_every_epochs=1")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  table = proc.stdout[proc.stdout.index("test split:"):].splitlines()
+  assert table[1].startswith("num_examples=16  top1=")
+  assert [line.split()[0] for line in table[3:]] == json.loads(
+      (tmp_path / "synthetic" / "uniemox_info.json").read_text())["class_names"]
+  assert (tmp_path / "finetune" / "best.json").exists()
+
 
 @pytest.mark.parametrize("arg,message", [
     ("configs/pretrain.py:vit=Z/16", "Unknown ViT variant 'Z/16'"),
