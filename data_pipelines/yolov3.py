@@ -134,8 +134,7 @@ class Darknet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> List[jax.Array]:
     cfg = [{"type": "net"}] + [dict(layer) for layer in self.layers]
-    conv_in, _, heads = channels_and_heads(cfg)
-    del conv_in
+    _, _, heads = channels_and_heads(cfg)
     outputs: List[jax.Array] = []
     results = []
     for i, layer in enumerate(cfg[1:]):

@@ -197,8 +197,8 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[s
   """Loads a fine-tuned checkpoint, evaluates it on `split`, writes and returns the report."""
   from uniemox_jax import trainer  # pylint: disable=g-import-not-at-top
   step_dir = checkpointing.resolve_step_dir(checkpoint)
-  data_dir = trainer.resolve_data_dir(config, out_dir or os.path.dirname(
-      os.path.dirname(step_dir)))
+  out_dir = out_dir or os.path.dirname(os.path.dirname(step_dir))   # the checkpoint's workdir
+  data_dir = trainer.resolve_data_dir(config, out_dir)
   info = input_pipeline.load_info(data_dir)
   if split not in info["splits"]:
     raise ValueError(f"--split {split!r}: {data_dir} has the splits {sorted(info['splits'])}")
@@ -209,7 +209,6 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[s
                                params_source=step_dir)
   result["checkpoint"] = step_dir
   result["split"] = split
-  out_dir = out_dir or os.path.dirname(os.path.dirname(step_dir))
   if jax.process_index() == 0:
     write_report(result, out_dir, split)
   return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -31,24 +31,28 @@ from uniemox_jax import trainer
 from uniemox_jax.models import vit
 
 
-def encoder_features(config, encoder_params, split: str, mesh, data_dir: str,
-                     progress: bool = True) -> Dict[str, np.ndarray]:
-  """{"features" [N, D], "label" (and "labels")} of every record of `split`, in order."""
+def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_dir: str,
+                     progress: bool = True) -> Dict[str, Dict[str, np.ndarray]]:
+  """For each split: {"features" [N, D], "label" (and "labels")} of every record, in order.
+  The encoder is placed and compiled once for all of them."""
   final_norm = "norm" in encoder_params
   m = config.model
   encoder = vit.Encoder(m.variant, m.image_size, final_norm=final_norm)
   params = sharding.host_to_global(encoder_params, sharding.replicated(mesh))
+  batch_size = evaluate.check_batch(config.eval_batch_size, mesh)
 
   @jax.jit
   def fn(p, batch):
     tokens, _ = encoder.apply({"params": p}, augment.normalize(batch["image"]), train=False)
     return {"features": jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)}
-  dataset = input_pipeline.eval_dataset(
-      data_dir, split, batch_size=evaluate.check_batch(config.eval_batch_size, mesh),
-      image_size=m.image_size, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  return evaluate.gather_split(functools.partial(fn, params), dataset, mesh,
-                               progress=progress, description=f"features {split}")
+  out = {}
+  for split in splits:
+    dataset = input_pipeline.eval_dataset(
+        data_dir, split, batch_size=batch_size, image_size=m.image_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    out[split] = evaluate.gather_split(functools.partial(fn, params), dataset, mesh,
+                                       progress=progress, description=f"features {split}")
+  return out
 
 
 def train_linear(features: np.ndarray, targets: np.ndarray, multi_label: bool,
@@ -97,7 +101,7 @@ def linear_probe(config, workdir: str) -> Dict[str, Any]:
   encoder = trainer.import_encoder(config, None)
   splits = [config.data.split, config.data.eval_split] + (
       [config.test_split] if config.get("test_split") else [])
-  feats = {s: encoder_features(config, encoder, s, mesh, data_dir) for s in splits}
+  feats = encoder_features(config, encoder, splits, mesh, data_dir)
   train = feats[config.data.split]
   mean = train["features"].mean(axis=0)
   std = train["features"].std(axis=0) + 1e-6
