@@ -355,16 +355,19 @@ def encoder_importer(kind: str):
     learned = "pos_embed" in template
     params, report = convert(sd, kind, variant, image_size, source=path,
                              pos_embed="learned" if learned else "sincos")
-    # Only the encoder is asked for: what else the file holds is dropped on purpose.
-    for key in list(sd):
-      if key not in report.loaded and not key.startswith(("patch_embed", "cls_token",
-                                                           "pos_embed", "blocks.", "norm.")):
-        report.dropped.setdefault(key, "not part of the encoder")
-    report.unexpected = [k for k in report.unexpected if k not in report.dropped]
+    # Only the encoder is asked for: what else the file holds (a head, a decoder) is dropped
+    # on purpose, and so is the final norm when the model has none (a classifier's fc_norm
+    # replaces it).
     template = dict(template)
     encoder = params["encoder"]
-    if "norm" not in template:
-      encoder.pop("norm", None)
+    if "norm" not in template and encoder.pop("norm", None) is not None:
+      for key in ("norm.weight", "norm.bias"):
+        report.dropped[key] = "the encoder's final norm: the model has none (fc_norm instead)"
+    for key in sd:
+      if not key.startswith(("patch_embed.", "cls_token", "pos_embed", "blocks.", "norm.")):
+        report.dropped.setdefault(key, "not part of the encoder")
+    report.loaded = [k for k in report.loaded if k not in report.dropped]
+    report.unexpected = [k for k in report.unexpected if k not in report.dropped]
     encoder = fit_to(encoder, template, report, "encoder/")
     report.check()
     from absl import logging  # pylint: disable=g-import-not-at-top
