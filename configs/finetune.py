@@ -46,7 +46,8 @@ def get_config(arg=None):
   # pos_embed "learned": the position table is trained from the fixed sin-cos one, as in MAE's
   # fine-tuning (and as the imported timm / fine-tuned MAE / UniEmoX ViTs carry it).
   config.model = dict(variant=arg.vit, image_size=224, drop_path=0.2, pos_embed="learned",
-                      remat=False, scan=False, dtype="bfloat16", param_dtype="float32")
+                      remat="none", scan=False, dtype="bfloat16", param_dtype="float32",
+                      attention="auto", attention_pad=0)
   config.data = dict(dir=arg.data, split="train", eval_split="val", workers=8,
                      synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)
   # Host: RandAugment m9 mstd0.5; device: random erasing, mixup/cutmix, label smoothing.

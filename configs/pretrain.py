@@ -37,8 +37,12 @@ def model_config(vit: str, mask: float, fusion: str, losses: str,
       fusion_heads=8,
       norm_pix_loss=False,
       loss_weights={name: 1.0 if name in enabled else 0.0 for name in ALL_LOSSES},
-      remat=False,
+      # none | full | dots | dots_no_batch (every block) | encoder | decoder (full, there only)
+      remat="none",
       scan=False,
+      # auto: cuDNN flash attention on NVIDIA GPUs (bf16), XLA elsewhere | cudnn | xla
+      attention="auto",
+      attention_pad=0,     # cuDNN's sequence multiple; 0: its default (2)
       dtype="bfloat16",
       param_dtype="float32",
   ))
@@ -52,7 +56,9 @@ def get_config(arg=None):
   config.task = "pretrain"
   config.seed = 0
   config.model = model_config(arg.vit, arg.mask, arg.fusion, arg.losses)
-  config.teacher = dict(name=arg.teacher, tiny=False, normalization="clip", dtype="bfloat16")
+  # impl: fused (our CLIP image tower on the same weights, fast) | transformers (FlaxCLIPModel)
+  config.teacher = dict(name=arg.teacher, tiny=False, normalization="clip", dtype="bfloat16",
+                        impl="fused", attention="auto")
   # EmoSet-118K train + val, converted with --text_embeddings (the test split is never used).
   config.data = dict(dir=arg.data, split="train+val", person_view=arg.person, workers=8,
                      synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)

@@ -27,6 +27,17 @@ LOGICAL_RULES: Tuple[Tuple[str, Any], ...] = (
 )
 
 
+def with_rules(fn, mesh: Mesh):
+  """`fn` run with the logical axis rules and `mesh`'s abstract mesh in scope, so that
+  `nn.with_logical_constraint` inside it becomes a sharding constraint when traced (outside
+  such a scope Flax makes those annotations no-ops). Meant to be jitted."""
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(
+        LOGICAL_RULES):
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 def make_mesh(data: int = -1, fsdp: int = 1,
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
   """A (data, fsdp) mesh over `devices` (default: all); -1 fills the axis with what is left."""

@@ -8,10 +8,12 @@ import numpy as np
 from flax import traverse_util
 
 from uniemox_jax import losses
+from uniemox_jax.models import attention as attention_lib
 from uniemox_jax.models import fusion
 from uniemox_jax.models import masking
 from uniemox_jax.models import vit
 from uniemox_jax.models.classifier import Classifier
+from uniemox_jax.models import uniemox as uniemox_lib
 from uniemox_jax.models.uniemox import UniEmoX
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -25,9 +27,15 @@ def dtype(name: str, field: str = "config.model.dtype") -> Any:
 
 
 def _common(cfg) -> dict:
+  attention_lib.check_implementation(cfg.get("attention", "auto"))
+  if cfg.get("attention_pad", 0) < 0:
+    raise ValueError(f"config.model.attention_pad={cfg.attention_pad}: must be >= 0 "
+                     "(0: the kernel's default)")
   return dict(variant=cfg.variant, image_size=cfg.image_size, drop_path=cfg.drop_path,
               remat=cfg.remat, scan=cfg.scan, dtype=dtype(cfg.dtype),
-              param_dtype=dtype(cfg.param_dtype, "config.model.param_dtype"))
+              param_dtype=dtype(cfg.param_dtype, "config.model.param_dtype"),
+              attention=cfg.get("attention", "auto"),
+              attention_pad=cfg.get("attention_pad", 0))
 
 
 def pretrain_model(cfg) -> UniEmoX:
@@ -37,6 +45,7 @@ def pretrain_model(cfg) -> UniEmoX:
   shape = vit.decode_variant(cfg.variant)
   masking.num_kept(vit.grid_size(cfg.image_size, shape.patch) ** 2, cfg.mask_ratio)
   fusion.get_fusion(cfg.fusion)
+  uniemox_lib.remat_policies(cfg.remat)
   losses.total_loss({}, {k: 0.0 for k in weights})  # rejects unknown term names
   return UniEmoX(mask_ratio=cfg.mask_ratio, decoder_width=cfg.decoder.width,
                  decoder_depth=cfg.decoder.depth, decoder_heads=cfg.decoder.heads,
@@ -49,6 +58,10 @@ def pretrain_model(cfg) -> UniEmoX:
 def classification_model(cfg, num_classes: int) -> Classifier:
   """The downstream classifier over the same encoder fields of `config.model`."""
   vit.grid_size(cfg.image_size, vit.decode_variant(cfg.variant).patch)
+  try:
+    vit.block_remat(cfg.remat)
+  except ValueError as e:
+    raise ValueError(f"config.model.remat: {e}") from None
   return Classifier(num_classes=num_classes, pos_embed=cfg.get("pos_embed", "sincos"),
                     **_common(cfg))
 

@@ -34,16 +34,20 @@ class Classifier(nn.Module):
   image_size: int = 224
   drop_path: float = 0.0
   pos_embed: str = "sincos"
-  remat: bool = False
+  remat: "str | bool" = "none"
   scan: bool = False
   dtype: vit.Dtype = jnp.float32
   param_dtype: vit.Dtype = jnp.float32
+  attention: str = "auto"
+  attention_pad: int = 0
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False):
     tokens, _ = vit.Encoder(self.variant, self.image_size, self.drop_path, final_norm=False,
-                            pos_embed=self.pos_embed, remat=self.remat, scan=self.scan, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name="encoder")(images, train=train)
+                            pos_embed=self.pos_embed, remat=self.remat, scan=self.scan,
+                            dtype=self.dtype, param_dtype=self.param_dtype,
+                            attention=self.attention, attention_pad=self.attention_pad,
+                            name="encoder")(images, train=train)
     pooled = jnp.mean(tokens[:, 1:], axis=1)
     features = vit.layer_norm("fc_norm", self.dtype, self.param_dtype)(pooled)
     logits = nn.Dense(

@@ -49,10 +49,12 @@ class MaskDecoder(nn.Module):
   depth: int = 8
   heads: int = 16
   mlp_ratio: int = 4
-  remat: bool = False
+  remat: "str | bool" = "none"
   scan: bool = False
   dtype: vit.Dtype = jnp.float32
   param_dtype: vit.Dtype = jnp.float32
+  attention: str = "auto"
+  attention_pad: int = 0
 
   def setup(self):
     self.embed = nn.Dense(
@@ -65,7 +67,8 @@ class MaskDecoder(nn.Module):
         (1, 1, self.width), self.param_dtype)
     self.transformer = vit.Transformer(
         self.depth, self.heads, self.width * self.mlp_ratio, remat=self.remat, scan=self.scan,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+        attention_pad=self.attention_pad)
     self.norm = vit.layer_norm(None, self.dtype, self.param_dtype, "decoder_embed")
     self.pred = nn.Dense(
         self.patch * self.patch * 3, dtype=self.dtype, param_dtype=self.param_dtype,

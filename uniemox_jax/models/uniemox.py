@@ -22,6 +22,23 @@ from uniemox_jax.models import masking
 from uniemox_jax.models import vit
 
 
+# Whole-model remat names beyond the block policies (vit.BLOCK_REMAT_POLICIES, applied to
+# encoder and decoder alike): (encoder policy, decoder policy).
+MODEL_REMAT = {"decoder": ("none", "full"), "encoder": ("full", "none")}
+
+
+def remat_policies(name: "str | bool") -> Tuple[str, str]:
+  """config.model.remat -> the (encoder, decoder) block policies."""
+  if isinstance(name, str) and name in MODEL_REMAT:
+    return MODEL_REMAT[name]
+  try:
+    policy = vit.block_remat(name)
+  except ValueError:
+    raise ValueError(f"config.model.remat={name!r}: choose one of "
+                     f"{sorted(vit.BLOCK_REMAT_POLICIES) + sorted(MODEL_REMAT)}") from None
+  return policy, policy
+
+
 class UniEmoX(nn.Module):
   """`apply(params, scene, person, text_emb, image_emb, logit_scale, train=..., rngs={"mask":
   k1, "dropout": k2})` -> `(losses, aux)`.
@@ -44,18 +61,24 @@ class UniEmoX(nn.Module):
   norm_pix_loss: bool = False
   # ((name, weight), ...): a tuple so the module stays hashable; a weight of 0 disables a term.
   loss_weights: Tuple[Tuple[str, float], ...] = (("l1", 1.0), ("l2", 1.0), ("l3", 1.0))
-  remat: bool = False
+  remat: "str | bool" = "none"   # a block policy, or "encoder" / "decoder" (MODEL_REMAT)
   scan: bool = False
   dtype: vit.Dtype = jnp.float32
   param_dtype: vit.Dtype = jnp.float32
+  attention: str = "auto"
+  attention_pad: int = 0
 
   def setup(self):
-    self.encoder = vit.Encoder(self.variant, self.image_size, self.drop_path, remat=self.remat,
-                               scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype)
+    encoder_remat, decoder_remat = remat_policies(self.remat)
+    self.encoder = vit.Encoder(self.variant, self.image_size, self.drop_path,
+                               remat=encoder_remat, scan=self.scan, dtype=self.dtype,
+                               param_dtype=self.param_dtype, attention=self.attention,
+                               attention_pad=self.attention_pad)
     self.decoder = decoder_lib.MaskDecoder(
         self.encoder.num_patches, self.encoder.shape.patch, self.decoder_width,
-        self.decoder_depth, self.decoder_heads, remat=self.remat, scan=self.scan,
-        dtype=self.dtype, param_dtype=self.param_dtype)
+        self.decoder_depth, self.decoder_heads, remat=decoder_remat, scan=self.scan,
+        dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
+        attention_pad=self.attention_pad)
     self.fuse = fusion_lib.get_fusion(self.fusion)(
         dtype=self.dtype, param_dtype=self.param_dtype, heads=self.fusion_heads)
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from uniemox_jax.models import attention as attention_lib
 
 Dtype = Any
 
@@ -104,11 +106,68 @@ class DropPath(nn.Module):
     return jnp.where(draw, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
+# Rematerialization of transformer blocks, by name (config.model.remat). A policy names what
+# the backward pass may keep from the forward one; everything else is recomputed.
+BLOCK_REMAT_POLICIES = {
+    "none": None,                                              # keep everything: no remat
+    "full": jax.checkpoint_policies.nothing_saveable,          # recompute the whole block
+    "dots": jax.checkpoint_policies.dots_saveable,             # keep matmul outputs
+    # keep the weight matmuls, recompute attention's batched ones and the elementwise ops
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def block_remat(policy: "str | bool") -> str:
+  """A block policy name; True/False (older configs) mean "full"/"none"."""
+  if isinstance(policy, bool):
+    return "full" if policy else "none"
+  if policy not in BLOCK_REMAT_POLICIES:
+    raise ValueError(f"remat policy {policy!r}: choose one of {sorted(BLOCK_REMAT_POLICIES)}")
+  return policy
+
+
+class Projection(nn.Module):
+  """A linear map of the last `in_dims` input axes onto `features` axes, kernel stored
+  unflattened ([*in, *features]) with logical axis names, xavier-uniform over the flattened
+  fans as torch's nn.Linear sees them, bias zero. (Flax's DenseGeneral initializes the
+  flattened kernel through its own wrapper, which clashes with logical-axis constraints on the
+  kernel once the axis rules are in scope.)"""
+  features: Tuple[int, ...]
+  in_dims: int
+  kernel_axes: Tuple[Optional[str], ...]
+  bias_axes: Tuple[Optional[str], ...]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.in_dims:]
+
+    def init(key, shape, dtype=jnp.float32):
+      flat = (int(np.prod(in_shape)), int(np.prod(self.features)))
+      return dense_init()(key, flat, dtype).reshape(shape)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.kernel_axes),
+                        tuple(in_shape) + tuple(self.features), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                           self.bias_axes),
+                      tuple(self.features), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    contract = (tuple(range(x.ndim - self.in_dims, x.ndim)), tuple(range(self.in_dims)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    return y + bias.reshape((1,) * (y.ndim - bias.ndim) + bias.shape)
+
+
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (bias on, as in MAE/timm)."""
+  """Multi-head self-attention with a fused qkv projection (bias on, as in MAE/timm).
+
+  `implementation` picks the kernel ("auto": cuDNN flash attention on NVIDIA GPUs in
+  bf16/fp16, XLA elsewhere); `pad_to` the sequence multiple cuDNN sees (0: its default).
+  """
   heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str = "auto"
+  pad_to: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -116,20 +175,13 @@ class Attention(nn.Module):
     if width % self.heads:
       raise ValueError(f"width {width} is not divisible by {self.heads} heads")
     head_dim = width // self.heads
-    qkv = nn.DenseGeneral(
-        features=(3, self.heads, head_dim), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(dense_init(), ("embed", None, "heads", "kv")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None, "heads", "kv")),
-        name="qkv")(x)
-    # DenseGeneral initializes the flattened [D, 3D] kernel, so xavier sees torch's fans.
+    qkv = Projection((3, self.heads, head_dim), 1, ("embed", None, "heads", "kv"),
+                     (None, "heads", "kv"), self.dtype, self.param_dtype, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    # jax.nn.dot_product_attention picks a fused kernel (cuDNN flash) on GPUs where it can.
-    out = jax.nn.dot_product_attention(q, k, v)
-    return nn.DenseGeneral(
-        features=width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(dense_init(), ("heads", "kv", "embed")),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
-        name="proj")(out)
+    out = attention_lib.dot_product_attention(q, k, v, implementation=self.implementation,
+                                              pad_to=self.pad_to or None)
+    return Projection((width,), 2, ("heads", "kv", "embed"), ("embed",), self.dtype,
+                      self.param_dtype, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -159,12 +211,15 @@ class Block(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  attention_pad: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_path_rate, deterministic: bool) -> jax.Array:
     x = nn.with_logical_constraint(x, ("batch", None, None))
     y = layer_norm("norm1", self.dtype, self.param_dtype)(x)
-    y = Attention(self.heads, self.dtype, self.param_dtype, name="attn")(y)
+    y = Attention(self.heads, self.dtype, self.param_dtype, self.attention, self.attention_pad,
+                  name="attn")(y)
     x = x + DropPath(name="drop_path1")(y, drop_path_rate, deterministic)
     y = layer_norm("norm2", self.dtype, self.param_dtype)(x)
     y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
@@ -180,7 +235,8 @@ class _ScanBlock(Block):
 
 
 class Transformer(nn.Module):
-  """A stack of `depth` blocks, unrolled or as one `nn.scan`, optionally rematerialized.
+  """A stack of `depth` blocks, unrolled or as one `nn.scan`, rematerialized by a policy
+  of `BLOCK_REMAT_POLICIES`.
 
   Unrolled blocks are named `block_{i}`; scanned ones share the name `blocks` with a leading
   "layers" axis on every parameter.
@@ -189,10 +245,12 @@ class Transformer(nn.Module):
   heads: int
   mlp_dim: int
   drop_path: float = 0.0
-  remat: bool = False
+  remat: "str | bool" = "none"
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  attention_pad: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -200,21 +258,25 @@ class Transformer(nn.Module):
     rates = np.linspace(0.0, self.drop_path, self.depth)
     # Without drop path no block needs a "dropout" key, even in training.
     deterministic = deterministic or self.drop_path == 0.0
+    policy = block_remat(self.remat)
+    args = (self.heads, self.mlp_dim, self.dtype, self.param_dtype, self.attention,
+            self.attention_pad)
     if self.scan:
       block = _ScanBlock
-      if self.remat:
-        block = nn.remat(block, prevent_cse=False, static_argnums=(3,))
+      if policy != "none":
+        block = nn.remat(block, prevent_cse=False, static_argnums=(3,),
+                         policy=BLOCK_REMAT_POLICIES[policy])
       stack = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
           in_axes=(0, nn.broadcast), length=self.depth,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, _ = stack(self.heads, self.mlp_dim, self.dtype, self.param_dtype, name="blocks")(
-          x, jnp.asarray(rates, jnp.float32), deterministic)
+      x, _ = stack(*args, name="blocks")(x, jnp.asarray(rates, jnp.float32), deterministic)
       return x
-    block = nn.remat(Block, static_argnums=(2, 3)) if self.remat else Block
+    block = Block
+    if policy != "none":
+      block = nn.remat(Block, static_argnums=(2, 3), policy=BLOCK_REMAT_POLICIES[policy])
     for i in range(self.depth):
-      x = block(self.heads, self.mlp_dim, self.dtype, self.param_dtype, name=f"block_{i}")(
-          x, float(rates[i]), deterministic)
+      x = block(*args, name=f"block_{i}")(x, float(rates[i]), deterministic)
     return x
 
 
@@ -261,10 +323,12 @@ class Encoder(nn.Module):
   # "sincos": MAE's fixed table (pretraining). "learned": a parameter `pos_embed` [1, 1 + N, D]
   # initialized to that table (CLS row zero), as MAE fine-tuning and timm ViTs train it.
   pos_embed: str = "sincos"
-  remat: bool = False
+  remat: "str | bool" = "none"
   scan: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention: str = "auto"
+  attention_pad: int = 0
 
   @property
   def shape(self) -> VitShape:
@@ -302,8 +366,8 @@ class Encoder(nn.Module):
     cls = cls.astype(x.dtype) + pos[:, :1]     # the fixed table's CLS row is zero
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, shape.width)), x], axis=1)
     x = Transformer(shape.depth, shape.heads, shape.mlp_dim, self.drop_path, self.remat,
-                    self.scan, self.dtype, self.param_dtype, name="transformer")(
-                        x, deterministic=not train)
+                    self.scan, self.dtype, self.param_dtype, self.attention,
+                    self.attention_pad, name="transformer")(x, deterministic=not train)
     aux = {"pre_norm": x}
     if self.final_norm:
       x = layer_norm("norm", self.dtype, self.param_dtype)(x)
