@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from uniemox_jax.teacher import clip
+from uniemox_jax.teacher import clip_vision
 from uniemox_jax.teacher import prompts
 
 
@@ -114,3 +115,88 @@ def test_prompt_skips_missing_attributes():
 def test_default_is_the_paper_teacher():
   assert clip.DEFAULT_CLIP == "openai/clip-vit-base-patch16"
   assert os.environ.get("HF_HUB_OFFLINE") == "1"   # tests never reach the hub
+
+
+# --- the fused image tower (config.teacher.impl = "fused") ---------------------------------
+
+def _random_images(n=3, size=32, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n, size, size, 3))
+
+
+def test_fused_tower_equals_transformers_in_float32(tiny_clip_dir):
+  ref = clip.ClipTeacher.load(tiny_clip_dir)
+  fused = clip.ClipTeacher.load(tiny_clip_dir, impl="fused")
+  assert fused.impl == "fused" and "vision_model" not in fused.params
+  images = _random_images()
+  np.testing.assert_allclose(jax.jit(fused.image_embed)(fused.params, images),
+                             ref.image_embed(ref.params, images), atol=1e-5, rtol=0)
+  tokens = ref.tokenize(["The overall emotion conveyed is awe.", "fear"])
+  np.testing.assert_allclose(
+      fused.text_embed(fused.params, tokens["input_ids"], tokens["attention_mask"]),
+      ref.text_embed(ref.params, tokens["input_ids"], tokens["attention_mask"]), atol=1e-6)
+  np.testing.assert_allclose(fused.logit_scale(fused.params), ref.logit_scale(ref.params))
+
+
+def test_fused_tower_equals_transformers_with_exact_gelu_and_more_layers(tmp_path):
+  from transformers import CLIPConfig, FlaxCLIPModel
+  config = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2),
+                      vision_config=dict(hidden_size=48, intermediate_size=96,
+                                         num_hidden_layers=3, num_attention_heads=3,
+                                         image_size=48, patch_size=16, hidden_act="gelu",
+                                         layer_norm_eps=1e-6),
+                      projection_dim=24)
+  model = FlaxCLIPModel(config, seed=3)
+  ref = clip.ClipTeacher(model, model.params)
+  vision = clip_vision.VisionConfig.from_clip_config(model.config)
+  assert (vision.depth, vision.act, vision.eps, vision.embed_dim) == (3, "gelu", 1e-6, 24)
+  fused = clip.ClipTeacher.from_vision_tower(
+      vision, clip_vision.from_transformers(model.params, vision),
+      float(model.params["logit_scale"]))
+  images = _random_images(2, 48)
+  np.testing.assert_allclose(fused.image_embed(fused.params, images),
+                             ref.image_embed(ref.params, images), atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="no text tower"):
+    fused.text_embed(fused.params, np.zeros((1, 77), np.int32))
+
+
+def test_fused_tower_runs_its_last_block_on_the_cls_token_only():
+  config = clip_vision.VisionConfig(width=32, depth=2, heads=2, mlp_dim=64, patch=8,
+                                    image_size=32, embed_dim=16)
+  tower = clip_vision.ClipVisionTower(config)
+  images = _random_images(2)
+  params = tower.init(jax.random.key(0), images)
+  text = jax.jit(tower.apply).lower(params, images).as_text()
+  # The last block's MLP sees [2, 1, 32] (CLS), the first block's [2, 17, 32] (all tokens).
+  assert "2x1x64" in text and "2x17x64" in text
+
+
+@pytest.mark.parametrize("serialization", ["safetensors", "bin"])
+def test_pytorch_only_folders_load_with_both_implementations(tiny_clip_dir, tmp_path,
+                                                            serialization):
+  """A folder written by transformers' PyTorch CLIPModel (model.safetensors or
+  pytorch_model.bin, no Flax weights) loads and embeds exactly like the Flax one."""
+  import shutil
+  from transformers import CLIPConfig, CLIPModel, FlaxCLIPModel
+  from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+  out = tmp_path / "pt"
+  flax_model = FlaxCLIPModel.from_pretrained(tiny_clip_dir)
+  torch_model = load_flax_weights_in_pytorch_model(
+      CLIPModel(CLIPConfig.from_pretrained(tiny_clip_dir)), flax_model.params)
+  torch_model.save_pretrained(out, safe_serialization=serialization == "safetensors")
+  for name in os.listdir(tiny_clip_dir):       # the tokenizer files
+    if name.endswith((".json", ".txt")) and name != "config.json":
+      shutil.copy(os.path.join(tiny_clip_dir, name), out / name)
+  weights = {"safetensors": "model.safetensors", "bin": "pytorch_model.bin"}[serialization]
+  assert weights in os.listdir(out) and "flax_model.msgpack" not in os.listdir(out)
+  ref = clip.ClipTeacher.load(tiny_clip_dir)
+  images = _random_images()
+  for impl in clip.IMPLEMENTATIONS:
+    teacher = clip.ClipTeacher.load(str(out), impl=impl)
+    np.testing.assert_allclose(teacher.image_embed(teacher.params, images),
+                               ref.image_embed(ref.params, images), atol=1e-5)
+
+
+def test_unknown_teacher_implementation_is_named(tiny_clip_dir):
+  with pytest.raises(ValueError, match="config.teacher.impl='torch'"):
+    clip.ClipTeacher.load(tiny_clip_dir, impl="torch")

@@ -1,9 +1,15 @@
-"""The frozen CLIP teacher (METHOD.md 2): `transformers`' Flax CLIP behind one small class.
+"""The frozen CLIP teacher: `transformers`' Flax CLIP behind one small class.
 
 Its parameters are a separate pytree that the caller passes in explicitly; they are never
 part of the trainable parameters, never in the optimizer and never checkpointed, and every
 output leaves through `jax.lax.stop_gradient`. This is the only module that imports
 `transformers`' CLIP, so a change of CLIP source touches this file alone.
+
+Two implementations of the image tower (`impl`): "transformers" runs `FlaxCLIPModel` itself;
+"fused" runs `uniemox_jax.teacher.clip_vision.ClipVisionTower` on the same weights (one qkv
+matmul, fused attention, last block on CLS only), the fast path for training. The text tower
+is transformers' in both: it runs once per prompt at conversion, or per step only for data
+converted without text embeddings.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import numpy as np
 
 from uniemox_jax import augment
 from uniemox_jax import losses
+from uniemox_jax.teacher import clip_vision
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch16"
 MAX_TEXT_TOKENS = 77
@@ -27,8 +34,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
-# A directory that holds a Flax CLIP has its config and one of these weight files.
+# A directory that holds a CLIP has its config and one of these weight files (the first is
+# Flax's; the others are PyTorch's, converted on load).
 _WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
+IMPLEMENTATIONS = ("transformers", "fused")
 
 
 def renormalize(images: jax.Array, src: Sequence[Sequence[float]],
@@ -54,21 +63,54 @@ def tokenize_one(tokenizer, text: str) -> Dict[str, np.ndarray]:
   return {k: v[0] for k, v in tokenize(tokenizer, [text]).items()}
 
 
-def _check_source(name_or_dir: str) -> None:
-  """Fails early, naming the path, for a local directory that cannot hold a CLIP model."""
+def _check_source(name_or_dir: str) -> Optional[str]:
+  """For a local directory: fails early, naming the path, when it cannot hold a CLIP model,
+  and returns the weight file it will be read from. None for a hub id."""
   looks_local = os.path.isabs(name_or_dir) or name_or_dir.startswith((".", "~")) or \
       os.path.exists(name_or_dir)
   if not looks_local:
-    return
+    return None
   path = os.path.expanduser(name_or_dir)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"CLIP teacher directory {name_or_dir!r} does not exist "
                             "(config.teacher.name: a hub id or a local directory)")
   present = set(os.listdir(path))
-  if "config.json" not in present or not present & set(_WEIGHT_FILES):
+  weights = [f for f in _WEIGHT_FILES if f in present]
+  if "config.json" not in present or not weights:
     raise FileNotFoundError(
         f"CLIP teacher directory {name_or_dir!r} lacks config.json or a weight file "
         f"({', '.join(_WEIGHT_FILES)}); it holds: {sorted(present) or 'nothing'}")
+  if weights[0] == "pytorch_model.bin":
+    try:
+      import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      raise ImportError(
+          f"CLIP teacher directory {name_or_dir!r} holds only pytorch_model.bin, which needs "
+          "PyTorch to read: pip install -e '.[torch]', or save the model as safetensors "
+          "(model.safetensors loads without PyTorch)") from None
+  return weights[0]
+
+
+def _from_pretrained(name_or_dir: str, dtype):
+  """FlaxCLIPModel and its params from Flax weights, or from PyTorch weights where a folder
+  (or hub repository) has only those."""
+  from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
+  weight_file = _check_source(name_or_dir)
+  from_pt = weight_file is not None and weight_file != "flax_model.msgpack"
+  def from_pytorch():
+    # transformers 4.57's PyTorch->Flax conversion reads `model.params`, which a model made
+    # with _do_init=False refuses: this path initializes, then takes the converted weights.
+    model = FlaxCLIPModel.from_pretrained(name_or_dir, dtype=dtype, from_pt=True)
+    return model, model.params
+  try:
+    if from_pt:
+      return from_pytorch()
+    return FlaxCLIPModel.from_pretrained(name_or_dir, dtype=dtype, _do_init=False)
+  except (OSError, ValueError) as e:
+    if not from_pt and weight_file is None and "from_pt=True" in str(e):
+      return from_pytorch()
+    raise OSError(f"could not load the CLIP teacher from {name_or_dir!r} "
+                  f"(config.teacher.name): {e}") from e
 
 
 @dataclasses.dataclass
@@ -80,38 +122,68 @@ class ClipTeacher:
   `normalization` says which statistics the CLIP image tower sees: "clip" (CLIP's own, our
   default) or "imagenet" (what the reference code feeds it). Student images arrive
   ImageNet-normalized and are mapped on device.
+
+  With `impl="fused"`, `params` holds the fused tower's weights under "vision" beside
+  transformers' text tower ("text_model", "text_projection") and "logit_scale"; `model` may
+  then be None (no text tower: the data must carry text embeddings).
   """
   model: Any
   params: Any
   tokenizer: Any = None
   normalization: str = "clip"
+  impl: str = "transformers"
+  vision_config: Optional[clip_vision.VisionConfig] = None
+  dtype: Any = jnp.float32
+  attention: str = "auto"
 
   def __post_init__(self):
     if self.normalization not in NORMALIZATIONS:
       raise ValueError(f"config.teacher.normalization={self.normalization!r}: choose one of "
                        f"{sorted(NORMALIZATIONS)}")
+    if self.impl not in IMPLEMENTATIONS:
+      raise ValueError(f"config.teacher.impl={self.impl!r}: choose one of {IMPLEMENTATIONS}")
+    if self.impl == "fused" and self.vision_config is None:
+      self.vision_config = clip_vision.VisionConfig.from_clip_config(self.model.config)
 
   @classmethod
   def load(cls, name_or_dir: str = DEFAULT_CLIP, *, dtype: Any = jnp.float32,
-           normalization: str = "clip", with_tokenizer: bool = True) -> "ClipTeacher":
+           normalization: str = "clip", with_tokenizer: bool = True,
+           impl: str = "transformers", attention: str = "auto") -> "ClipTeacher":
     """Loads a hub id (for example "openai/clip-vit-base-patch16") or a local directory
-    written by `save_pretrained`. Compute runs in `dtype`; weights stay as stored."""
-    from transformers import AutoTokenizer, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-    _check_source(name_or_dir)
-    try:
-      model, params = FlaxCLIPModel.from_pretrained(name_or_dir, dtype=dtype, _do_init=False)
-    except (OSError, ValueError) as e:
-      raise OSError(f"could not load the CLIP teacher from {name_or_dir!r} "
-                    f"(config.teacher.name): {e}") from e
+    written by `save_pretrained` (Flax weights, or PyTorch's `model.safetensors` /
+    `pytorch_model.bin`). Compute runs in `dtype`; weights stay as stored."""
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    if impl not in IMPLEMENTATIONS:
+      raise ValueError(f"config.teacher.impl={impl!r}: choose one of {IMPLEMENTATIONS}")
+    model, params = _from_pretrained(name_or_dir, dtype)
     tokenizer = AutoTokenizer.from_pretrained(name_or_dir) if with_tokenizer else None
-    return cls(model, params, tokenizer, normalization)
+    if impl == "fused":
+      config = clip_vision.VisionConfig.from_clip_config(model.config)
+      params = {"vision": clip_vision.from_transformers(params, config),
+                **{k: params[k] for k in ("text_model", "text_projection", "logit_scale")}}
+      return cls(model, params, tokenizer, normalization, impl, config, dtype, attention)
+    return cls(model, params, tokenizer, normalization, impl, None, dtype, attention)
+
+  @classmethod
+  def from_vision_tower(cls, config: clip_vision.VisionConfig, vision_params: Any,
+                        logit_scale: float = float(np.log(100.0)), *, dtype: Any = jnp.float32,
+                        normalization: str = "clip", attention: str = "auto"
+                        ) -> "ClipTeacher":
+    """A fused image tower alone (no transformers, no text tower): for benchmarks and for
+    data that carries text embeddings."""
+    params = {"vision": vision_params, "logit_scale": np.float32(logit_scale)}
+    return cls(None, params, None, normalization, "fused", config, dtype, attention)
 
   @property
   def embed_dim(self) -> int:
+    if self.vision_config is not None:
+      return self.vision_config.embed_dim
     return int(self.model.config.projection_dim)
 
   @property
   def image_size(self) -> int:
+    if self.vision_config is not None:
+      return self.vision_config.image_size
     return int(self.model.config.vision_config.image_size)
 
   # Pure functions of (params, inputs): safe under jit, grad and sharding.
@@ -124,12 +196,21 @@ class ClipTeacher:
     size = self.image_size
     if x.shape[1:3] != (size, size):
       x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), method="bicubic")
-    feats = self.model.get_image_features(jnp.transpose(x, (0, 3, 1, 2)), params=params)
+    if self.impl == "fused":
+      tower = clip_vision.ClipVisionTower(self.vision_config, dtype=self.dtype,
+                                          attention=self.attention)
+      feats = tower.apply({"params": params["vision"]}, x.astype(self.dtype))
+    else:
+      feats = self.model.get_image_features(jnp.transpose(x, (0, 3, 1, 2)), params=params)
+    feats = feats.astype(jnp.float32)
     return jax.lax.stop_gradient(losses.l2_normalize(feats))
 
   def text_embed(self, params, input_ids: jax.Array,
                  attention_mask: Optional[jax.Array] = None) -> jax.Array:
     """Token ids [B, T] -> L2-normalized [B, D] (lambda)."""
+    if self.model is None:
+      raise ValueError("this CLIP teacher has no text tower (built from a vision tower alone): "
+                       "convert the data with --text_embeddings")
     feats = self.model.get_text_features(input_ids, attention_mask=attention_mask,
                                          params=params)
     return jax.lax.stop_gradient(losses.l2_normalize(feats))
