@@ -287,3 +287,56 @@ def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_p
     t.initial_state(None)
   t.checkpointer.close()
   del trainer.ENCODER_IMPORTERS["test_plus_one"]
+
+
+def test_host_stays_ahead_metrics_are_fetched_at_log_and_checkpoint_steps_only(
+    tmp_path, synthetic_data, monkeypatch):
+  """Each step is dispatched, then the next batch is read and placed before anything waits
+  on the device; metrics come to the host only at log steps (one step late) and before a
+  checkpoint is written; every loss is still checked."""
+  _, data = synthetic_data
+  config = demo.get_config()
+  config.unlock()
+  config.update_from_flattened_dict({"total_steps": 12, "log_every_steps": 5,
+                                     "checkpoint.every_steps": 8, "data.dir": data,
+                                     "data.synthetic": False})
+  t = pretrain.PretrainTrainer(config, str(tmp_path))
+  events = []
+  step_fn, next_batch, fetch = t._step, t._next_batch, t._fetch
+
+  def traced_step(state, *args):
+    events.append(("step", int(state["step"]) + 1))
+    return step_fn(state, *args)
+  monkeypatch.setattr(t, "_step", traced_step)
+  monkeypatch.setattr(t, "_next_batch", lambda it, s: events.append(("batch", s))
+                      or next_batch(it, s))
+  monkeypatch.setattr(t, "_fetch", lambda w, upto, final=False: events.append(
+      ("fetch", upto)) or fetch(w, upto, final))
+  t.run()
+  t.close()
+  assert events[:4] == [("batch", 1), ("step", 1), ("batch", 2), ("step", 2)]
+  # The batch of step s + 1 is placed right after step s is dispatched; only a checkpoint
+  # step first checks its losses (the saved iterator position must be that of step s).
+  for i, event in enumerate(events):
+    if event[0] == "step" and event[1] < 12:
+      following = events[i + 1:i + 3] if event[1] == 8 else events[i + 1:i + 2]
+      assert following[-1] == ("batch", event[1] + 1), (event, following)
+  # Fetches: log step 5 after step 6 is dispatched, checkpoint 8, log 10 one step late, the
+  # final step 12.
+  assert [e[1] for e in events if e[0] == "fetch"] == [5, 8, 10, 12]
+  assert events.index(("fetch", 5)) > events.index(("step", 6))
+  assert [s for s, _ in t.history] == [5, 10, 12]
+
+
+def test_preemption_is_polled_every_n_steps_with_several_processes(monkeypatch):
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  gathered = []
+  monkeypatch.setattr(trainer.multihost_utils, "process_allgather",
+                      lambda x: gathered.append(x) or np.stack([x, np.asarray(True)]))
+  p = trainer.Preemption(poll_every=10)
+  try:
+    answers = [p.reached(step) for step in range(1, 31)]
+  finally:
+    p.restore()
+  assert p.polls == len(gathered) == 3
+  assert [s for s, a in zip(range(1, 31), answers) if a] == [10, 20, 30]

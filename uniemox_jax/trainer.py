@@ -94,7 +94,9 @@ def load_teacher(config, workdir: str) -> clip.ClipTeacher:
     multihost_utils.sync_global_devices("tiny teacher written")
   return clip.ClipTeacher.load(name, dtype=models.dtype(config.teacher.dtype,
                                                         "config.teacher.dtype"),
-                               normalization=config.teacher.normalization)
+                               normalization=config.teacher.normalization,
+                               impl=config.teacher.get("impl", "transformers"),
+                               attention=config.teacher.get("attention", "auto"))
 
 
 def resolve_data_dir(config, workdir: str) -> str:
@@ -124,10 +126,14 @@ def num_examples(info: Dict[str, Any], split: str) -> int:
 
 
 class Preemption:
-  """SIGTERM -> save and exit cleanly. With several processes they agree on the step."""
+  """SIGTERM -> save and exit cleanly. With several processes they agree on the step: every
+  `poll_every` steps one all-gather of the flags (a collective every step would stall the
+  host on the device), so a preempted run stops within `poll_every` steps."""
 
-  def __init__(self):
+  def __init__(self, poll_every: int = 10):
     self.requested = False
+    self.poll_every = max(1, poll_every)
+    self.polls = 0     # all-gathers made (tests count them)
     self._previous = signal.signal(signal.SIGTERM, self._handler)
 
   def _handler(self, signum, frame):
@@ -135,9 +141,13 @@ class Preemption:
     logging.warning("SIGTERM received: will save a checkpoint and stop")
     self.requested = True
 
-  def reached(self) -> bool:
+  def reached(self, step: int) -> bool:
+    """Whether to stop after `step`; the same answer on every process."""
     if jax.process_count() == 1:
       return self.requested
+    if step % self.poll_every:
+      return False
+    self.polls += 1
     flags = multihost_utils.process_allgather(np.asarray(self.requested))
     return bool(np.any(flags))
 
@@ -242,7 +252,9 @@ class TrainLoop:
         nn.unbox(abstract_boxed), self.state_shardings)
     self._init = jax.jit(lambda k: nn.unbox(self._init_boxed(k)),
                          out_shardings=self.state_shardings)
-    self._step = jax.jit(self._train_step,
+    # The logical axis rules are in scope while the step is traced, so the models' activation
+    # annotations become sharding constraints.
+    self._step = jax.jit(sharding.with_rules(self._train_step, self.mesh),
                          in_shardings=(self.state_shardings, self.replicated,
                                        self.batch_sharding, self.replicated),
                          out_shardings=(self.state_shardings, self.replicated),
@@ -318,7 +330,12 @@ class TrainLoop:
 
   def run(self, stop_after: Optional[int] = None) -> Dict[str, float]:
     """Trains to the schedule's last step, or (as a preemption would) saves and stops after
-    step `stop_after`."""
+    step `stop_after`.
+
+    The host stays ahead of the device: each step is dispatched, then the next batch is read
+    and placed while it runs; metrics stay on the device until a log step (fetched one step
+    late) or a checkpoint (every loss since the last fetch is checked finite before saving).
+    """
     from clu import metric_writers  # pylint: disable=g-import-not-at-top
     from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     cfg = self.config
@@ -338,63 +355,94 @@ class TrainLoop:
         hooks.append(periodic_actions.Profile(logdir=self.workdir,
                                               first_profile=start + cfg.profile.first_step,
                                               num_profile_steps=cfg.profile.num_steps))
-    hashes = open(os.path.join(self.workdir, "batch_hashes.jsonl"), "a") if \
+    self._hashes = open(os.path.join(self.workdir, "batch_hashes.jsonl"), "a") if \
         cfg.get("log_batch_hashes", False) else None
-    preemption = Preemption()
+    preemption = Preemption(cfg.get("preemption_poll_steps", 10))
+    self.preemption = preemption
     kill_at = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
-    pending, last, window_start, window_steps = None, {}, time.perf_counter(), 0
+    self._window, self._last = [], {}
+    self._clock = (time.perf_counter(), start)      # (time, step) of the last logged window
+    log_due = None
     if start >= total:
       logging.info("Nothing to do: %s already holds the final step %d", self.workdir, total)
     logging.info("Training steps %d..%d (%d per epoch), global batch %d on %s", start, total,
                  self.schedule.steps_per_epoch, cfg.batch_size, dict(self.mesh.shape))
     try:
+      batch = self._next_batch(iterator, start + 1) if start < total else None
       for step in range(start, total):
-        host_batch = next(iterator)
-        if hashes is not None:
-          hashes.write(json.dumps({"step": step + 1,
-                                   "hash": batch_fingerprint(host_batch)}) + "\n")
-          hashes.flush()
-        state, metrics = self._step(state, consts, self.to_global(host_batch), base_key)
-        # The previous step's metrics are fetched while this one runs.
-        if pending is not None:
-          last = self._check(*pending)
-          if pending[0] % cfg.log_every_steps == 0:
-            elapsed = time.perf_counter() - window_start
-            last["images_per_sec"] = window_steps * cfg.batch_size / max(elapsed, 1e-9)
-            self._log(writer, pending[0], last)
-            window_start, window_steps = time.perf_counter(), 0
-        pending = (step + 1, metrics)
-        window_steps += 1
+        state, metrics = self._step(state, consts, batch, base_key)
+        self._window.append((step + 1, metrics))
         for hook in hooks:
           hook(step + 1)
         paused = time.perf_counter()
         extra = self.after_step(step + 1, state)
         if extra:
           self._log(writer, step + 1, extra)
-          window_start += time.perf_counter() - paused   # images/s counts training only
-        preempted = preemption.reached() or step + 1 == stop_after
+          self._clock = (self._clock[0] + time.perf_counter() - paused, self._clock[1])
+        preempted = preemption.reached(step + 1) or step + 1 == stop_after
         done = step + 1 == total
         if preempted or done or (step + 1) % cfg.checkpoint.every_steps == 0:
-          last = self._check(*pending)     # never checkpoint a non-finite step
+          # Never checkpoint a non-finite step; the last step is always logged.
+          self._fetch(writer, step + 1, final=preempted or done)
+          # The iterator has given exactly the batches of steps 1..step+1: its state is the
+          # one that resumes at step + 2.
           self.checkpointer.save(step + 1, state, iterator, meta=self.checkpoint_meta())
           if step + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
           if preempted:
             logging.warning("Preempted: saved step %d, stopping", step + 1)
             break
-      if pending is not None:
-        last = self._check(*pending)
-        self._log(writer, pending[0], last)
+        if not done:
+          batch = self._next_batch(iterator, step + 2)
+        if log_due is not None:     # one step late: step + 1 is already queued behind it
+          self._fetch(writer, log_due)
+          log_due = None
+        if (step + 1) % cfg.log_every_steps == 0:
+          log_due = step + 1
     finally:
       self.checkpointer.wait()
       writer.flush()
       preemption.restore()
-      if hashes is not None:
-        hashes.close()
+      if self._hashes is not None:
+        self._hashes.close()
       if hasattr(iterator, "close"):
         iterator.close()
     self.final_state = state
-    return last
+    return self._last
+
+  def _next_batch(self, iterator, step: int) -> Dict[str, jax.Array]:
+    """The batch of `step` (1-based), read from the pipeline and placed on the devices."""
+    host_batch = next(iterator)
+    if self._hashes is not None:
+      self._hashes.write(json.dumps({"step": step, "hash": batch_fingerprint(host_batch)})
+                         + "\n")
+      self._hashes.flush()
+    return self.to_global(host_batch)
+
+  def _fetch(self, writer, upto: int, final: bool = False) -> None:
+    """Brings the metrics of the dispatched steps up to `upto` to the host: every loss is
+    checked finite; log steps (and the final one) are logged with the images/s since the
+    previous log."""
+    ready = [(s, m) for s, m in self._window if s <= upto]
+    self._window = [(s, m) for s, m in self._window if s > upto]
+    if not ready:
+      return
+    losses = jax.device_get([m[self.LOSS] for _, m in ready])
+    for (s, m), loss in zip(ready, losses):
+      if not np.isfinite(loss):
+        self._check(s, m)          # raises, naming the step and every metric
+    every = self.config.log_every_steps
+    logged = {}
+    for s, m in ready:
+      if s % every == 0 or (final and s == ready[-1][0]):
+        values = self._check(s, m)
+        now, (since, since_step) = time.perf_counter(), self._clock
+        values["images_per_sec"] = (s - since_step) * self.config.batch_size / max(
+            now - since, 1e-9)
+        self._clock = (now, s)
+        self._log(writer, s, values)
+        logged[s] = values
+    self._last = logged.get(ready[-1][0]) or self._check(*ready[-1])
 
   def _log(self, writer, step: int, values: Dict[str, float]) -> None:
     """TensorBoard + logging through clu, and one JSON line per log step (process 0)."""
