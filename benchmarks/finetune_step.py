@@ -2,12 +2,12 @@ r"""Throughput and model-FLOPs utilization of one fine-tuning step (METHOD.md 5:
 layer-wise lr decay, on-device random erasing + mixup/cutmix + label smoothing), beside a plain
 supervised step of the same classifier (no augmentation, no decay) measured in the same run.
 
-  python benchmarks/finetune_step.py --vit B/16,L/16 --batch 256 [--remat] [--find_max_batch]
+  python benchmarks/finetune_step.py --vit B/16,L/16 --batch 256 [--remat full] [--find_max_batch]
   python benchmarks/finetune_step.py --vit mu/16 --batch 2 --steps 1    # CPU smoke size
 
 The step is the one `uniemox_jax.finetune` trains with (`classification_loss`, the optimizer
-of `uniemox_jax.optim`), on synthetic device-resident uint8 batches. MFU is against
---peak_tflops (default: H100/H200 dense bf16, 989.4); on CPU it is left out.
+of `uniemox_jax.optim`), on synthetic device-resident uint8 batches. MFU is the analytic model
+FLOPs (benchmarks/flops.py) per second against --peak_tflops; on CPU it is left out.
 """
 import argparse
 import os
@@ -20,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import flops as flops_lib  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from configs import finetune as finetune_config  # noqa: E402
 from uniemox_jax import finetune  # noqa: E402
@@ -30,10 +31,12 @@ from uniemox_jax.models import vit  # noqa: E402
 NUM_CLASSES = 8
 
 
-def build_step(variant: str, dtype: str, remat: bool, recipe: bool):
+def build_step(variant: str, dtype: str, remat: str, recipe: bool, attention: str = "auto",
+               scan: bool = False):
   """(init, tx, step) of the fine-tuning step; `recipe` False: the plain supervised baseline."""
   config = finetune_config.get_config(f"vit={variant}")
-  config.model.update(dtype=dtype, remat=remat, drop_path=0.2 if recipe else 0.0)
+  config.model.update(dtype=dtype, remat=remat, drop_path=0.2 if recipe else 0.0,
+                      attention=attention, scan=scan)
   if not recipe:
     config.augment.update(erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
                           label_smoothing=0.0)
@@ -58,41 +61,42 @@ def build_step(variant: str, dtype: str, remat: bool, recipe: bool):
   return init, tx, step
 
 
-def measure(variant, dtype, remat, recipe, batch_size, steps):
-  init, tx, step = build_step(variant, dtype, remat, recipe)
+def measure(args, variant, attention, recipe, batch_size, steps, windows
+            ) -> timing.StepTiming:
+  init, tx, step = build_step(variant, args.dtype, args.remat, recipe, attention, args.scan)
   params = jax.jit(init)(jax.random.key(0))
   state = (params, jax.jit(tx.init)(params))
   k1, k2 = jax.random.split(jax.random.key(1))
   batch = {"image": jax.random.randint(k1, (batch_size, 224, 224, 3), 0, 256, jnp.uint8),
            "label": jax.random.randint(k2, (batch_size,), 0, NUM_CLASSES)}
-  seconds, flops = timing.time_step(lambda s, b, k: step(s, b, k, tx), state, (batch,),
-                                    steps)
-  return batch_size / seconds, flops / seconds
+  return timing.time_step(lambda s, b, k: step(s, b, k, tx), state, (batch,), steps, windows)
 
 
 def main():
   p = argparse.ArgumentParser()
   timing.add_common_flags(p)
-  p.add_argument("--remat", action="store_true")
   args = p.parse_args()
   device = jax.devices()[0]
   on_accelerator = device.platform != "cpu"
-  print(f"device: {device.device_kind} ({device.platform}); per-device batch {args.batch}; "
-        f"{args.dtype}; remat {args.remat}")
-  print(f"{'step':22s} {'images/s':>10s} {'TFLOP/s':>9s} {'MFU':>6s} {'vs plain':>8s}"
-        + ("  max batch" if args.find_max_batch else ""))
+  print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
+        f"{args.dtype}; remat {args.remat}; scan {args.scan}", flush=True)
+  print(timing.HEADER, flush=True)
   for variant in args.vit.split(","):
-    rates = {}
-    for name, recipe in (("plain", False), ("finetune", True)):
-      rate, flops = measure(variant, args.dtype, args.remat, recipe, args.batch, args.steps)
-      rates[name] = rate
-      mfu = f"{flops / 1e12 / args.peak_tflops:6.1%}" if on_accelerator else "     -"
-      extra = ""
-      if args.find_max_batch and recipe:
-        extra = "  " + str(timing.largest_batch(
-            lambda size: measure(variant, args.dtype, args.remat, True, size, 1), args.batch))
-      print(f"{name + ' ' + variant:22s} {rate:10.1f} {flops / 1e12:9.2f} {mfu} "
-            f"{rate / rates['plain']:8.2f}{extra}")
+    model_flops = flops_lib.classifier_per_image(variant, NUM_CLASSES)
+    baseline = None
+    for attention in args.attention.split(","):
+      for name, recipe in (("plain", False), ("finetune", True)):
+        t = measure(args, variant, attention, recipe, args.batch, args.steps, args.windows)
+        baseline = baseline or args.batch / t.median
+        print(timing.format_row(f"{name} {variant} {attention}", args.batch, t, model_flops,
+                                args.peak_tflops, on_accelerator, baseline), flush=True)
+      if args.find_max_batch:
+        size = timing.largest_batch(
+            lambda b: measure(args, variant, attention, True, b, 1, 1), args.batch * 2)
+        if size is not None:
+          t = measure(args, variant, attention, True, size, args.steps, args.windows)
+          print(timing.format_row(f"finetune {variant} {attention} max", size, t, model_flops,
+                                  args.peak_tflops, on_accelerator, baseline), flush=True)
 
 
 if __name__ == "__main__":

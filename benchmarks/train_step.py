@@ -1,15 +1,20 @@
-r"""Throughput and model-FLOPs utilization of one UniEmoX pretraining step, beside a plain MAE
-step (no teacher, no person view, no fusion) measured in the same run.
+r"""Throughput and MFU of one UniEmoX pretraining step, beside a naive MAE step (XLA attention,
+no remat, no teacher, no person view, no fusion) measured in the same run as the baseline.
 
-  python benchmarks/train_step.py --vit B/16,L/16 --batch 256         # on a GPU
-  python benchmarks/train_step.py --vit mu/16 --batch 8 --steps 3     # CPU smoke size
+  python benchmarks/train_step.py --vit B/16,L/16 --batch 256 --attention xla,cudnn   # a GPU
+  python benchmarks/train_step.py --vit mu/16 --batch 2 --steps 1                     # CPU smoke
 
-Batches are synthetic and device-resident (no input pipeline); the teacher is a randomly
-initialized CLIP ViT-B/16 (the architecture of openai/clip-vit-base-patch16, no download),
-or a tiny one for sizes below B. FLOPs are XLA's cost analysis of the compiled step (teacher
-forward included). MFU is reported against --peak_tflops (default: H100/H200 dense bf16,
-989.4); on CPU it is left out. --find_max_batch doubles the per-device batch until memory
-runs out and prints the largest that fits.
+Batches are synthetic and device-resident (no input pipeline). The teacher is a randomly
+initialized CLIP ViT-B/16 image tower (the architecture of openai/clip-vit-base-patch16, no
+download; a tiny one for sizes below B): our fused tower (`--teacher fused`, the default) or
+transformers' FlaxCLIPModel (`--teacher transformers`, needs transformers 4.x). Text
+embeddings come with the batch, as with data converted with --text_embeddings.
+
+MFU is the analytic model FLOPs (benchmarks/flops.py: matmuls, forward x3 for trained layers,
+x1 for the teacher, no recomputation) per second over --peak_tflops; XLA's own count of the
+compiled step is printed beside it. Images/s is the median of --windows timed windows of
+--steps steps (min-max beside it); compile time is lowering + compilation. --find_max_batch
+doubles the per-device batch until memory runs out and times the largest that fits.
 """
 import argparse
 import os
@@ -22,6 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks import flops as flops_lib  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from configs import pretrain  # noqa: E402
 from uniemox_jax import losses  # noqa: E402
@@ -31,9 +37,16 @@ from uniemox_jax.models import decoder as decoder_lib  # noqa: E402
 from uniemox_jax.models import masking  # noqa: E402
 from uniemox_jax.models import vit  # noqa: E402
 from uniemox_jax.teacher import clip  # noqa: E402
+from uniemox_jax.teacher import clip_vision  # noqa: E402
 
-
-def make_teacher(small: bool, dtype):
+def make_teacher(variant: str, impl: str, dtype, attention: str) -> clip.ClipTeacher:
+  small = vit.decode_variant(variant).width < 768
+  if impl == "fused":
+    config = flops_lib.teacher_config(variant)
+    tower = clip_vision.ClipVisionTower(config)
+    pixels = jnp.zeros((1, config.image_size, config.image_size, 3))
+    params = jax.jit(tower.init)(jax.random.key(0), pixels)["params"]
+    return clip.ClipTeacher.from_vision_tower(config, params, dtype=dtype, attention=attention)
   from transformers import CLIPConfig, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
   if small:
     config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64,
@@ -46,7 +59,7 @@ def make_teacher(small: bool, dtype):
     config = CLIPConfig(vision_config=dict(patch_size=16), projection_dim=512)
   model = FlaxCLIPModel(config, dtype=dtype, _do_init=False)
   params = jax.jit(model.init_weights, static_argnums=1)(jax.random.key(0), model.input_shape)
-  return clip.ClipTeacher(model, params)
+  return clip.ClipTeacher(model, params, dtype=dtype)
 
 
 class Mae(nn.Module):
@@ -54,15 +67,18 @@ class Mae(nn.Module):
   variant: str
   mask_ratio: float = 0.75
   dtype: vit.Dtype = jnp.bfloat16
+  attention: str = "xla"
+  remat: str = "none"
 
   @nn.compact
   def __call__(self, images):
-    enc = vit.Encoder(self.variant, 224, dtype=self.dtype, name="encoder")
+    enc = vit.Encoder(self.variant, 224, dtype=self.dtype, attention=self.attention,
+                      remat=self.remat, name="encoder")
     m = masking.random_masking(self.make_rng("mask"), images.shape[0], enc.num_patches,
                                self.mask_ratio)
     tokens, _ = enc(images, m.ids_keep, train=True)
     dec = decoder_lib.MaskDecoder(enc.num_patches, enc.shape.patch, dtype=self.dtype,
-                                  name="decoder")
+                                  attention=self.attention, remat=self.remat, name="decoder")
     pred = dec(dec.project(tokens), m.ids_restore)
     target = losses.reconstruction_target(decoder_lib.patchify(images, enc.shape.patch), False)
     return losses.masked_reconstruction_loss(pred, target, m.mask)
@@ -72,22 +88,28 @@ def _adamw():
   return optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
 
 
-def build_steps(variant: str, dtype):
+def uniemox_model(variant: str, dtype, attention: str, remat: str, scan: bool):
+  """The pretraining model of configs/pretrain.py with these settings."""
   cfg = pretrain.get_config(f"vit={variant}").model
-  cfg.dtype = "bfloat16" if dtype == jnp.bfloat16 else "float32"
-  model = models.pretrain_model(cfg)
-  small = vit.decode_variant(variant).width < 768
-  teacher = make_teacher(small, dtype)
+  cfg.update(dtype="bfloat16" if dtype == jnp.bfloat16 else "float32", attention=attention,
+             remat=remat, scan=scan)
+  return models.pretrain_model(cfg)
+
+
+def uniemox_fns(variant: str, dtype, attention: str, remat: str, scan: bool, teacher_impl: str):
+  """(init, step, teacher) of the UniEmoX step the trainer runs (same objective)."""
+  model = uniemox_model(variant, dtype, attention, remat, scan)
+  teacher = make_teacher(variant, teacher_impl, dtype, attention)
   tx = _adamw()
 
-  def uniemox_init(key, batch):
-    t = objective.teacher_outputs(teacher, teacher.params, batch)
+  def init(key, batch):
+    # Only shapes matter here (the teacher's weights must not become jit constants).
+    emb = jnp.zeros((2, teacher.embed_dim), jnp.float32)
     params = nn.unbox(model.init({"params": key, "mask": key}, batch["scene"][:2],
-                                 batch["person"][:2], t["text_emb"][:2], t["image_emb"][:2],
-                                 t["logit_scale"])["params"])
+                                 batch["person"][:2], emb, emb, 1.0)["params"])
     return params, tx.init(params)
 
-  def uniemox_step(state, teacher_params, batch, key):
+  def step(state, teacher_params, batch, key):
     params, opt_state = state
 
     def loss_fn(p):
@@ -95,22 +117,25 @@ def build_steps(variant: str, dtype):
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
+  return init, step, teacher
 
-  mae = Mae(variant, dtype=dtype)
 
-  def mae_init(key, batch):
+def mae_fns(variant: str, dtype, attention: str, remat: str):
+  mae = Mae(variant, dtype=dtype, attention=attention, remat=remat)
+  tx = _adamw()
+
+  def init(key, batch):
     params = nn.unbox(mae.init({"params": key, "mask": key}, batch["scene"][:2])["params"])
     return params, tx.init(params)
 
-  def mae_step(state, teacher_params, batch, key):
+  def step(state, teacher_params, batch, key):
     del teacher_params
     params, opt_state = state
     loss, grads = jax.value_and_grad(
         lambda p: mae.apply({"params": p}, batch["scene"], rngs={"mask": key}))(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
-
-  return teacher, {"uniemox": (uniemox_init, uniemox_step), "mae": (mae_init, mae_step)}
+  return init, step, None
 
 
 def fake_batch(batch: int, dtype):
@@ -121,40 +146,73 @@ def fake_batch(batch: int, dtype):
           "text_emb": jax.random.normal(k3, (batch, 512), jnp.float32)}
 
 
-def measure(init, step, teacher, batch_size, steps, dtype):
+def measure(fns, batch_size: int, steps: int, windows: int, dtype) -> timing.StepTiming:
+  init, step, teacher = fns
   batch = fake_batch(batch_size, dtype)
   state = jax.jit(init)(jax.random.key(0), batch)
-  seconds, flops = timing.time_step(step, state, (teacher.params, batch), steps)
-  return batch_size / seconds, flops / seconds
+  teacher_params = teacher.params if teacher is not None else {}
+  return timing.time_step(step, state, (teacher_params, batch), steps, windows)
 
 
 def main():
   p = argparse.ArgumentParser()
   timing.add_common_flags(p)
+  p.add_argument("--teacher", default="fused", help="comma-separated: fused, transformers")
+  p.add_argument("--no_baseline", action="store_true",
+                 help="skip the naive MAE rows (ratios are then to the first row)")
+  p.add_argument("--models", default="mae,uniemox", help="which steps: mae, uniemox")
   args = p.parse_args()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   device = jax.devices()[0]
   on_accelerator = device.platform != "cpu"
   if jax.device_count() > 1:
     print("note: measuring on one device (the first); run per chip", file=sys.stderr)
-  print(f"device: {device.device_kind} ({device.platform}); per-device batch {args.batch}; "
-        f"{args.dtype}; mask 0.75; teacher CLIP ViT-B/16 architecture")
-  print(f"{'model':22s} {'images/s':>10s} {'TFLOP/s':>9s} {'MFU':>6s} {'vs MAE':>7s}"
-        + ("  max batch" if args.find_max_batch else ""))
+  print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
+        f"{args.dtype}; mask 0.75; remat {args.remat}; scan {args.scan}", flush=True)
+  print(timing.HEADER, flush=True)
   for variant in args.vit.split(","):
-    teacher, fns = build_steps(variant, dtype)
-    rates = {}
-    for name in ("mae", "uniemox"):
-      init, step = fns[name]
-      rate, flops = measure(init, step, teacher, args.batch, args.steps, dtype)
-      rates[name] = rate
-      mfu = f"{flops / 1e12 / args.peak_tflops:6.1%}" if on_accelerator else "     -"
-      extra = ""
-      if args.find_max_batch:
-        extra = "  " + str(timing.largest_batch(
-            lambda size: measure(init, step, teacher, size, 1, dtype), args.batch))
-      print(f"{name + ' ' + variant:22s} {rate:10.1f} {flops / 1e12:9.2f} {mfu} "
-            f"{rate / rates['mae']:7.2f}{extra}")
+    baseline = None
+    if not args.no_baseline:
+      t = measure(mae_fns(variant, dtype, "xla", "none"), args.batch, args.steps,
+                  args.windows, dtype)
+      baseline = args.batch / t.median
+      print(timing.format_row(f"mae-naive {variant} xla", args.batch, t,
+                              flops_lib.per_image("mae", variant), args.peak_tflops,
+                              on_accelerator, baseline), flush=True)
+    models_ = args.models.split(",")
+    for attention in args.attention.split(","):
+      same_as_baseline = attention == "xla" and args.remat == "none" and baseline
+      if "mae" in models_ and not same_as_baseline:
+        t = measure(mae_fns(variant, dtype, attention, args.remat), args.batch, args.steps,
+                    args.windows, dtype)
+        baseline = baseline or args.batch / t.median
+        print(timing.format_row(f"mae {variant} {attention}", args.batch, t,
+                                flops_lib.per_image("mae", variant), args.peak_tflops,
+                                on_accelerator, baseline), flush=True)
+      if "uniemox" not in models_:
+        continue
+      for teacher_impl in args.teacher.split(","):
+        fns = uniemox_fns(variant, dtype, attention, args.remat, args.scan, teacher_impl)
+        model_flops = flops_lib.per_image("uniemox", variant, global_batch=args.batch,
+                                          teacher_cls_only=teacher_impl == "fused",
+                                          teacher=flops_lib.teacher_config(variant))
+        name = f"uniemox {variant} {attention} t={teacher_impl}"
+        t = measure(fns, args.batch, args.steps, args.windows, dtype)
+        baseline = baseline or args.batch / t.median
+        print(timing.format_row(name, args.batch, t, model_flops, args.peak_tflops,
+                                on_accelerator, baseline), flush=True)
+        if args.find_max_batch:
+          size = timing.largest_batch(
+              lambda b: measure(fns, b, 1, 1, dtype), args.batch * 2)
+          if size is None:
+            print(f"{name}: {args.batch} is the largest batch tried that fits", flush=True)
+            continue
+          model_flops = flops_lib.per_image("uniemox", variant, global_batch=size,
+                                            teacher_cls_only=teacher_impl == "fused",
+                                            teacher=flops_lib.teacher_config(variant))
+          t = measure(fns, size, args.steps, args.windows, dtype)
+          print(timing.format_row(name + " max", size, t, model_flops, args.peak_tflops,
+                                  on_accelerator, baseline), flush=True)
 
 
 if __name__ == "__main__":
