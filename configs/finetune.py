@@ -49,6 +49,7 @@ def get_config(arg=None):
                       remat="none", scan=False, dtype="bfloat16", param_dtype="float32",
                       attention="auto", attention_pad=0)
   config.data = dict(dir=arg.data, split="train", eval_split="val", workers=8,
+                     draft_decode=True,
                      synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)
   # Host: RandAugment m9 mstd0.5; device: random erasing, mixup/cutmix, label smoothing.
   config.augment = dict(rand_augment=True, erase_prob=0.25, mixup_alpha=0.8,

@@ -60,7 +60,10 @@ def get_config(arg=None):
   config.teacher = dict(name=arg.teacher, tiny=False, normalization="clip", dtype="bfloat16",
                         impl="fused", attention="auto")
   # EmoSet-118K train + val, converted with --text_embeddings (the test split is never used).
+  # draft_decode: JPEGs decoded at 1/2-1/8 scale when every crop allows (see
+  # data_pipelines/transforms.py); False decodes every image fully, as the reference does.
   config.data = dict(dir=arg.data, split="train+val", person_view=arg.person, workers=8,
+                     draft_decode=True,
                      synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)
   config.batch_size = 4096                 # global
   config.total_epochs = arg.epochs         # the released checkpoints: 100 and 200

@@ -89,30 +89,37 @@ class PretrainTransform(grain.transforms.RandomMap):
   person_view="second_view" an independent second scene-style view (the reference code)."""
 
   def __init__(self, image_size: int, person_view: str = "box",
-               scale=(0.2, 1.0), tokenize: Optional[Callable[[str], Dict]] = None):
+               scale=(0.2, 1.0), tokenize: Optional[Callable[[str], Dict]] = None,
+               draft: bool = True):
     """`tokenize` (prompt -> {"input_ids", "attention_mask"}) supplies tokens for datasets
-    converted without text embeddings; the teacher's text tower then embeds them on device."""
+    converted without text embeddings; the teacher's text tower then embeds them on device.
+    `draft`: decode JPEGs at a reduced scale when both crops allow it (see
+    `transforms.decode_for_boxes`)."""
     if person_view not in PERSON_VIEWS:
       raise ValueError(f"config.data.person_view={person_view!r}: choose one of {PERSON_VIEWS}")
     self.image_size, self.person_view, self.scale = image_size, person_view, scale
-    self.tokenize = tokenize
-
-  def _view(self, img, rng):
-    box = transforms.random_resized_crop_box(*img.size, rng, self.scale)
-    return transforms.to_array(transforms.crop_resize(img, box, self.image_size),
-                               flip=rng.random() < 0.5)
+    self.tokenize, self.draft = tokenize, draft
 
   def random_map(self, data: bytes, rng: np.random.Generator) -> Dict[str, np.ndarray]:
     rec = records.parse(data)
-    img = transforms.decode(rec["image"])
-    out = {"scene": self._view(img, rng), **_labels(rec),
-           "has_person": np.int32(rec["has_person"])}
+    img = transforms.open_lazy(rec["image"])
+    # Boxes are drawn on the stored size first (the same draws as a full decode), then the
+    # image is decoded just finely enough for both crops.
+    scene_box = transforms.random_resized_crop_box(*img.size, rng, self.scale)
+    scene_flip = rng.random() < 0.5
+    person_flip = False
     if self.person_view == "second_view":
-      out["person"] = self._view(img, rng)
+      person_box = transforms.random_resized_crop_box(*img.size, rng, self.scale)
+      person_flip = rng.random() < 0.5
     else:
-      box = transforms.person_box_pixels(img, rec["person_box"])
-      out["person"] = transforms.to_array(
-          transforms.crop_resize(img, box, self.image_size))
+      person_box = transforms.person_box_pixels(img.size, rec["person_box"])
+    img, (scene_box, person_box) = transforms.decode_for_boxes(
+        img, [scene_box, person_box], self.image_size, self.draft)
+    out = {"scene": transforms.to_array(transforms.crop_resize(img, scene_box, self.image_size),
+                                        flip=scene_flip),
+           "person": transforms.to_array(
+               transforms.crop_resize(img, person_box, self.image_size), flip=person_flip),
+           **_labels(rec), "has_person": np.int32(rec["has_person"])}
     if "text_emb" in rec:
       out["text_emb"] = rec["text_emb"]
     elif self.tokenize is not None:
@@ -124,13 +131,16 @@ class FinetuneTransform(grain.transforms.RandomMap):
   """RandomResizedCrop(scale 0.08-1, bicubic), flip, RandAugment m9 mstd0.5 (the rest of the
   fine-tuning recipe - random erasing, mixup/cutmix, label smoothing - runs on device)."""
 
-  def __init__(self, image_size: int, rand_augment: bool = True, scale=(0.08, 1.0)):
+  def __init__(self, image_size: int, rand_augment: bool = True, scale=(0.08, 1.0),
+               draft: bool = True):
     self.image_size, self.rand_augment, self.scale = image_size, rand_augment, scale
+    self.draft = draft
 
   def random_map(self, data: bytes, rng: np.random.Generator) -> Dict[str, np.ndarray]:
     rec = records.parse(data)
-    img = transforms.decode(rec["image"])
+    img = transforms.open_lazy(rec["image"])
     box = transforms.random_resized_crop_box(*img.size, rng, self.scale)
+    img, (box,) = transforms.decode_for_boxes(img, [box], self.image_size, self.draft)
     img = transforms.crop_resize(img, box, self.image_size)
     flip = rng.random() < 0.5
     if self.rand_augment:
@@ -210,11 +220,12 @@ def pretrain_dataset(data_dir: str, split: str = "train", *, batch_size: int,
                      image_size: int = 224, person_view: str = "box", seed: int = 0,
                      num_epochs: Optional[int] = None, process_index: int = 0,
                      process_count: int = 1,
-                     tokenize: Optional[Callable[[str], Dict]] = None) -> grain.MapDataset:
+                     tokenize: Optional[Callable[[str], Dict]] = None,
+                     draft_decode: bool = True) -> grain.MapDataset:
   """Batches of this process's `batch_size` pretraining examples: scene, person (uint8
   [B, S, S, 3]), text_emb (when converted with --text_embeddings; otherwise input_ids and
   attention_mask from `tokenize`, if given), label, has_person."""
-  transform = PretrainTransform(image_size, person_view, tokenize=tokenize)
+  transform = PretrainTransform(image_size, person_view, tokenize=tokenize, draft=draft_decode)
   return _train_dataset(ShardSource(data_dir, split), transform, batch_size, seed, num_epochs,
                         process_index, process_count)
 
@@ -222,10 +233,11 @@ def pretrain_dataset(data_dir: str, split: str = "train", *, batch_size: int,
 def finetune_dataset(data_dir: str, split: str = "train", *, batch_size: int,
                      image_size: int = 224, rand_augment: bool = True, seed: int = 0,
                      num_epochs: Optional[int] = None, process_index: int = 0,
-                     process_count: int = 1) -> grain.MapDataset:
+                     process_count: int = 1, draft_decode: bool = True) -> grain.MapDataset:
   """Batches of image (uint8), label (and labels, multi-hot, for multi-label data)."""
-  return _train_dataset(ShardSource(data_dir, split), FinetuneTransform(image_size, rand_augment),
-                        batch_size, seed, num_epochs, process_index, process_count)
+  transform = FinetuneTransform(image_size, rand_augment, draft=draft_decode)
+  return _train_dataset(ShardSource(data_dir, split), transform, batch_size, seed, num_epochs,
+                        process_index, process_count)
 
 
 def eval_dataset(data_dir: str, split: str = "test", *, batch_size: int,

@@ -10,18 +10,48 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
 BICUBIC = Image.BICUBIC
-Box = Tuple[int, int, int, int]   # x, y, width, height in pixels
+Box = Tuple[float, float, float, float]   # x, y, width, height in pixels
 
 
 def decode(data: bytes) -> Image.Image:
   img = Image.open(io.BytesIO(data))
   return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def open_lazy(data: bytes) -> Image.Image:
+  """The image with its header read and its pixels not yet decoded: `.size` is known, so the
+  crop boxes can be drawn before deciding how finely to decode (`decode_for_boxes`)."""
+  return Image.open(io.BytesIO(data))
+
+
+def decode_for_boxes(img: Image.Image, boxes: Sequence[Box], size: int,
+                     draft: bool = True) -> Tuple[Image.Image, List[Box]]:
+  """Decodes a lazily opened image just finely enough that each box, once scaled, still holds
+  at least `size` x `size` source pixels, and returns it with the boxes in its coordinates.
+
+  JPEG's decoder can produce 1/2, 1/4 or 1/8 of the image directly from the DCT coefficients
+  (PIL's draft mode), skipping most of the decode when every crop is far smaller than the
+  stored image. The crops then resample from the reduced image: close to, not equal to, a
+  full decode. Other formats, and `draft=False`, decode fully (boxes unchanged)."""
+  width, height = img.size
+  if draft and img.format == "JPEG" and boxes:
+    scale = max(max(size / max(b[2], 1), size / max(b[3], 1)) for b in boxes)
+    if scale < 0.5:    # a reduction is possible
+      img.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+  if img.mode != "RGB":
+    img = img.convert("RGB")
+  else:
+    img.load()
+  if img.size == (width, height):
+    return img, list(boxes)
+  sx, sy = img.size[0] / width, img.size[1] / height
+  return img, [(x * sx, y * sy, w * sx, h * sy) for x, y, w, h in boxes]
 
 
 def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
@@ -54,9 +84,10 @@ def crop_resize(img: Image.Image, box: Box, size: int) -> Image.Image:
   return img.resize((size, size), BICUBIC, box=(x, y, x + w, y + h))
 
 
-def person_box_pixels(img: Image.Image, rel_box: Sequence[float]) -> Box:
-  """Relative [ymin, xmin, ymax, xmax] -> pixel (x, y, w, h), at least one pixel wide."""
-  width, height = img.size
+def person_box_pixels(img_or_size, rel_box: Sequence[float]) -> Box:
+  """Relative [ymin, xmin, ymax, xmax] -> pixel (x, y, w, h), at least one pixel wide, for an
+  image (or its (width, height))."""
+  width, height = getattr(img_or_size, "size", img_or_size)
   ymin, xmin, ymax, xmax = (float(v) for v in rel_box)
   x0, y0 = int(math.floor(xmin * width)), int(math.floor(ymin * height))
   x1, y1 = int(math.ceil(xmax * width)), int(math.ceil(ymax * height))

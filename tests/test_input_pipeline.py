@@ -178,3 +178,49 @@ def test_tokens_for_datasets_without_text_embeddings(synthetic_data, tiny_teache
   batch = ip.pretrain_dataset(out, batch_size=4, image_size=16, tokenize=tokenize)[0]
   assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 77)
   assert "text_emb" not in batch
+
+
+def _jpeg(size, seed=0, fmt="JPEG"):
+  import io
+  from PIL import Image
+  rng = np.random.default_rng(seed)
+  # Smooth content (a JPEG's reduced decode is close to a resampled full one only where the
+  # image has no detail finer than the reduction).
+  small = rng.integers(0, 256, (size // 64, size // 64, 3), np.uint8)
+  img = Image.fromarray(small).resize((size, size), Image.BICUBIC)
+  buf = io.BytesIO()
+  img.save(buf, fmt, quality=95)
+  return buf.getvalue()
+
+
+def test_draft_decoding_reduces_large_jpegs_and_maps_the_boxes():
+  data = _jpeg(1024)
+  boxes = [(100, 200, 800, 700), (0, 0, 1024, 1024)]
+  img, scaled = transforms.decode_for_boxes(transforms.open_lazy(data), boxes, 224)
+  # Both boxes keep >= 224 source pixels at 1/2 scale, not at 1/4 (the 700-high box: 175).
+  assert img.size == (512, 512)
+  assert scaled == [(50.0, 100.0, 400.0, 350.0), (0.0, 0.0, 512.0, 512.0)]
+  full, same = transforms.decode_for_boxes(transforms.open_lazy(data), boxes, 224, draft=False)
+  assert full.size == (1024, 1024) and same == boxes
+  for a, b in zip(scaled, same):
+    fast = transforms.to_array(transforms.crop_resize(img, a, 224)).astype(np.float32)
+    ref = transforms.to_array(transforms.crop_resize(full, b, 224)).astype(np.float32)
+    assert np.abs(fast - ref).mean() < 2.0          # uint8 levels
+  # A small box forces the full resolution; PNGs are always decoded whole.
+  img, _ = transforms.decode_for_boxes(transforms.open_lazy(data), [(0, 0, 300, 300)], 224)
+  assert img.size == (1024, 1024)
+  img, _ = transforms.decode_for_boxes(transforms.open_lazy(_jpeg(1024, fmt="PNG")), boxes, 224)
+  assert img.size == (1024, 1024)
+
+
+def test_pretrain_views_with_and_without_draft_decoding_agree():
+  """Same random draws, the same crops: only the resampling source differs."""
+  serialized = records.Record(_jpeg(1024, seed=3), "train/x.jpg", "x.jpg", 1, "awe", "awe",
+                              person_box=[0.1, 0.1, 0.9, 0.9]).serialize()
+  out = {}
+  for draft in (True, False):
+    out[draft] = ip.PretrainTransform(224, "box", draft=draft).random_map(
+        serialized, np.random.default_rng(5))
+  for view in ("scene", "person"):
+    diff = np.abs(out[True][view].astype(np.float32) - out[False][view].astype(np.float32))
+    assert diff.mean() < 2.0

@@ -80,7 +80,8 @@ class FinetuneTrainer(trainer.TrainLoop):
         self.data_dir, config.data.split, batch_size=self.local_batch,
         image_size=config.model.image_size, rand_augment=config.augment.rand_augment,
         seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        process_count=jax.process_count(),
+        draft_decode=config.data.get("draft_decode", True))
     evaluate.check_batch(config.eval_batch_size, self.mesh)
     self.scorer = evaluate.classifier_scorer(self.model, self.multi_label)
     self.eval_every = config.get("eval_every_steps", 0) or max(

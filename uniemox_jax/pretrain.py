@@ -36,7 +36,8 @@ class PretrainTrainer(trainer.TrainLoop):
         self.data_dir, config.data.split, batch_size=self.local_batch,
         image_size=config.model.image_size, person_view=config.data.person_view,
         seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(), tokenize=tokenize)
+        process_count=jax.process_count(), tokenize=tokenize,
+        draft_decode=config.data.get("draft_decode", True))
 
   def init_params(self, key):
     size, width = self.config.model.image_size, self.config.model.decoder.width
