@@ -13,7 +13,7 @@ setuptools.setup(
                                                "data_pipelines.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.10.2,<0.11",
+        "jax>=0.10.2,<0.12",          # 0.11.2 ran the GPU benchmarks (docs/benchmarks.md)
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
         "orbax-checkpoint>=0.12.8,<0.13",

@@ -1,4 +1,4 @@
-r"""Throughput and model-FLOPs utilization of one fine-tuning step (METHOD.md 5: drop path 0.2,
+r"""Throughput and model-FLOPs utilization of one fine-tuning step (docs/method.md §5: drop path 0.2,
 layer-wise lr decay, on-device random erasing + mixup/cutmix + label smoothing), beside a plain
 supervised step of the same classifier (no augmentation, no decay) measured in the same run.
 

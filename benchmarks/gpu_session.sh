@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU session, prepared and tried on a CPU first (SMOKE=1: tiny sizes, XLA only):
 # checks, then timings, the most important first, each bounded so that the whole part stays
-# inside BUDGET seconds. Part 1: agreement checks, UniEmoX and MAE with cuDNN attention
-# (B/16, L/16). Part 2: the PyTorch peer, the XLA-attention rows, a larger batch.
+# inside BUDGET seconds. Part 1: UniEmoX with cuDNN attention (B/16, L/16) beside the naive
+# MAE baseline. Part 2: agreement checks, the PyTorch peer, the XLA-attention rows, a larger
+# batch.
 #   BUDGET=300 bash benchmarks/gpu_session.sh 1; BUDGET=240 bash benchmarks/gpu_session.sh 2
 # Everything printed is also appended to $OUT/log.txt. Wheels the device lacks
 # (ml_collections; transformers 4.x for the FlaxCLIPModel comparisons) travel in .whl/ and go
@@ -30,7 +31,7 @@ step() {   # step LIMIT_S CMD...: runs CMD unless the budget is spent; caps it a
   if (( left < 25 )); then echo "SKIPPED (budget spent): $*" | tee -a "$OUT/log.txt"; return; fi
   (( limit > left )) && limit=$left
   echo "### $* (limit ${limit}s, t=${SECONDS}s)" | tee -a "$OUT/log.txt"
-  timeout "$limit" "$@" 2>&1 | grep -v -e "Warning" -e "warn(" -e "deprecated" \
+  timeout "$limit" "$@" 2>&1 | grep -v -e "Warning" -e "warn(" -e "deprecated" -e "^$" \
     | tee -a "$OUT/log.txt"
   echo "### exit ${PIPESTATUS[0]} at t=${SECONDS}s" | tee -a "$OUT/log.txt"
 }
@@ -41,16 +42,18 @@ if [ "$part" = 1 ]; then
   PYTHONPATH=$JAXPATH python3 -c "import jax, flax, optax, transformers; \
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, \
 'transformers', transformers.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$OUT/log.txt"
-  step 100 env PYTHONPATH=$JAXPATH python3 benchmarks/attention_check.py $CHECK
-  step 120 env PYTHONPATH=$JAXPATH python3 benchmarks/train_step.py --vit $B $SIZE \
-    --attention $CUDNN
-  step 150 env PYTHONPATH=$JAXPATH python3 benchmarks/train_step.py --vit $L $SIZE \
-    --attention $CUDNN
+  # The UniEmoX step's GPU compile outlasted 70-150 s limits in the first session (MAE's took
+  # 14-43 s): time it alone first, then L/16 scanned (one block compiled, not 24).
+  step 200 env PYTHONPATH=$JAXPATH python3 benchmarks/train_step.py --vit $B $SIZE \
+    --attention $CUDNN --models uniemox
+  step 130 env PYTHONPATH=$JAXPATH python3 benchmarks/train_step.py --vit $L $SIZE \
+    --attention $CUDNN --models uniemox --scan
 else
+  step 100 env PYTHONPATH=$JAXPATH python3 benchmarks/attention_check.py $CHECK
   step 70 env PYTHONPATH=$PWD python3 benchmarks/torch_peer.py --vit $B,$L $PEER
   step 150 env PYTHONPATH=$JAXPATH python3 benchmarks/train_step.py --vit $B,$L $SIZE \
-    --attention xla --no_baseline --models uniemox
+    --attention xla --no_baseline --models uniemox --scan
   step 120 env PYTHONPATH=$JAXPATH python3 benchmarks/train_step.py --vit $B,$L $BIG \
-    --attention $CUDNN --no_baseline --models uniemox
+    --attention $CUDNN --no_baseline --models uniemox --scan
 fi
 echo "### part $part done at t=${SECONDS}s" | tee -a "$OUT/log.txt"

@@ -1,6 +1,7 @@
 """What the step benchmarks share: timing a jitted step, probing the largest batch, flags."""
 import dataclasses
 import statistics
+import sys
 import time
 from typing import Callable, List, Optional, Tuple
 
@@ -23,8 +24,13 @@ def time_step(step: Callable, state, args: Tuple, steps: int, windows: int = 3) 
   `windows` windows of `steps` steps each (the device is synchronized at each window's end)."""
   fn = jax.jit(step, donate_argnums=(0,))
   start = time.perf_counter()
-  compiled = fn.lower(state, *args, jax.random.key(2)).compile()
+  lowered = fn.lower(state, *args, jax.random.key(2))
+  lowered_s = time.perf_counter() - start
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - start
+  # Progress on stderr, so a run cut short by a time limit still shows where it was.
+  print(f"  [lowered in {lowered_s:.1f} s, compiled in {compile_s - lowered_s:.1f} s]",
+        file=sys.stderr, flush=True)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0

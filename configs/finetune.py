@@ -1,4 +1,4 @@
-r"""Fine-tuning on an emotion benchmark (METHOD.md 5): the paper's recipe.
+r"""Fine-tuning on an emotion benchmark (docs/method.md §5): the paper's recipe.
 
   python -m uniemox_jax.main --config configs/finetune.py:dataset=emo8,data=/data/emo8,\
 init=/ckpt/uniemox-l16/checkpoints --workdir WORKDIR
@@ -70,6 +70,8 @@ def get_config(arg=None):
   # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.
   config.init = dict(checkpoint="", encoder=arg.init, encoder_format=arg.format)
   config.log_every_steps = 50
+  # Several processes agree on a SIGTERM every this many steps (one all-gather each time).
+  config.preemption_poll_steps = 10
   config.profile = dict(first_step=10, num_steps=0)
   config.log_batch_hashes = False
   return config

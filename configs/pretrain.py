@@ -1,4 +1,4 @@
-r"""UniEmoX pretraining: the paper's recipe and its ablations (METHOD.md 1-4).
+r"""UniEmoX pretraining: the paper's recipe and its ablations (docs/method.md §1-4).
 
   python -m uniemox_jax.main --config configs/pretrain.py:vit=L/16,data=/data/emoset \
       --workdir WORKDIR
@@ -42,7 +42,7 @@ def model_config(vit: str, mask: float, fusion: str, losses: str,
       scan=False,
       # auto: cuDNN flash attention on NVIDIA GPUs (bf16), XLA elsewhere | cudnn | xla
       attention="auto",
-      attention_pad=0,     # cuDNN's sequence multiple; 0: its default (2)
+      attention_pad=0,     # cuDNN's sequence multiple; 0: odd lengths to 64, even ones unpadded
       dtype="bfloat16",
       param_dtype="float32",
   ))
@@ -76,6 +76,8 @@ def get_config(arg=None):
   # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.
   config.init = dict(checkpoint="", encoder="", encoder_format="")
   config.log_every_steps = 50
+  # Several processes agree on a SIGTERM every this many steps (one all-gather each time).
+  config.preemption_poll_steps = 10
   config.profile = dict(first_step=10, num_steps=5)
   config.log_batch_hashes = False
   return config

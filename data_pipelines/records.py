@@ -6,7 +6,7 @@
   label         int64    class index (alphabetical class folder order), -1 for multi-label data
   label_name    bytes    class name ("" for multi-label data)
   labels        int64[C] multi-hot labels (multi-label datasets only)
-  prompt        bytes    the text prompt of METHOD.md 2
+  prompt        bytes    the text prompt of docs/method.md §2
   attributes    bytes    JSON object of the EmoSet-style attributes present
   person_box    float[4] [ymin, xmin, ymax, xmax], relative to the image size (TFDS's BBox)
   has_person    int64    1 if person_box is a detected/annotated person, 0 for the whole image

@@ -2,7 +2,7 @@
 
   split_tree     <root>/{train,val,test}/<class>/*   (Emo8, FI, Emotion6, UBE, HECO, CAER-S as
                  the authors publish them)
-  class_folders  <root>/<class>/* split by a seeded, stratified recipe (METHOD.md 5); the split
+  class_folders  <root>/<class>/* split by a seeded, stratified recipe (docs/method.md §5); the split
                  is written as a manifest that later runs can reuse
   emoset         EmoSet-118K: {train,val,test}.json lists and per-image annotation JSONs
   emotic         EMOTIC: Annotations/Annotations.mat, 26 categories, multi-label, person boxes
@@ -32,7 +32,7 @@ EMOTIC_CLASSES = (
     "Excitement", "Fatigue", "Fear", "Happiness", "Pain", "Peace", "Pleasure", "Sadness",
     "Sensitivity", "Suffering", "Surprise", "Sympathy", "Yearning")
 
-# Seeded split recipes of METHOD.md 5: (train, val, test) fractions per class.
+# Seeded split recipes of docs/method.md §5: (train, val, test) fractions per class.
 RECIPES = {
     "fi": (0.80, 0.05, 0.15),
     "emotion6": (0.70, 0.10, 0.20),

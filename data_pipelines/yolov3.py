@@ -1,5 +1,5 @@
 """YOLOv3 in Flax from Darknet's own files: the `.cfg` network description and the `.weights`
-arrays (METHOD.md 6: the person detector of the conversion tool).
+arrays (docs/method.md §6: the person detector of the conversion tool).
 
   cfg = yolov3.parse_cfg(open("yolov3.cfg").read())
   net = yolov3.Darknet.from_cfg(cfg)

@@ -59,6 +59,17 @@ def test_padding_changes_the_kernel_input_length():
   assert "64x2x8" in text and "50x2x8" in text
 
 
+def test_default_padding_follows_what_cudnn_accepts_and_runs_fastest():
+  # Odd training lengths are refused by cuDNN: padded to a multiple of 64; even ones are not
+  # padded (fastest on the H200); XLA never; an explicit multiple always applies.
+  assert attention.padded_lengths("cudnn", 197, 197) == (256, 256)
+  assert attention.padded_lengths("cudnn", 1, 197) == (64, 256)
+  assert attention.padded_lengths("cudnn", 50, 50) == (50, 50)
+  assert attention.padded_lengths("xla", 197, 197) == (197, 197)
+  assert attention.padded_lengths("cudnn", 50, 50, 8) == (56, 56)
+  assert attention.padded_lengths("xla", 50, 50, 64) == (64, 64)
+
+
 def test_kernel_choice_is_validated():
   assert attention.resolve("auto", jnp.bfloat16, 64) == "xla"      # no GPU in the tests
   assert attention.resolve("xla", jnp.float32, 64) == "xla"

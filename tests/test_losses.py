@@ -1,4 +1,4 @@
-"""Each loss against an independent NumPy computation of METHOD.md 3's formula."""
+"""Each loss against an independent NumPy computation of docs/method.md §3's formula."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Classification fine-tuning (METHOD.md 5) on the shared training loop.
+"""Classification fine-tuning (docs/method.md §5) on the shared training loop.
 
 Encoder from a pretrained checkpoint (config.init.encoder through an importer), global-average
 pooled head, layer-wise lr decay on the encoder blocks, drop path; on the host RandAugment,

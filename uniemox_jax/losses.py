@@ -1,4 +1,4 @@
-"""The three UniEmoX losses (METHOD.md 3). All computed in float32.
+"""The three UniEmoX losses (docs/method.md §3). All computed in float32.
 
 Shapes: g (student, fused token) [B, D], omega (CLIP image embedding) [B, D], lam (CLIP text
 embeddings) [B, D]. Under `jax.jit` over a sharded batch, B is the global batch, so the B x B

@@ -1,4 +1,4 @@
-"""Classification metrics of the evaluation report, in NumPy on the host (METHOD.md 5).
+"""Classification metrics of the evaluation report, in NumPy on the host (docs/method.md §5).
 
 Single-label: top-1 / top-k accuracy, per-class accuracy (the recall of each class), macro F1
 and the confusion matrix (rows: true class, columns: predicted). Multi-label (EMOTIC): the

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of METHOD.md 4 (and 5), from `config.optim`.
+"""Optimizer and learning-rate schedule of docs/method.md §4 (and 5), from `config.optim`.
 
 AdamW(b1, b2, weight decay on kernels only: no decay on biases, norms, position / CLS / mask
 tokens), lr = base_lr * global_batch / 256, linear warmup then half-cosine to `min_lr`,

@@ -1,4 +1,4 @@
-"""UniEmoX pretraining (METHOD.md 1-4) on the shared training loop: the main job.
+"""UniEmoX pretraining (docs/method.md §1-4) on the shared training loop: the main job.
 
 The frozen CLIP teacher's parameters are a step constant, placed once, replicated; only the
 UniEmoX parameters are differentiated (see `uniemox_jax.objective`).

@@ -3,12 +3,13 @@
 `jax.nn.dot_product_attention` with no `implementation` always takes XLA's unfused path (jax
 0.10 and 0.11); cuDNN's fused kernel must be asked for by name, and only takes bf16/fp16
 inputs with a head dimension that is a multiple of 8. For training it also refuses odd
-sequence lengths (jax 0.11.2 on an H200: "Unsupported sequence length Q 197, KV 197"), so
-sequences are padded here to a multiple of `pad_to` (cuDNN's default: 2, the smallest that
-works; on the H200, 50 tokens ran fastest unpadded and slower at every larger multiple, see
-docs/benchmarks.md) and the padded keys are masked through `key_value_seq_lengths`, which both
-kernels honour; the padded query rows are sliced off. With padding the result equals
-unpadded attention (tested against the XLA path).
+sequence lengths (jax 0.11.2 on an H200: "Unsupported sequence length Q 197, KV 197"). So, by
+default, an odd length is padded to the next multiple of 64 (197 -> 256: the MAE-B/16 step
+ran 1.33x faster than with XLA's attention that way) and an even one is left alone (50
+tokens ran fastest unpadded; every padding multiple was slower). See docs/benchmarks.md.
+The padded keys are masked through `key_value_seq_lengths`, which both kernels honour, and
+the padded query rows are sliced off: the result equals unpadded attention (tested against
+the XLA path).
 """
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla")
-# Sequence padding per kernel when the caller names none: cuDNN needs even lengths; XLA's path
-# gains nothing from padding.
-DEFAULT_PAD = {"cudnn": 2, "xla": 1}
+# cuDNN's default: odd lengths padded to this multiple, even lengths unpadded.
+CUDNN_ODD_PAD = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,14 +57,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
                           ) -> jax.Array:
   """Non-causal attention of [B, T, H, D] queries over [B, S, H, D] keys and values.
 
-  Both sequence lengths are rounded up to a multiple of `pad_to` (default: 2 for cuDNN,
-  1 - no padding - for XLA) and the padded keys are masked out.
+  Both sequence lengths are rounded up to a multiple of `pad_to` and the padded keys are
+  masked out. Default: for cuDNN, odd lengths to a multiple of 64 and even ones unpadded; for
+  XLA, no padding.
   """
   impl = resolve(implementation, q.dtype, q.shape[-1])
-  if pad_to is None:
-    pad_to = DEFAULT_PAD[impl]
   t, s = q.shape[1], k.shape[1]
-  padded_t, padded_s = _round_up(t, pad_to), _round_up(s, pad_to)
+  padded_t, padded_s = padded_lengths(impl, t, s, pad_to)
   lengths = {}
   if (padded_t, padded_s) != (t, s):
     batch = q.shape[0]
@@ -75,6 +74,13 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
     lengths = dict(key_value_seq_lengths=jnp.full((batch,), s, jnp.int32))
   out = jax.nn.dot_product_attention(q, k, v, implementation=impl, **lengths)
   return out[:, :t]
+
+
+def padded_lengths(impl: str, t: int, s: int, pad_to: Optional[int] = None):
+  """The (query, key) lengths the kernel `impl` is given for lengths (t, s)."""
+  if pad_to is None:
+    pad_to = CUDNN_ODD_PAD if impl == "cudnn" and (t % 2 or s % 2) else 1
+  return _round_up(t, pad_to), _round_up(s, pad_to)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -1,4 +1,4 @@
-"""Downstream classifier (METHOD.md 5): encoder, global average pool, LayerNorm, Dense head.
+"""Downstream classifier (docs/method.md §5): encoder, global average pool, LayerNorm, Dense head.
 
 As in MAE's fine-tuning with global pooling, the encoder's final norm is replaced by `fc_norm`
 after the pool, so the pretrained `encoder/norm` is deliberately not loaded.

@@ -1,4 +1,4 @@
-"""Fusion of the scene token alpha and the person token beta into gamma (METHOD.md 1).
+"""Fusion of the scene token alpha and the person token beta into gamma (docs/method.md §1).
 
 Every fusion maps (alpha [B, D], beta [B, D]) -> gamma [B, D] and is chosen by name from the
 config (`config.model.fusion`) through `get_fusion`. "easy" is the paper's default; the others

@@ -1,4 +1,4 @@
-"""The UniEmoX pretraining model (METHOD.md 1 and 3).
+"""The UniEmoX pretraining model (docs/method.md §1 and 3).
 
 One encoder (shared weights) sees the masked scene view and the masked person view; the
 decoder's input projection turns their CLS tokens into the student tokens alpha and beta (in

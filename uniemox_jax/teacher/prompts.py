@@ -1,4 +1,4 @@
-"""The per-image text prompt of METHOD.md 2, built from EmoSet-style attributes.
+"""The per-image text prompt of docs/method.md §2, built from EmoSet-style attributes.
 
 Pure Python (no JAX, no TensorFlow), so the conversion tool can build prompts without
 importing any training code.
