@@ -1,6 +1,7 @@
-r"""Throughput and model-FLOPs utilization of one fine-tuning step (docs/method.md §5: drop path 0.2,
-layer-wise lr decay, on-device random erasing + mixup/cutmix + label smoothing), beside a plain
-supervised step of the same classifier (no augmentation, no decay) measured in the same run.
+r"""Throughput and model-FLOPs utilization of one fine-tuning step (docs/method.md §5: drop
+path 0.2, layer-wise lr decay, on-device random erasing + mixup/cutmix + label smoothing),
+beside a plain supervised step of the same classifier (no augmentation, no decay) measured in
+the same run.
 
   python benchmarks/finetune_step.py --vit B/16,L/16 --batch 256 [--remat full] [--find_max_batch]
   python benchmarks/finetune_step.py --vit mu/16 --batch 2 --steps 1    # CPU smoke size
@@ -32,11 +33,11 @@ NUM_CLASSES = 8
 
 
 def build_step(variant: str, dtype: str, remat: str, recipe: bool, attention: str = "auto",
-               scan: bool = False):
+               scan: bool = False, image_size: int = 224):
   """(init, tx, step) of the fine-tuning step; `recipe` False: the plain supervised baseline."""
   config = finetune_config.get_config(f"vit={variant}")
   config.model.update(dtype=dtype, remat=remat, drop_path=0.2 if recipe else 0.0,
-                      attention=attention, scan=scan)
+                      attention=attention, scan=scan, image_size=image_size)
   if not recipe:
     config.augment.update(erase_prob=0.0, mixup_alpha=0.0, cutmix_alpha=0.0,
                           label_smoothing=0.0)
@@ -45,7 +46,8 @@ def build_step(variant: str, dtype: str, remat: str, recipe: bool, attention: st
 
   def init(key):
     return nn.unbox(model.init({"params": key, "dropout": key},
-                               jnp.zeros((1, 224, 224, 3), jnp.float32))["params"])
+                               jnp.zeros((1, image_size, image_size, 3),
+                                         jnp.float32))["params"])
   mult = None
   if recipe:
     mult = optim.layerwise_multipliers(jax.eval_shape(init, jax.random.key(0)), depth, 0.75)
@@ -63,11 +65,13 @@ def build_step(variant: str, dtype: str, remat: str, recipe: bool, attention: st
 
 def measure(args, variant, attention, recipe, batch_size, steps, windows
             ) -> timing.StepTiming:
-  init, tx, step = build_step(variant, args.dtype, args.remat, recipe, attention, args.scan)
+  init, tx, step = build_step(variant, args.dtype, args.remat, recipe, attention, args.scan,
+                              args.image_size)
   params = jax.jit(init)(jax.random.key(0))
   state = (params, jax.jit(tx.init)(params))
   k1, k2 = jax.random.split(jax.random.key(1))
-  batch = {"image": jax.random.randint(k1, (batch_size, 224, 224, 3), 0, 256, jnp.uint8),
+  size = args.image_size
+  batch = {"image": jax.random.randint(k1, (batch_size, size, size, 3), 0, 256, jnp.uint8),
            "label": jax.random.randint(k2, (batch_size,), 0, NUM_CLASSES)}
   return timing.time_step(lambda s, b, k: step(s, b, k, tx), state, (batch,), steps, windows)
 
@@ -82,7 +86,7 @@ def main():
         f"{args.dtype}; remat {args.remat}; scan {args.scan}", flush=True)
   print(timing.HEADER, flush=True)
   for variant in args.vit.split(","):
-    model_flops = flops_lib.classifier_per_image(variant, NUM_CLASSES)
+    model_flops = flops_lib.classifier_per_image(variant, NUM_CLASSES, args.image_size)
     baseline = None
     for attention in args.attention.split(","):
       for name, recipe in (("plain", False), ("finetune", True)):

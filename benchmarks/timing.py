@@ -71,6 +71,8 @@ def add_common_flags(parser) -> None:
   """The flags every step benchmark takes."""
   parser.add_argument("--vit", default="B/16,L/16")
   parser.add_argument("--batch", type=int, default=256, help="per device")
+  parser.add_argument("--image_size", type=int, default=224,
+                      help="224 for every measurement; smaller only for CPU smoke runs")
   parser.add_argument("--steps", type=int, default=5, help="steps per timed window")
   parser.add_argument("--windows", type=int, default=3, help="timed windows (median, min, max)")
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])

@@ -88,7 +88,8 @@ class MaskedViT(nn.Module):
 
 
 def make_teacher(small: bool, device):
-  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
   if small:
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                               num_attention_heads=2, image_size=32, patch_size=8,

@@ -69,10 +69,11 @@ class Mae(nn.Module):
   dtype: vit.Dtype = jnp.bfloat16
   attention: str = "xla"
   remat: str = "none"
+  image_size: int = 224
 
   @nn.compact
   def __call__(self, images):
-    enc = vit.Encoder(self.variant, 224, dtype=self.dtype, attention=self.attention,
+    enc = vit.Encoder(self.variant, self.image_size, dtype=self.dtype, attention=self.attention,
                       remat=self.remat, name="encoder")
     m = masking.random_masking(self.make_rng("mask"), images.shape[0], enc.num_patches,
                                self.mask_ratio)
@@ -88,17 +89,19 @@ def _adamw():
   return optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
 
 
-def uniemox_model(variant: str, dtype, attention: str, remat: str, scan: bool):
+def uniemox_model(variant: str, dtype, attention: str, remat: str, scan: bool,
+                  image_size: int = 224):
   """The pretraining model of configs/pretrain.py with these settings."""
   cfg = pretrain.get_config(f"vit={variant}").model
   cfg.update(dtype="bfloat16" if dtype == jnp.bfloat16 else "float32", attention=attention,
-             remat=remat, scan=scan)
+             remat=remat, scan=scan, image_size=image_size)
   return models.pretrain_model(cfg)
 
 
-def uniemox_fns(variant: str, dtype, attention: str, remat: str, scan: bool, teacher_impl: str):
+def uniemox_fns(variant: str, dtype, attention: str, remat: str, scan: bool, teacher_impl: str,
+                image_size: int = 224):
   """(init, step, teacher) of the UniEmoX step the trainer runs (same objective)."""
-  model = uniemox_model(variant, dtype, attention, remat, scan)
+  model = uniemox_model(variant, dtype, attention, remat, scan, image_size)
   teacher = make_teacher(variant, teacher_impl, dtype, attention)
   tx = _adamw()
 
@@ -120,8 +123,8 @@ def uniemox_fns(variant: str, dtype, attention: str, remat: str, scan: bool, tea
   return init, step, teacher
 
 
-def mae_fns(variant: str, dtype, attention: str, remat: str):
-  mae = Mae(variant, dtype=dtype, attention=attention, remat=remat)
+def mae_fns(variant: str, dtype, attention: str, remat: str, image_size: int = 224):
+  mae = Mae(variant, dtype=dtype, attention=attention, remat=remat, image_size=image_size)
   tx = _adamw()
 
   def init(key, batch):
@@ -138,17 +141,18 @@ def mae_fns(variant: str, dtype, attention: str, remat: str):
   return init, step, None
 
 
-def fake_batch(batch: int, dtype):
+def fake_batch(batch: int, dtype, image_size: int = 224):
   k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
-  shape = (batch, 224, 224, 3)
+  shape = (batch, image_size, image_size, 3)
   return {"scene": jax.random.normal(k1, shape, dtype),
           "person": jax.random.normal(k2, shape, dtype),
           "text_emb": jax.random.normal(k3, (batch, 512), jnp.float32)}
 
 
-def measure(fns, batch_size: int, steps: int, windows: int, dtype) -> timing.StepTiming:
+def measure(fns, batch_size: int, steps: int, windows: int, dtype, image_size: int = 224
+            ) -> timing.StepTiming:
   init, step, teacher = fns
-  batch = fake_batch(batch_size, dtype)
+  batch = fake_batch(batch_size, dtype, image_size)
   state = jax.jit(init)(jax.random.key(0), batch)
   teacher_params = teacher.params if teacher is not None else {}
   return timing.time_step(step, state, (teacher_params, batch), steps, windows)
@@ -163,6 +167,7 @@ def main():
   p.add_argument("--models", default="mae,uniemox", help="which steps: mae, uniemox")
   args = p.parse_args()
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+  size = args.image_size
   device = jax.devices()[0]
   on_accelerator = device.platform != "cpu"
   if jax.device_count() > 1:
@@ -173,45 +178,49 @@ def main():
   for variant in args.vit.split(","):
     baseline = None
     if not args.no_baseline:
-      t = measure(mae_fns(variant, dtype, "xla", "none"), args.batch, args.steps,
-                  args.windows, dtype)
+      t = measure(mae_fns(variant, dtype, "xla", "none", size), args.batch, args.steps,
+                  args.windows, dtype, size)
       baseline = args.batch / t.median
       print(timing.format_row(f"mae-naive {variant} xla", args.batch, t,
-                              flops_lib.per_image("mae", variant), args.peak_tflops,
+                              flops_lib.per_image("mae", variant, image_size=size),
+                              args.peak_tflops,
                               on_accelerator, baseline), flush=True)
     models_ = args.models.split(",")
     for attention in args.attention.split(","):
       same_as_baseline = attention == "xla" and args.remat == "none" and baseline
       if "mae" in models_ and not same_as_baseline:
-        t = measure(mae_fns(variant, dtype, attention, args.remat), args.batch, args.steps,
-                    args.windows, dtype)
+        t = measure(mae_fns(variant, dtype, attention, args.remat, size), args.batch,
+                    args.steps, args.windows, dtype, size)
         baseline = baseline or args.batch / t.median
         print(timing.format_row(f"mae {variant} {attention}", args.batch, t,
-                                flops_lib.per_image("mae", variant), args.peak_tflops,
+                                flops_lib.per_image("mae", variant, image_size=size),
+                                args.peak_tflops,
                                 on_accelerator, baseline), flush=True)
       if "uniemox" not in models_:
         continue
       for teacher_impl in args.teacher.split(","):
-        fns = uniemox_fns(variant, dtype, attention, args.remat, args.scan, teacher_impl)
+        fns = uniemox_fns(variant, dtype, attention, args.remat, args.scan, teacher_impl, size)
         model_flops = flops_lib.per_image("uniemox", variant, global_batch=args.batch,
                                           teacher_cls_only=teacher_impl == "fused",
-                                          teacher=flops_lib.teacher_config(variant))
+                                          teacher=flops_lib.teacher_config(variant),
+                                          image_size=size)
         name = f"uniemox {variant} {attention} t={teacher_impl}"
-        t = measure(fns, args.batch, args.steps, args.windows, dtype)
+        t = measure(fns, args.batch, args.steps, args.windows, dtype, size)
         baseline = baseline or args.batch / t.median
         print(timing.format_row(name, args.batch, t, model_flops, args.peak_tflops,
                                 on_accelerator, baseline), flush=True)
         if args.find_max_batch:
-          size = timing.largest_batch(
-              lambda b: measure(fns, b, 1, 1, dtype), args.batch * 2)
-          if size is None:
+          largest = timing.largest_batch(
+              lambda b: measure(fns, b, 1, 1, dtype, size), args.batch * 2)
+          if largest is None:
             print(f"{name}: {args.batch} is the largest batch tried that fits", flush=True)
             continue
-          model_flops = flops_lib.per_image("uniemox", variant, global_batch=size,
+          model_flops = flops_lib.per_image("uniemox", variant, global_batch=largest,
                                             teacher_cls_only=teacher_impl == "fused",
-                                            teacher=flops_lib.teacher_config(variant))
-          t = measure(fns, size, args.steps, args.windows, dtype)
-          print(timing.format_row(name + " max", size, t, model_flops, args.peak_tflops,
+                                            teacher=flops_lib.teacher_config(variant),
+                                            image_size=size)
+          t = measure(fns, largest, args.steps, args.windows, dtype, size)
+          print(timing.format_row(name + " max", largest, t, model_flops, args.peak_tflops,
                                   on_accelerator, baseline), flush=True)
 
 

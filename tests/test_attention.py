@@ -109,10 +109,11 @@ def _loss_and_grads(remat):
     return model.apply({"params": p}, img, img, emb, emb, rngs={"mask": jax.random.key(4)})[0][
         "total"]
   jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
-  return jax.value_and_grad(loss)(params), jaxpr.count("remat") + jaxpr.count("checkpoint")
+  return (jax.jit(jax.value_and_grad(loss))(params),
+          jaxpr.count("remat") + jaxpr.count("checkpoint"))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "encoder", "decoder"])
+@pytest.mark.parametrize("policy", ["full", "dots_no_batch", "decoder"])
 def test_remat_policies_keep_values_and_gradients(policy):
   (loss, grads), _ = _loss_and_grads("none")
   (loss_r, grads_r), remat_ops = _loss_and_grads(policy)

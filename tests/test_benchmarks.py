@@ -25,7 +25,7 @@ def _rows(out, *prefixes):
 
 def test_train_step_benchmark_tiny():
   out = _run("train_step.py", "--vit", "mu/16", "--batch", "2", "--steps", "1",
-             "--windows", "2", "--attention", "xla")
+             "--windows", "2", "--attention", "xla", "--image_size", "64", "--scan")
   rows = _rows(out, "mae", "uniemox")
   assert [r[0] for r in rows] == ["mae-naive", "uniemox"]
   for r in rows:
@@ -38,7 +38,7 @@ def test_train_step_benchmark_tiny():
 
 def test_finetune_step_benchmark_tiny():
   out = _run("finetune_step.py", "--vit", "mu/16", "--batch", "2", "--steps", "1",
-             "--windows", "1", "--attention", "xla")
+             "--windows", "1", "--attention", "xla", "--image_size", "64")
   rows = _rows(out, "plain", "finetune")
   assert [r[0] for r in rows] == ["plain", "finetune"]
   assert all(float(r[-7]) > 0 for r in rows)
@@ -50,8 +50,7 @@ def test_input_pipeline_benchmark_tiny():
   assert "pretrain pipeline (1 core)" in out and "finetune pipeline (1 core)" in out
 
 
-@pytest.mark.parametrize("model,variant", [("mae", "B/16"), ("uniemox", "B/16"),
-                                           ("uniemox", "L/16")])
+@pytest.mark.parametrize("model,variant", [("mae", "B/16"), ("uniemox", "B/16")])
 def test_analytic_flops_match_xla_cost_analysis(model, variant):
   """XLA counts every operation, the analytic count only matrix products: XLA's is a little
   larger, never smaller (measured 0.9-1.4% for these steps)."""

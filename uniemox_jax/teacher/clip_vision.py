@@ -74,13 +74,17 @@ class _Block(nn.Module):
                             (c.width, 3, c.heads, head_dim))
     qkv_bias = self.param("qkv_bias", nn.initializers.zeros, (3, c.heads, head_dim))
     qkv_kernel, qkv_bias = qkv_kernel.astype(self.dtype), qkv_bias.astype(self.dtype)
+
+    def project(inputs, kernel, bias):   # one plain [B*T, D] x [D, n*H*hd] matmul
+      out = inputs @ kernel.reshape(c.width, -1) + bias.reshape(1, 1, -1)
+      return out.reshape(inputs.shape[:2] + kernel.shape[1:])
     if self.cls_only:
-      kv = jnp.einsum("btd,dkhe->btkhe", y, qkv_kernel[:, 1:]) + qkv_bias[None, None, 1:]
-      q = jnp.einsum("btd,dhe->bthe", y[:, :1], qkv_kernel[:, 0]) + qkv_bias[None, None, 0]
+      kv = project(y, qkv_kernel[:, 1:], qkv_bias[1:])
+      q = project(y[:, :1], qkv_kernel[:, :1], qkv_bias[:1])[:, :, 0]
       k, v = kv[:, :, 0], kv[:, :, 1]
       x = x[:, :1]
     else:
-      qkv = jnp.einsum("btd,dkhe->btkhe", y, qkv_kernel) + qkv_bias[None, None]
+      qkv = project(y, qkv_kernel, qkv_bias)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     out = attention_lib.dot_product_attention(q, k, v, implementation=self.attention,
                                               pad_to=self.attention_pad or None)
