@@ -4,7 +4,7 @@ r"""The embedded default: a tiny UniEmoX and a tiny random CLIP teacher, on 2 CP
 
 Builds the synthetic emotion dataset in WORKDIR/synthetic and a random tiny CLIP in
 WORKDIR/tiny_clip (loaded through the same code as a real checkpoint), then pretrains for
-300 steps. Rerunning resumes from WORKDIR/checkpoints.
+200 steps. Rerunning resumes from WORKDIR/checkpoints.
 """
 from configs import pretrain
 
@@ -21,9 +21,10 @@ def get_config(arg=None):
   config.teacher.dtype = "float32"
   config.data.update(split="train", workers=0, synthetic=True)
   config.batch_size = 32
-  config.total_steps = 300
+  config.total_steps = 200
   config.optim.update(base_lr=4e-3, warmup_steps=30)
   config.checkpoint.update(every_steps=100, keep=2, keep_every=0)
   config.log_every_steps = 25
   config.profile.num_steps = 0
+  config.compilation_cache_dir = "workdirs/jax_cache"   # a rerun skips most compilation
   return config

@@ -24,10 +24,11 @@ def get_config(arg=None):
   config.init.encoder = os.path.join(arg.pretrained, "checkpoints")
   config.batch_size = 32
   config.eval_batch_size = 32
-  config.total_epochs = 30
+  config.total_epochs = 20
   config.optim.update(base_lr=2e-3, warmup_epochs=3)
   config.augment.update(rand_augment=False, mixup_alpha=0.0, cutmix_alpha=0.0)
   config.eval_every_epochs = 5
   config.checkpoint.update(every_steps=100, keep=1)
   config.log_every_steps = 50
+  config.compilation_cache_dir = "workdirs/jax_cache"
   return config

@@ -78,6 +78,8 @@ def get_config(arg=None):
   config.log_every_steps = 50
   # Several processes agree on a SIGTERM every this many steps (one all-gather each time).
   config.preemption_poll_steps = 10
+  # JAX's persistent cache of compiled programs ("" off): reruns and resumes compile less.
+  config.compilation_cache_dir = ""
   config.profile = dict(first_step=10, num_steps=5)
   config.log_batch_hashes = False
   return config

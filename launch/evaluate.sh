@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Evaluate a fine-tuned checkpoint on one split: top-1/top-3, per-class accuracy, macro F1,
-# confusion matrix (JSON + PNG), or mAP for multi-label data; report in the checkpoint's workdir.
-#   Usage: launch/evaluate.sh CONFIG CHECKPOINT [SPLIT] [--workdir OUT] [--config.field=value ...]
+# confusion matrix (JSON + PNG), or mAP for multi-label data; the report goes to
+# WORKDIR/evaluations/<checkpoint dir>-<step>/ beside the checkpoint (or --out_dir OUT).
+#   Usage: launch/evaluate.sh CONFIG CHECKPOINT [SPLIT] [--out_dir OUT] [--config.field=value ...]
 #   e.g.   launch/evaluate.sh configs/finetune.py:dataset=emo8,data=/data/emo8 /ckpt/emo8/best test
 # On a pod or cluster, start it on every process as the training launchers do; JAX joins them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ $# -ge 2 ]] || { sed -n '2,6p' "$0"; exit 2; }
+[[ $# -ge 2 ]] || { sed -n '2,7p' "$0"; exit 2; }
 config=$1 checkpoint=$2
 shift 2
 split=test

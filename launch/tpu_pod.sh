@@ -7,10 +7,22 @@
 #   e.g.   launch/tpu_pod.sh my-v4-64 us-central2-b \
 #              configs/pretrain.py:vit=L/16,data=gs://bucket/emoset gs://bucket/ckpt/l16
 #   WORKDIR must be shared by all workers (GCS): checkpoints are written by every host.
+#   Preemption (exit 75 on a worker, after the state is saved) restarts the command, up to
+#   MAX_RESTARTS times (default 20); any other failure stops.
 set -euo pipefail
 [[ $# -ge 4 ]] || { sed -n '2,9p' "$0"; exit 2; }
 tpu=$1 zone=$2 config=$3 workdir=$4
 shift 4
 repo=${REPO_DIR:-\$HOME/uniemox-jax}
-gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
-  "cd $repo && python3 -m uniemox_jax.main --config '$config' --workdir '$workdir' $*"
+PREEMPTED=75     # uniemox_jax.errors.EXIT_PREEMPTED
+for attempt in $(seq 0 "${MAX_RESTARTS:-20}"); do
+  set +e
+  gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
+    "cd $repo && python3 -m uniemox_jax.main --config '$config' --workdir '$workdir' $*"
+  code=$?
+  set -e
+  [[ $code -eq $PREEMPTED ]] || exit $code
+  echo "preempted (attempt $attempt): restarting to resume from $workdir" >&2
+  sleep 30
+done
+exit $PREEMPTED

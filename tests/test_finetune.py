@@ -12,7 +12,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from configs import demo
@@ -84,7 +83,8 @@ def odd_data(tmp_path_factory):
   for p in test_files[:3]:
     p.unlink()
   convert.main(["--source", "split_tree", "--root", str(root / "raw"), "--name", "odd",
-                "--out", str(root / "shards"), "--workers", "1", "--no_progress"])
+                "--out", str(root / "shards"), "--workers", "1", "--no_progress",
+                "--allow_empty_classes"])
   return str(root / "shards")
 
 
@@ -273,7 +273,8 @@ def test_zero_shot_end_to_end(pretrained, tmp_path):
                                progress=False)
   assert result["num_examples"] == 32
   assert sum(map(sum, result["confusion_matrix"])) == 32
-  assert os.path.exists(tmp_path / "zero_shot" / "test_confusion.png")
+  assert os.path.exists(tmp_path / "test_confusion.png")
+  assert str(tmp_path / "test_results.json") in result["files"]
 
 
 def test_class_embeddings_average_templates(tiny_teacher):
@@ -309,3 +310,36 @@ def test_predict_folder_to_csv_and_json(finetuned, tmp_path):
   assert np.mean(hits) >= 2 / 8
   with pytest.raises(FileNotFoundError, match="is not a directory"):
     predict.list_images(str(tmp_path / "nope"))
+
+
+def test_preempted_fine_tuning_skips_the_final_evaluation(pretrained, tmp_path, monkeypatch):
+  """SIGTERM (here: the preemption flag) saves, then nothing after training runs: no test
+  report, and the caller sees errors.Preempted (exit 75 from the command line)."""
+  from uniemox_jax import errors
+  from uniemox_jax import trainer as trainer_lib
+  config = _finetune_config(pretrained)
+  monkeypatch.setattr(trainer_lib.Preemption, "reached", lambda self, step: step == 3)
+  with pytest.raises(errors.Preempted, match="preempted at step 3; rerun the same command"):
+    finetune.finetune(config, str(tmp_path))
+  assert os.path.isdir(tmp_path / "checkpoints" / "3")
+  assert not os.path.exists(tmp_path / "test_results.json")
+
+
+def test_a_checkpoint_with_reordered_classes_is_refused_before_the_first_step(
+    finetuned, pretrained, tmp_path):
+  """Same class names in another order would silently relabel every class."""
+  import shutil
+  from uniemox_jax import errors
+  workdir, config, _ = finetuned
+  data = str(tmp_path / "data")
+  shutil.copytree(config.data.dir, data)
+  info_path = os.path.join(data, "uniemox_info.json")
+  info = json.load(open(info_path))
+  info["class_names"] = info["class_names"][::-1]
+  json.dump(info, open(info_path, "w"))
+  other = _finetune_config(pretrained, **{
+      "data.dir": data, "init.checkpoint": os.path.join(workdir, "best"), "init.encoder": ""})
+  t = finetune.FinetuneTrainer(other, str(tmp_path / "w"))
+  with pytest.raises(errors.UserError, match="was trained on classes"):
+    t.initial_state(None)
+  t.close()

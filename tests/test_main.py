@@ -18,9 +18,17 @@ def _run(*args):
 def test_demo_command_trains_and_writes_its_workdir(tmp_path):
   """The README's main job (shortened: the full demo's loss curve is test_trainer's)."""
   proc = _run("--config", "configs/demo.py", f"--workdir={tmp_path}",
-              "--config.total_steps=10", "--config.data.synthetic_per_class=6,2,2")
+              "--config.total_steps=10", "--config.data.synthetic_per_class=6,2,2",
+              "--config.log_every_steps=5")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.loads(proc.stdout[proc.stdout.index("{"):])
+  # Quiet: the config's path, not its contents; no library chatter; a progress line per log.
+  assert f"config: {tmp_path}/config.json" in proc.stdout
+  for noise in ("oneDNN", "TensorFlow binary", "FutureWarning", "could not be restored",
+                "cpu_feature_guard", "Setting work unit notes", "mask_ratio: 0.75"):
+    assert noise not in proc.stderr, noise
+  progress = [line for line in proc.stderr.splitlines() if "step 5/10 (50%)" in line]
+  assert progress and "img/s" in progress[0] and "left" in progress[0], proc.stderr[-2000:]
+  result, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])
   assert {"l1", "l2", "l3", "total", "grad_norm", "learning_rate"} <= set(result)
   assert result["grad_norm"] > 0
   assert abs(result["total"] - (result["l1"] + result["l2"] + result["l3"])) < 1e-5
@@ -36,7 +44,7 @@ def test_demo_command_trains_and_writes_its_workdir(tmp_path):
               f"--workdir={tmp_path / 'finetune'}", "--config.total_epochs=2",
               "--config.eval_every_epochs=1")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  table = proc.stdout[proc.stdout.index("test split:"):].splitlines()
+  table = proc.stdout[proc.stdout.index("test split:"):proc.stdout.index("wrote:")].splitlines()
   assert table[1].startswith("num_examples=16  top1=")
   assert [line.split()[0] for line in table[3:]] == json.loads(
       (tmp_path / "synthetic" / "uniemox_info.json").read_text())["class_names"]

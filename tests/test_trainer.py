@@ -3,6 +3,7 @@ resharded restore, non-finite stop, and 2 processes agreeing with 1."""
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -129,15 +130,24 @@ def test_checkpoint_killed_mid_save_is_ignored(reference, tmp_path):
 
 def test_sigterm_saves_and_exits_cleanly(reference, tmp_path):
   workdir = str(tmp_path)
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+  # (stdout is small: the config path; stderr, the log, goes to a pipe read at the end.)
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   _wait_for_checkpoint(workdir, proc, 10)
   proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
-  assert "Preempted: saved step" in err
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 75, err[-3000:]       # uniemox_jax.errors.EXIT_PREEMPTED
+  # The last line says where it stopped and what to do; nothing after training ran.
+  step = int(re.fullmatch(r"preempted at step (\d+); rerun the same command to resume",
+                          err.strip().splitlines()[-1]).group(1))
+  assert step in checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            read_only=True).all_steps()
+  assert "checkpoints/, metrics.jsonl" not in out      # main's closing "wrote:" line
   _run(workdir)
   _assert_bitwise_equal(_params(workdir), _params(reference))
+  # One metrics line per logged step, although steps after the checkpoint were logged twice.
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == sorted(set(steps)) and steps[-1] == STEPS
 
 
 _RESTORE = r"""

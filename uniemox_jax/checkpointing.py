@@ -30,7 +30,12 @@ class Checkpointer:
         max_to_keep=keep if keep > 0 else None, keep_period=keep_every or None,
         enable_async_checkpointing=asynchronous, create=not read_only, read_only=read_only,
         cleanup_tmp_directories=not read_only)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Handlers named up front: reading a step's metadata then knows every item (without
+    # them orbax warns, on each resume, that items "could not be restored").
+    handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
+                META: ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()

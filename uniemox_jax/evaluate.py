@@ -9,8 +9,9 @@ the eval pipeline pads the last batch and marks padding with `mask` False and `i
 scores of every process are gathered, padding dropped, and the rest put back in record order
 (`gather_split`). The report: top-1 / top-3 accuracy, per-class accuracy, macro F1 and the
 confusion matrix (JSON and PNG with the class names), or mAP and per-class AP for
-multi-label data, written to OUT/<split>_results.json (OUT defaults to the checkpoint's
-workdir) and printed as a table.
+multi-label data, written to OUT/<split>_results.json and printed as a table. OUT defaults
+to WORKDIR/evaluations/<checkpoint dir>-<step>/ beside the evaluated checkpoint, so it never
+overwrites the training run's own reports.
 """
 from __future__ import annotations
 
@@ -19,9 +20,7 @@ import json
 import os
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from absl import app
 from absl import flags
-from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
@@ -31,6 +30,8 @@ import numpy as np
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
 from uniemox_jax import checkpointing
+from uniemox_jax import distributed
+from uniemox_jax import errors
 from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import sharding
@@ -58,8 +59,10 @@ def gather_split(fn: Callable[[Dict[str, jax.Array]], Dict[str, jax.Array]], dat
   if progress and jax.process_index() == 0:
     import tqdm  # pylint: disable=g-import-not-at-top
     batches = tqdm.tqdm(batches, total=len(dataset), desc=description, unit="batch")
-  for host in batches:
+  for i, host in enumerate(batches):
     device = {k: jax.make_array_from_process_local_data(batch_sharding, host[k]) for k in keys}
+    if i == 0:
+      fn = _compiled_together(fn, device, description)
     out = fn(device)
     local = {k: host[k] for k in ("index", "mask", "label", "labels") if k in host}
     parts.append((multihost_utils.process_allgather(out, tiled=True),
@@ -76,6 +79,20 @@ def gather_split(fn: Callable[[Dict[str, jax.Array]], Dict[str, jax.Array]], dat
     raise RuntimeError("evaluation did not see every record exactly once: "
                        f"{len(index)} records, indices {index[:10]}...")
   return {k: v[keep][order] for k, v in joined.items()}
+
+
+def _compiled_together(fn, device_batch, name: str):
+  """`fn` (a jitted function of the batch, or a functools.partial of one) compiled, then every
+  process waits for the others (`distributed.compile_together`)."""
+  if jax.process_count() == 1:
+    return fn
+  target, args = fn, ()
+  if isinstance(fn, functools.partial) and not fn.keywords:
+    target, args = fn.func, fn.args
+  if not hasattr(target, "lower"):
+    return fn
+  compiled = distributed.compile_together(target, *args, device_batch, name=name)
+  return functools.partial(compiled, *args)
 
 
 def report(scores: np.ndarray, outputs: Dict[str, np.ndarray], info: Dict[str, Any],
@@ -140,15 +157,15 @@ def check_classes(step_dir: str, info: Dict[str, Any]) -> None:
   tree = checkpointing.state_metadata(step_dir)
   head = tree.get("params", {}).get("head")
   if head is None:
-    raise ValueError(f"{step_dir} has no classification head (params/head): it is not a "
+    raise errors.UserError(f"{step_dir} has no classification head (params/head): it is not a "
                      "fine-tuned checkpoint; use --config.init.encoder to fine-tune from it")
   width = head["kernel"].shape[-1]
   if width != len(names):
-    raise ValueError(f"{step_dir}: the head predicts {width} classes but the dataset "
+    raise errors.UserError(f"{step_dir}: the head predicts {width} classes but the dataset "
                      f"{info.get('name', '')} has {len(names)} ({names})")
   saved = checkpointing.read_meta(step_dir).get("class_names")
   if saved is not None and list(saved) != list(names):
-    raise ValueError(f"{step_dir} was trained on classes {saved}, the dataset has {names}")
+    raise errors.UserError(f"{step_dir} was trained on classes {saved}, the dataset has {names}")
 
 
 def classifier_scorer(model, multi_label: bool):
@@ -192,25 +209,36 @@ def evaluate_classifier(config, params, split: str, mesh, info: Dict[str, Any],
   return report(outputs.pop("scores"), outputs, info)
 
 
+def default_out_dir(step_dir: str) -> str:
+  """WORKDIR/evaluations/<checkpoint dir>-<step> for WORKDIR/<checkpoint dir>/<step>."""
+  root = os.path.dirname(step_dir)
+  return os.path.join(os.path.dirname(root), "evaluations",
+                      f"{os.path.basename(root)}-{os.path.basename(step_dir)}")
+
+
 def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[str] = None,
                         progress: bool = True) -> Dict[str, Any]:
-  """Loads a fine-tuned checkpoint, evaluates it on `split`, writes and returns the report."""
+  """Loads a fine-tuned checkpoint, evaluates it on `split`, writes and returns the report
+  (its files under result["files"])."""
   from uniemox_jax import trainer  # pylint: disable=g-import-not-at-top
-  step_dir = checkpointing.resolve_step_dir(checkpoint)
-  out_dir = out_dir or os.path.dirname(os.path.dirname(step_dir))   # the checkpoint's workdir
-  data_dir = trainer.resolve_data_dir(config, out_dir)
-  info = input_pipeline.load_info(data_dir)
-  if split not in info["splits"]:
-    raise ValueError(f"--split {split!r}: {data_dir} has the splits {sorted(info['splits'])}")
-  check_classes(step_dir, info)
-  params = checkpointing.read_subtree(step_dir, ("params",))
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  with errors.as_user_errors():
+    step_dir = checkpointing.resolve_step_dir(checkpoint)
+    workdir = os.path.dirname(os.path.dirname(step_dir))   # the checkpoint's workdir
+    out_dir = out_dir or default_out_dir(step_dir)
+    data_dir = trainer.resolve_data_dir(config, workdir)
+    info = input_pipeline.load_info(data_dir)
+    if split not in info["splits"]:
+      raise errors.UserError(f"--split {split!r}: {data_dir} has the splits "
+                             f"{sorted(info['splits'])}")
+    check_classes(step_dir, info)
+    params = checkpointing.read_subtree(step_dir, ("params",))
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   result = evaluate_classifier(config, params, split, mesh, info, data_dir, progress,
                                params_source=step_dir)
   result["checkpoint"] = step_dir
   result["split"] = split
   if jax.process_index() == 0:
-    write_report(result, out_dir, split)
+    result["files"] = sorted(write_report(result, out_dir, split).values())
   return result
 
 
@@ -222,19 +250,20 @@ def main(argv):
   from uniemox_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(None, None, None)
   result = evaluate_checkpoint(_CONFIG.value, flags.FLAGS.checkpoint, flags.FLAGS.split,
-                               flags.FLAGS.workdir)
+                               flags.FLAGS.out_dir)
   if jax.process_index() == 0:
     print(metrics.format_table(result, f"{flags.FLAGS.split}: {result['checkpoint']}"))
-    logging.info("Report written beside %s", result["checkpoint"])
+    print("wrote: " + ", ".join(result["files"]), flush=True)
 
 
 if __name__ == "__main__":
+  from uniemox_jax import cli  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config (its data, "
                                             "model and eval batch size).", lock_config=False)
   flags.DEFINE_string("checkpoint", None, "A checkpoint directory (<dir> or <dir>/<step>).")
   flags.DEFINE_string("split", "test", "The split to evaluate.")
-  flags.DEFINE_string("workdir", None, "Where the report goes (default: the checkpoint's "
-                      "workdir).")
+  flags.DEFINE_string("out_dir", None, "Where the report goes (default: "
+                      "WORKDIR/evaluations/<checkpoint dir>-<step>, beside the checkpoint).")
   flags.mark_flags_as_required(["config", "checkpoint"])
-  app.run(main)
+  cli.run(main)

@@ -100,6 +100,17 @@ class FinetuneTrainer(trainer.TrainLoop):
   def batch_keys(self, host_batch):
     return ["image", "labels" if self.multi_label else "label"]
 
+  def required_splits(self) -> Dict[str, str]:
+    splits = super().required_splits()
+    splits.setdefault(self.config.data.eval_split, "config.data.eval_split")
+    if self.config.get("test_split"):
+      splits.setdefault(self.config.test_split, "config.test_split")
+    return splits
+
+  def check_checkpoint(self, step_dir: str) -> None:
+    """A resumed or explicit checkpoint must have this dataset's head and classes."""
+    evaluate.check_classes(step_dir, self.info)
+
   def lr_multipliers(self, params):
     decay = self.config.optim.get("layer_decay", 1.0)
     if decay >= 1.0:

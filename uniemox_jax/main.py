@@ -2,30 +2,36 @@ r"""Entry point: `python -m uniemox_jax.main --config configs/demo.py --workdir 
 
 Runs the config's task - UniEmoX pretraining (`uniemox_jax.pretrain`), fine-tuning
 (`uniemox_jax.finetune`) or a linear probe (`uniemox_jax.linear_probe`) - and prints the
-final metrics as JSON (fine-tuning: with the test table). The resolved config is logged and written to WORKDIR/config.json. Any
-config field can be overridden: `--config.batch_size=512`.
+final metrics as JSON (fine-tuning: with the test table). The resolved config is written to
+WORKDIR/config.json (its path is printed). Any config field can be overridden:
+`--config.batch_size=512`.
+
+Exit codes: 0 done; 2 a user's mistake (one line names the file, field or flag); 75
+preempted (state saved: rerun the same command to resume); 1 anything else.
 
 Several processes (TPU pod slices, SLURM GPU jobs) are detected and joined automatically; a
 hand-started multi-process run passes --coordinator_address, --num_processes, --process_id.
 """
 from __future__ import annotations
 
-import json
-import logging as pylogging
-import os
+from uniemox_jax import cli  # first: it quiets the libraries imported below
 
-from absl import app
-from absl import flags
-from absl import logging
-import jax
-from ml_collections import config_flags
+import json  # noqa: E402
+import os  # noqa: E402
 
-from uniemox_jax import distributed
-from uniemox_jax import finetune
-from uniemox_jax import linear_probe
-from uniemox_jax import metrics
-from uniemox_jax import models
-from uniemox_jax import pretrain
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+import jax  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from uniemox_jax import distributed  # noqa: E402
+from uniemox_jax import errors  # noqa: E402
+from uniemox_jax import finetune  # noqa: E402
+from uniemox_jax import linear_probe  # noqa: E402
+from uniemox_jax import metrics  # noqa: E402
+from uniemox_jax import models  # noqa: E402
+from uniemox_jax import pretrain  # noqa: E402
 
 TASKS = {"pretrain": pretrain.pretrain, "finetune": finetune.finetune,
          "linear_probe": linear_probe.linear_probe}
@@ -39,44 +45,64 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes in the r
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index")
 
 
-class _QuietLibraries(pylogging.Filter):
-  """Keeps orbax's and grain's per-operation INFO lines out of the training log."""
-
-  def filter(self, record):
-    noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "grain"))
-    return record.levelno >= pylogging.WARNING or not noisy
-
-
-def main(argv):
-  del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  config, workdir = _CONFIG.value, _WORKDIR.value
-  if config is None or not workdir:
-    raise app.UsageError("--config and --workdir are required")
-  # Before anything touches a JAX backend.
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+def check_config(config) -> str:
+  """The task, after every model field is checked (before anything loads)."""
   task = config.get("task", "pretrain")
   if task not in TASKS:
-    raise app.UsageError(f"config.task={task!r}: choose one of {sorted(TASKS)}")
-  # A config error fails here, before anything loads.
-  if task == "pretrain":
-    models.pretrain_model(config.model)
-  else:
-    models.classification_model(config.model, config.num_classes)
-  os.makedirs(workdir, exist_ok=True)
-  logging.info("Config:\n%s", config)
-  logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(),
-               jax.devices())
+    raise errors.UserError(f"config.task={task!r}: choose one of {sorted(TASKS)}")
+  with errors.as_user_errors():
+    if task == "pretrain":
+      models.pretrain_model(config.model)
+    else:
+      models.classification_model(config.model, config.num_classes)
+  return task
+
+
+def use_compilation_cache(config) -> None:
+  """config.compilation_cache_dir: JAX's persistent cache of compiled programs (a rerun, or
+  a resumed run, then skips most compilation)."""
+  path = config.get("compilation_cache_dir", "")
+  if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):    # the environment wins
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run_task(config, workdir: str):
+  """Checks the config, writes WORKDIR/config.json, runs the task; returns its result."""
+  task = check_config(config)
+  use_compilation_cache(config)
+  with errors.as_user_errors():
+    os.makedirs(workdir, exist_ok=True)
+  logging.info("Process %d of %d; %d devices (%s)", jax.process_index(), jax.process_count(),
+               jax.device_count(), jax.devices()[0].device_kind)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path, "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  result = TASKS[task](config, workdir)
+    print(f"config: {path}", flush=True)
+  return TASKS[task](config, workdir)
+
+
+def report(config, workdir: str, result) -> None:
+  """Prints the final metrics (and a fine-tuning's test table) and what was written."""
   if jax.process_index() == 0:
     test = result.pop("test", None) if isinstance(result, dict) else None
     print(json.dumps(result, indent=2, sort_keys=True, default=str))
     if test is not None:
       print(metrics.format_table(test, f"{config.test_split} split: {test['checkpoint']}"))
+    print(f"wrote: {workdir} (checkpoints/, metrics.jsonl, TensorBoard events"
+          + (f", {config.test_split}_results.json" if test else "") + ")", flush=True)
+
+
+def main(argv):
+  del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if config is None or not workdir:
+    raise app.UsageError("--config and --workdir are required")
+  # Before anything touches a JAX backend.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  report(config, workdir, run_task(config, workdir))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -27,6 +27,7 @@ from PIL import Image
 from data_pipelines import input_pipeline
 from data_pipelines import transforms
 from uniemox_jax import checkpointing
+from uniemox_jax import errors
 from uniemox_jax import evaluate
 from uniemox_jax import models
 from uniemox_jax import sharding
@@ -59,15 +60,16 @@ def predict(config, checkpoint: str, paths: Sequence[str], top_k: int = 3,
             classes_dir: Optional[str] = None, batch_size: int = 32
             ) -> Dict[str, Any]:
   """{"rows": [{"path", "predictions"}], "unreadable": [(path, error)]}."""
-  step_dir = checkpointing.resolve_step_dir(checkpoint)
-  info = class_names_for(step_dir, classes_dir)
-  names = info["class_names"]
-  evaluate.check_classes(step_dir, {"class_names": names})
-  mesh = sharding.make_mesh(-1, 1)
-  batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
-  model = models.classification_model(config.model, len(names))
-  params = evaluate.place_classifier(model, checkpointing.read_subtree(step_dir),
-                                     mesh, config.model.image_size, what=step_dir)
+  with errors.as_user_errors():
+    step_dir = checkpointing.resolve_step_dir(checkpoint)
+    info = class_names_for(step_dir, classes_dir)
+    names = info["class_names"]
+    evaluate.check_classes(step_dir, {"class_names": names})
+    mesh = sharding.make_mesh(-1, 1)
+    batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
+    model = models.classification_model(config.model, len(names))
+    params = evaluate.place_classifier(model, checkpointing.read_subtree(step_dir),
+                                       mesh, config.model.image_size, what=step_dir)
   scorer = evaluate.classifier_scorer(model, info["multi_label"])
   size = config.model.image_size
   resize = int(round(size / 0.875))
@@ -117,7 +119,7 @@ def write(result: Dict[str, Any], out: str, root: str, top_k: int) -> None:
         w.writerow([r["path"]] + [v for p in r["predictions"]
                                   for v in (p["emotion"], f"{p['probability']:.6f}")])
   else:
-    raise ValueError(f"--out {out}: write .csv or .json")
+    raise errors.UserError(f"--out {out}: write .csv or .json")
 
 
 def main(argv):
@@ -128,7 +130,7 @@ def main(argv):
   result = predict(_CONFIG.value, f.checkpoint, list_images(f.images), f.top_k, f.classes,
                    f.batch_size)
   write(result, f.out, f.images, f.top_k)
-  print(f"{len(result['rows'])} images -> {f.out}"
+  print(f"{len(result['rows'])} images; wrote: {os.path.abspath(f.out)}"
         + (f"; {len(result['unreadable'])} unreadable (listed in the log)"
            if result["unreadable"] else ""))
 
@@ -148,4 +150,5 @@ if __name__ == "__main__":
   flags.DEFINE_integer("batch_size", 32, "Images per device batch (rounded up to the device "
                        "count).")
   flags.mark_flags_as_required(["config", "checkpoint", "images", "out"])
-  app.run(main)
+  from uniemox_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

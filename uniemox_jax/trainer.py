@@ -11,7 +11,9 @@ Resume order (first that applies): the latest checkpoint in WORKDIR/checkpoints,
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
@@ -28,6 +30,8 @@ import optax
 
 from data_pipelines import input_pipeline
 from uniemox_jax import checkpointing
+from uniemox_jax import distributed
+from uniemox_jax import errors
 from uniemox_jax import models
 from uniemox_jax import optim
 from uniemox_jax import sharding
@@ -39,9 +43,13 @@ from uniemox_jax.teacher import tiny
 # layout (host arrays; a final `norm` may be present and is dropped by classifiers).
 ENCODER_IMPORTERS: Dict[str, Callable[[str, Any], Any]] = {}
 
+METRICS_FILE = "metrics.jsonl"
+
 # Fault injection for tests: SIGKILL this process right after dispatching the save of this
 # step, while the asynchronous write is still in flight.
 KILL_DURING_SAVE_ENV = "UNIEMOX_FAULT_KILL_DURING_SAVE"
+# Fault injection for tests: the process of this index raises (a bug) before the first step.
+FAIL_BEFORE_STEP_ENV = "UNIEMOX_FAULT_FAIL_BEFORE_STEP"
 
 
 def register_encoder_importer(name: str, fn: Callable[[str, Any], Any]) -> None:
@@ -91,7 +99,7 @@ def load_teacher(config, workdir: str) -> clip.ClipTeacher:
     if jax.process_index() == 0 and not os.path.exists(
         os.path.join(name, "flax_model.msgpack")):
       tiny.make_tiny_clip(name, embed_dim=config.model.decoder.width, seed=config.seed)
-    multihost_utils.sync_global_devices("tiny teacher written")
+    distributed.barrier("tiny teacher written")
   return clip.ClipTeacher.load(name, dtype=models.dtype(config.teacher.dtype,
                                                         "config.teacher.dtype"),
                                normalization=config.teacher.normalization,
@@ -112,11 +120,17 @@ def resolve_data_dir(config, workdir: str) -> str:
     # Without TFDS metadata: TensorFlow Datasets stays out of the training process (convert
     # the synthetic set with the CLI to get a TFDS dataset).
     from data_pipelines import convert  # pylint: disable=g-import-not-at-top
-    convert.main(["--source", "synthetic", "--name", "synthetic", "--out", out,
-                  "--per_class", config.data.synthetic_per_class,
-                  "--image_size", str(config.data.synthetic_image_size),
-                  "--workers", "1", "--no_progress", "--no_tfds_metadata"])
-  multihost_utils.sync_global_devices("synthetic data written")
+    summary = io.StringIO()      # the conversion's report goes to the log, not the terminal
+    with contextlib.redirect_stdout(summary):
+      code = convert.main(["--source", "synthetic", "--name", "synthetic", "--out", out,
+                           "--per_class", config.data.synthetic_per_class,
+                           "--image_size", str(config.data.synthetic_image_size),
+                           "--workers", "1", "--no_progress", "--no_tfds_metadata"])
+    logging.info("Demo data in %s:\n%s", out, summary.getvalue())
+    if code:
+      raise RuntimeError(f"the demo data in {out} failed its verification:\n"
+                         f"{summary.getvalue()}")
+  distributed.barrier("synthetic data written")
   return out
 
 
@@ -155,6 +169,13 @@ class Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 def batch_fingerprint(batch: Dict[str, np.ndarray]) -> str:
   h = hashlib.sha1()
   for k in sorted(batch):
@@ -178,6 +199,12 @@ class TrainLoop:
   LOSS = "total"
 
   def __init__(self, config, workdir: str):
+    # Everything here checks the user's inputs (config, data, teacher, checkpoints) before
+    # any step runs: its ValueErrors and OSErrors are user errors (one line, exit 2).
+    with errors.as_user_errors():
+      self._prepare(config, workdir)
+
+  def _prepare(self, config, workdir: str):
     self.config, self.workdir = config, workdir
     self.history = []     # (step, metrics) of every logged step
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
@@ -190,6 +217,7 @@ class TrainLoop:
     self.local_batch = config.batch_size // procs
     self.data_dir = resolve_data_dir(config, workdir)
     self.info = input_pipeline.load_info(self.data_dir)
+    self.check_splits()
     self.schedule = optim.resolve_schedule(config, num_examples(self.info, config.data.split))
     self.lr = optim.learning_rate(config, self.schedule)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -205,6 +233,21 @@ class TrainLoop:
 
   def setup(self) -> None:
     raise NotImplementedError
+
+  def required_splits(self) -> Dict[str, str]:
+    """The splits the run reads, each with the config field that names it."""
+    return {s: "config.data.split" for s in self.config.data.split.split("+")}
+
+  def check_checkpoint(self, step_dir: str) -> None:
+    """Fails, naming both, when a checkpoint to restore does not fit this run's data."""
+    del step_dir
+
+  def check_splits(self) -> None:
+    have = sorted(self.info["splits"])
+    for split, field in self.required_splits().items():
+      if split not in self.info["splits"]:
+        raise errors.UserError(f"{field}: the split {split!r} is not in {self.data_dir} "
+                               f"(it has {', '.join(have)})")
 
   def init_params(self, key):
     raise NotImplementedError
@@ -243,9 +286,13 @@ class TrainLoop:
             "opt_state": self.tx.init(params)}
 
   def _build_state_fns(self):
-    abstract_params = nn.unbox(jax.eval_shape(self.init_params, jax.random.key(0)))
+    abstract_boxed_params = jax.eval_shape(self.init_params, jax.random.key(0))
+    abstract_params = nn.unbox(abstract_boxed_params)
     self.tx = optim.make_optimizer(self.config, self.lr, self.lr_multipliers(abstract_params))
-    abstract_boxed = jax.eval_shape(self._init_boxed, jax.random.key(0))
+    # The state's abstract tree from the abstract parameters (one trace of the model, not two).
+    abstract_boxed = jax.eval_shape(
+        lambda p: {"step": jnp.zeros((), jnp.int32), "params": p, "opt_state": self.tx.init(p)},
+        abstract_boxed_params)
     self.state_shardings = nn.logical_to_mesh_sharding(
         nn.get_partition_spec(abstract_boxed), self.mesh, sharding.LOGICAL_RULES)
     self.abstract_state = checkpointing.abstract_with_shardings(
@@ -265,21 +312,27 @@ class TrainLoop:
     return sharding.host_to_global(params, self.state_shardings["params"])
 
   def initial_state(self, iterator):
-    """The state to start from, following the documented resume order."""
+    """The state to start from, following the documented resume order. What is restored is
+    checked against this run first (`check_checkpoint`)."""
     cfg = self.config.init
     latest = self.checkpointer.latest_step()
     if latest is not None:
       logging.info("Resuming from %s/%d", self.checkpointer.directory, latest)
+      with errors.as_user_errors():
+        self.check_checkpoint(os.path.join(self.checkpointer.directory, str(latest)))
       return self.checkpointer.restore(latest, self.abstract_state, iterator)
     if cfg.checkpoint:
-      ckpt, step = checkpointing.open_for_restore(cfg.checkpoint)
+      with errors.as_user_errors():
+        ckpt, step = checkpointing.open_for_restore(cfg.checkpoint)
+        self.check_checkpoint(os.path.join(ckpt.directory, str(step)))
       logging.info("Starting from checkpoint %s/%d", ckpt.directory, step)
       state = ckpt.restore(step, self.abstract_state, iterator)
       ckpt.close()
       return state
     state = self._init(jax.random.key(self.config.seed))
     if cfg.encoder:
-      state = self.from_pretrained(state)
+      with errors.as_user_errors():
+        state = self.from_pretrained(state)
     return state
 
   # --- the step ---------------------------------------------------------------------------
@@ -345,12 +398,13 @@ class TrainLoop:
     total = self.schedule.total_steps
     consts = self.constants()
     base_key = jax.random.key(cfg.seed + 1)
-    self.writer = writer = metric_writers.create_default_writer(
-        self.workdir, just_logging=jax.process_index() > 0)
+    # TensorBoard events from process 0; the log gets one progress line per log step.
+    self.writer = writer = metric_writers.AsyncWriter(
+        metric_writers.SummaryWriter(self.workdir)) if jax.process_index() == 0 else \
+        metric_writers.MultiWriter([])
+    self._run_start = (time.perf_counter(), start, total)
     hooks = []
     if jax.process_index() == 0:
-      hooks.append(periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                                   every_steps=cfg.log_every_steps))
       if cfg.profile.num_steps > 0:
         hooks.append(periodic_actions.Profile(logdir=self.workdir,
                                               first_profile=start + cfg.profile.first_step,
@@ -362,15 +416,20 @@ class TrainLoop:
     kill_at = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
     self._window, self._last = [], {}
     self._clock = (time.perf_counter(), start)      # (time, step) of the last logged window
-    log_due = None
+    log_due, stopped_at = None, None
+    self._trim_metrics_log(start)
     if start >= total:
       logging.info("Nothing to do: %s already holds the final step %d", self.workdir, total)
     logging.info("Training steps %d..%d (%d per epoch), global batch %d on %s", start, total,
                  self.schedule.steps_per_epoch, cfg.batch_size, dict(self.mesh.shape))
+    if os.environ.get(FAIL_BEFORE_STEP_ENV) == str(jax.process_index()):
+      raise RuntimeError(f"injected fault before the first step ({FAIL_BEFORE_STEP_ENV})")
     try:
       batch = self._next_batch(iterator, start + 1) if start < total else None
+      train_step = self._step if batch is None else distributed.compile_together(
+          self._step, state, consts, batch, base_key, name="train step")
       for step in range(start, total):
-        state, metrics = self._step(state, consts, batch, base_key)
+        state, metrics = train_step(state, consts, batch, base_key)
         self._window.append((step + 1, metrics))
         for hook in hooks:
           hook(step + 1)
@@ -391,6 +450,7 @@ class TrainLoop:
             os.kill(os.getpid(), signal.SIGKILL)
           if preempted:
             logging.warning("Preempted: saved step %d, stopping", step + 1)
+            stopped_at = step + 1
             break
         if not done:
           batch = self._next_batch(iterator, step + 2)
@@ -408,6 +468,9 @@ class TrainLoop:
       if hasattr(iterator, "close"):
         iterator.close()
     self.final_state = state
+    if stopped_at is not None and stopped_at != stop_after:
+      # A real preemption: nothing after training (final evaluations) may run.
+      raise errors.Preempted(stopped_at)
     return self._last
 
   def _next_batch(self, iterator, step: int) -> Dict[str, jax.Array]:
@@ -445,12 +508,43 @@ class TrainLoop:
     self._last = logged.get(ready[-1][0]) or self._check(*ready[-1])
 
   def _log(self, writer, step: int, values: Dict[str, float]) -> None:
-    """TensorBoard + logging through clu, and one JSON line per log step (process 0)."""
+    """TensorBoard through clu, one JSON line per log step and a progress line (process 0)."""
     self.history.append((step, values))
     writer.write_scalars(step, values)
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, "metrics.jsonl"), "a") as f:
+      with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
         f.write(json.dumps({"step": step, **values}) + "\n")
+      logging.info("%s", self._progress_line(step, values))
+
+  def _progress_line(self, step: int, values: Dict[str, float]) -> str:
+    """"step 50/300 (17%)  total 0.812  l1 0.21 ...  1234 img/s  2m10s left"."""
+    since, first, total = self._run_start
+    elapsed = time.perf_counter() - since
+    done = step - first
+    left = (total - step) * elapsed / done if done > 0 else float("nan")
+    shown = [f"{k} {v:.4g}" for k, v in values.items()
+             if k not in ("images_per_sec", "learning_rate") and not k.endswith("_norm")]
+    parts = [f"step {step}/{total} ({100.0 * step / max(total, 1):.0f}%)", "  ".join(shown)]
+    if "images_per_sec" in values:
+      parts.append(f"{values['images_per_sec']:.0f} img/s")
+    if np.isfinite(left):
+      parts.append(f"{_duration(left)} left")
+    return "  ".join(p for p in parts if p)
+
+  def _trim_metrics_log(self, start: int) -> None:
+    """A resumed run logs again the steps after its checkpoint: drop their old lines, so the
+    file keeps one line per step."""
+    path = os.path.join(self.workdir, METRICS_FILE)
+    if jax.process_index() != 0 or not os.path.exists(path):
+      return
+    with open(path) as f:
+      lines = f.readlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start]
+    if len(keep) != len(lines):
+      tmp = path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, path)
 
   def _check(self, step: int, metrics) -> Dict[str, float]:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -14,10 +14,10 @@ workdir).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Dict, Optional, Sequence
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ import numpy as np
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
 from uniemox_jax import checkpointing
+from uniemox_jax import errors
 from uniemox_jax import evaluate
 from uniemox_jax import metrics
 from uniemox_jax import models
@@ -54,21 +55,24 @@ def class_embeddings(teacher, class_names: Sequence[str],
 def zero_shot(config, checkpoint: str, data_dir: str, split: str = "test",
               out_dir: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
   """The report of zero-shot classification of `split` with a pretraining checkpoint."""
-  step_dir = checkpointing.resolve_step_dir(checkpoint)
-  workdir = os.path.dirname(os.path.dirname(step_dir))
-  out_dir = out_dir or workdir
-  info = input_pipeline.load_info(data_dir)
-  if split not in info["splits"]:
-    raise ValueError(f"--split {split!r}: {data_dir} has the splits {sorted(info['splits'])}")
-  tree = checkpointing.state_metadata(step_dir)
-  if "decoder" not in tree.get("params", {}):
-    raise ValueError(f"{step_dir} is not a UniEmoX pretraining checkpoint (no params/decoder): "
-                     "zero-shot needs the student's projection into CLIP's space")
-  model = models.pretrain_model(config.model)
-  teacher = trainer.load_teacher(config, workdir)
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  params = sharding.host_to_global(checkpointing.read_subtree(step_dir, ("params",)),
-                                   sharding.replicated(mesh))
+  with errors.as_user_errors():
+    step_dir = checkpointing.resolve_step_dir(checkpoint)
+    workdir = os.path.dirname(os.path.dirname(step_dir))
+    out_dir = out_dir or os.path.join(evaluate.default_out_dir(step_dir), "zero_shot")
+    info = input_pipeline.load_info(data_dir)
+    if split not in info["splits"]:
+      raise errors.UserError(f"--split {split!r}: {data_dir} has the splits "
+                             f"{sorted(info['splits'])}")
+    tree = checkpointing.state_metadata(step_dir)
+    if "decoder" not in tree.get("params", {}):
+      raise errors.UserError(
+          f"{step_dir} is not a UniEmoX pretraining checkpoint (no params/decoder): "
+          "zero-shot needs the student's projection into CLIP's space")
+    model = models.pretrain_model(config.model)
+    teacher = trainer.load_teacher(config, workdir)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    params = sharding.host_to_global(checkpointing.read_subtree(step_dir, ("params",)),
+                                     sharding.replicated(mesh))
   text = jnp.asarray(class_embeddings(teacher, info["class_names"]))
   scale = teacher.logit_scale(teacher.params)
   multi = bool(info.get("multi_label"))
@@ -86,13 +90,13 @@ def zero_shot(config, checkpoint: str, data_dir: str, split: str = "test",
                                                                   config.batch_size), mesh),
       image_size=config.model.image_size, process_index=jax.process_index(),
       process_count=jax.process_count(), person_view=True)
-  outputs = evaluate.gather_split(lambda b: fn(params, b), dataset, mesh,
+  outputs = evaluate.gather_split(functools.partial(fn, params), dataset, mesh,
                                   keys=("image", "person"), progress=progress,
                                   description=f"zero-shot {split}")
   result = evaluate.report(outputs.pop("scores"), outputs, info)
   result.update(checkpoint=step_dir, split=split, templates=list(TEMPLATES))
   if jax.process_index() == 0:
-    evaluate.write_report(result, os.path.join(out_dir, "zero_shot"), split)
+    result["files"] = sorted(evaluate.write_report(result, out_dir, split).values())
   return result
 
 
@@ -101,9 +105,10 @@ def main(argv):
   from uniemox_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(None, None, None)
   f = flags.FLAGS
-  result = zero_shot(_CONFIG.value, f.checkpoint, f.data, f.split, f.workdir)
+  result = zero_shot(_CONFIG.value, f.checkpoint, f.data, f.split, f.out_dir)
   if jax.process_index() == 0:
     print(metrics.format_table(result, f"zero-shot, {f.split}: {result['checkpoint']}"))
+    print("wrote: " + ", ".join(result["files"]), flush=True)
 
 
 _CONFIG = None
@@ -115,7 +120,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", None, "A pretraining checkpoint (<dir> or <dir>/<step>).")
   flags.DEFINE_string("data", None, "A converted dataset directory.")
   flags.DEFINE_string("split", "test", "The split to classify.")
-  flags.DEFINE_string("workdir", None, "Where the report goes (default: the checkpoint's "
-                      "workdir).")
+  flags.DEFINE_string("out_dir", None, "Where the report goes (default: "
+                      "WORKDIR/evaluations/<checkpoint dir>-<step>/zero_shot).")
   flags.mark_flags_as_required(["config", "checkpoint", "data"])
-  app.run(main)
+  from uniemox_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main)

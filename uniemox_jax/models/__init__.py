@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from uniemox_jax import errors
 from uniemox_jax import losses
 from uniemox_jax.models import attention as attention_lib
 from uniemox_jax.models import fusion
@@ -76,4 +77,4 @@ def check_params(tree: Any, template: Any, what: str) -> None:
   problems += [f"{k}: shape {np.shape(got[k])} != model's {np.shape(want[k])}"
                for k in sorted(set(got) & set(want)) if np.shape(got[k]) != np.shape(want[k])]
   if problems:
-    raise ValueError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))
+    raise errors.UserError(f"{what} does not fit the model:\n  " + "\n  ".join(problems))

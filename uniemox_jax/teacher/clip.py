@@ -81,6 +81,11 @@ def _check_source(name_or_dir: str) -> Optional[str]:
         f"CLIP teacher directory {name_or_dir!r} lacks config.json or a weight file "
         f"({', '.join(_WEIGHT_FILES)}); it holds: {sorted(present) or 'nothing'}")
   if weights[0] == "pytorch_model.bin":
+    if os.environ.get("USE_TORCH", "AUTO").upper() in ("0", "FALSE", "NO", "OFF"):
+      raise ImportError(
+          f"CLIP teacher directory {name_or_dir!r} holds only pytorch_model.bin, and USE_TORCH "
+          "is off (the command-line tools turn it off to import faster): run with USE_TORCH=1, "
+          "or save the model as model.safetensors")
     try:
       import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
     except ImportError:

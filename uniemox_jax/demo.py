@@ -1,0 +1,36 @@
+r"""The embedded default in one process: pretrain the tiny UniEmoX on the synthetic set
+(configs/demo.py), then fine-tune its encoder and print the test table
+(configs/demo_finetune.py). This is what `make demo` runs:
+
+  python -m uniemox_jax.demo --workdir workdirs/demo
+
+It is the same as running `uniemox_jax.main` with the two configs one after the other
+(README), in one process, so imports are paid once; compiled programs are kept in
+workdirs/jax_cache, so a rerun skips most compilation.
+"""
+from __future__ import annotations
+
+from uniemox_jax import cli  # first: it quiets the libraries imported below
+
+import os  # noqa: E402
+
+from absl import flags  # noqa: E402
+
+from configs import demo as demo_config  # noqa: E402
+from configs import demo_finetune  # noqa: E402
+from uniemox_jax import main as main_lib  # noqa: E402
+
+def main(argv):
+  del argv
+  # --workdir (main's flag): the pretraining workdir; fine-tuning goes to its finetune/.
+  workdir = flags.FLAGS.workdir or "workdirs/demo"
+  pretrain_config = demo_config.get_config()
+  main_lib.report(pretrain_config, workdir, main_lib.run_task(pretrain_config, workdir))
+  finetune_config = demo_finetune.get_config(f"pretrained={workdir}")
+  finetune_dir = os.path.join(workdir, "finetune")
+  main_lib.report(finetune_config, finetune_dir,
+                  main_lib.run_task(finetune_config, finetune_dir))
+
+
+if __name__ == "__main__":
+  cli.run(main)
