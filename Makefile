@@ -1,25 +1,33 @@
-# The two README commands. Each sets up .venv on first use (and again when setup.py changes).
+# The two README commands. Each sets up .venv on first use (and again when setup.py changes):
+# `make demo` installs what the main job needs, `make test` adds the test extra (PyTorch, timm,
+# scikit-learn: the references the tests compare against).
 PYTHON ?= python3
 VENV := .venv
-STAMP := $(VENV)/.installed-$(shell cksum setup.py | cut -d' ' -f1)
+SETUP := $(shell cksum setup.py | cut -d' ' -f1)
+DEMO_STAMP := $(VENV)/.installed-demo-$(SETUP)
+TEST_STAMP := $(VENV)/.installed-test-$(SETUP)
 
 .PHONY: demo test
 
-$(STAMP): setup.py
-	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+$(DEMO_STAMP): setup.py
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@echo "Setting up $(VENV) for the demo (first run only; pip shows its progress)"
+	$(VENV)/bin/python -m pip install --upgrade --progress-bar on pip
+	$(VENV)/bin/python -m pip install --progress-bar on -e .
+	@rm -f $(VENV)/.installed-demo-* && touch $@
+
+$(TEST_STAMP): $(DEMO_STAMP)
+	@echo "Adding the test extra to $(VENV) (first run only)"
+	$(VENV)/bin/python -m pip install --progress-bar on -e '.[test]'
+	@rm -f $(VENV)/.installed-test-* && touch $@
 
 # The main job on its embedded default (tiny model, tiny random CLIP teacher, CPU): pretrain,
 # then fine-tune the pretrained encoder and print the test table. Each run trains afresh (the
 # generated data and teacher are reused).
-demo: $(STAMP)
+demo: $(DEMO_STAMP)
 	rm -rf workdirs/demo/checkpoints workdirs/demo/metrics.jsonl workdirs/demo/events.out.* \
 	  workdirs/demo/finetune
-	JAX_PLATFORMS=cpu $(VENV)/bin/python -m uniemox_jax.main --config configs/demo.py --workdir workdirs/demo
-	JAX_PLATFORMS=cpu $(VENV)/bin/python -m uniemox_jax.main --config configs/demo_finetune.py \
-	  --workdir workdirs/demo/finetune
+	JAX_PLATFORMS=cpu $(VENV)/bin/python -m uniemox_jax.demo --workdir workdirs/demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m pytest

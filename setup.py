@@ -43,8 +43,9 @@ setuptools.setup(
         # torch can pull a multi-GB download.
         "torch": ["torch==2.14.1", "torchvision==0.29.1"],
         # scikit-learn: the reference the evaluation metrics are tested against; timm: the
-        # PyTorch ViTs the checkpoint import is tested against.
-        "test": ["pytest>=8,<10", "scikit-learn>=1.5,<2", "torch==2.14.1",
-                 "torchvision==0.29.1", "timm>=1.0.20,<2"],
+        # PyTorch ViTs the checkpoint import is tested against; pytest-xdist: one test file per
+        # core (pytest.ini).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "scikit-learn>=1.5,<2",
+                 "torch==2.14.1", "torchvision==0.29.1", "timm>=1.0.20,<2"],
     },
 )
