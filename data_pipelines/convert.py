@@ -26,20 +26,23 @@ from __future__ import annotations
 
 import argparse
 import collections
+import glob
 import hashlib
-import io
 import json
 import multiprocessing
 import os
+import re
+import shutil
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
+from data_pipelines import images
 from data_pipelines import records
 from data_pipelines import sources
 from data_pipelines import tfrecord
+from data_pipelines import verify
 from uniemox_jax.teacher import prompts
 
 INFO_FILE = records.INFO_FILE
@@ -47,7 +50,9 @@ REPORT_FILE = "conversion_report.json"
 MANIFEST_FILE = "split_manifest.json"
 DETECTIONS_FILE = "person_boxes_yolov3.json"
 STATS_SUFFIX = ".stats.json"
-FORMAT_VERSION = 1
+# 2: images every reader decodes alike (data_pipelines/images.py); ids without a doubled split.
+FORMAT_VERSION = 2
+DUPLICATE_POLICIES = ("drop_from_train", "error", "keep")
 
 
 def shard_name(name: str, split: str, i: int, n: int) -> str:
@@ -62,86 +67,74 @@ def entry_prompt(plan: sources.Plan, e: sources.Entry) -> str:
   return prompts.build_prompt(emotion, e.attributes)
 
 
-def _encode_image(path: str, max_size: int):
-  """(bytes to store, original width, original height, content hash); raises on a file that
-  does not decode completely."""
-  with open(path, "rb") as f:
-    data = f.read()
-  digest = hashlib.sha1(data).hexdigest()
-  with Image.open(io.BytesIO(data)) as img:
-    img.load()    # decodes fully: a truncated or corrupt file fails here, not in training
-    width, height = img.size
-    if max_size and min(width, height) > max_size:
-      scale = max_size / min(width, height)
-      size = (max(1, round(width * scale)), max(1, round(height * scale)))
-      out = io.BytesIO()
-      img.convert("RGB").resize(size, Image.BICUBIC).save(out, "JPEG", quality=95)
-      data = out.getvalue()
-  return data, width, height, digest
-
-
-def _relative_box(box, width, height):
-  """Pixel [x1, y1, x2, y2] -> relative [ymin, xmin, ymax, xmax], clipped; None if empty."""
-  x1, y1, x2, y2 = box
-  rel = np.clip([y1 / height, x1 / width, y2 / height, x2 / width], 0.0, 1.0)
-  if rel[2] <= rel[0] or rel[3] <= rel[1]:
-    return None
-  return [float(v) for v in rel]
+def image_id(e: sources.Entry) -> str:
+  """"<split>/<path relative to the source root>", the split not doubled when the path
+  already starts with it (split trees)."""
+  return e.rel_path if e.rel_path.split(os.sep)[0] == e.split else f"{e.split}/{e.rel_path}"
 
 
 def make_record(e: sources.Entry, prompt: str, text_emb: Optional[np.ndarray] = None,
-                max_size: int = 0):
-  """(Record, content hash, whether a given person box was empty after clipping) of one
-  entry: the one place a source image becomes a record, for the CLI and the TFDS builders.
-  Raises on an image that does not decode completely."""
-  data, width, height, digest = _encode_image(e.path, max_size)
-  box = None if e.box_xyxy is None else _relative_box(e.box_xyxy, width, height)
-  rec = records.Record(data, f"{e.split}/{e.rel_path}", e.rel_path, e.label, e.label_name,
-                       prompt, e.attributes, box, e.labels, text_emb)
-  return rec, digest, e.box_xyxy is not None and box is None
+                max_size: int = 0, exif_orientation: str = "ignore"):
+  """(Record, whether a given person box was empty after clipping, why the image was
+  re-encoded or "") of one entry: the one place a source image becomes a record, for the CLI
+  and the TFDS builders. Raises `images.SkippedFile` (or OSError) on a file that is not
+  converted."""
+  with open(e.path, "rb") as f:
+    stored = images.prepare(f.read(), max_size, exif_orientation)
+  box = None if e.box_xyxy is None else stored.relative_box(e.box_xyxy)
+  rec = records.Record(stored.data, image_id(e), e.rel_path, e.label, e.label_name, prompt,
+                       e.attributes, box, e.labels, text_emb)
+  return rec, e.box_xyxy is not None and box is None, stored.reencoded
 
 
 def _complete(path: str, fingerprint: str) -> Optional[Dict[str, Any]]:
-  """The stats of a finished shard with these contents, or None if it must be (re)written."""
+  """The stats of a finished, undamaged shard with these contents, or None if it must be
+  (re)written. The shard's size and sha256 are checked against its stats: a shard damaged
+  since it was written is rewritten, not published again with a stale checksum."""
   stats_path = path + STATS_SUFFIX
   if not (os.path.exists(path) and os.path.exists(stats_path)):
     return None
   try:
     with open(stats_path) as f:
       stats = json.load(f)
-    if stats.get("fingerprint") != fingerprint:
-      return None
-    if len(tfrecord.read_index(path)) - 1 != stats["records"]:
-      return None
-  except (OSError, ValueError, KeyError, tfrecord.CorruptRecordError):
+  except (OSError, ValueError):
     return None
-  return stats
+  if not isinstance(stats, dict) or stats.get("fingerprint") != fingerprint:
+    return None
+  try:
+    intact = (len(tfrecord.read_index(path)) - 1 == stats["records"] and
+              os.path.getsize(path) == stats["bytes"] and
+              tfrecord.file_sha256(path) == stats["sha256"])
+  except (OSError, ValueError, KeyError, tfrecord.CorruptRecordError):
+    intact = False
+  return stats if intact else dict(stats, damaged=True)
 
 
 def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
   """Worker: writes one shard, or returns the stats of an identical finished one."""
   path, fingerprint = task["path"], task["fingerprint"]
   done = _complete(path, fingerprint)
-  if done is not None:
+  if done is not None and not done.get("damaged"):
     return dict(done, resumed=True)
   stats = {"file": os.path.basename(path), "fingerprint": fingerprint, "split": task["split"],
            "class_counts": [0] * task["num_classes"], "bad": [], "bad_boxes": [],
-           "hashes": {}, "with_person": 0}
+           "reencoded": {}, "with_person": 0, "entries": len(task["entries"])}
   with tfrecord.ShardWriter(path) as writer:
     for k, e in enumerate(task["entries"]):
       emb = None if task["text_emb"] is None else task["text_emb"][k]
       try:
-        rec, digest, box_dropped = make_record(e, task["prompts"][k], emb, task["max_size"])
+        rec, box_dropped, reencoded = make_record(e, task["prompts"][k], emb,
+                                                  task["max_size"], task["exif_orientation"])
       except Exception as err:  # pylint: disable=broad-except
-        # Any decoding failure: reported, counted, never silently dropped.
-        stats["bad"].append({"path": e.rel_path, "error": f"{type(err).__name__}: {err}"})
+        # Any failure to read: reported with its reason, counted, never silently dropped.
+        stats["bad"].append({"path": e.rel_path, "reason": images.reason(err)})
         continue
-      box = rec.person_box
       if box_dropped:
         stats["bad_boxes"].append(e.rel_path)
+      if reencoded:
+        stats["reencoded"][reencoded] = stats["reencoded"].get(reencoded, 0) + 1
       writer.write(rec.serialize())
-      stats["hashes"][digest] = e.rel_path
-      stats["with_person"] += int(box is not None)
+      stats["with_person"] += int(rec.person_box is not None)
       if e.labels is not None:
         stats["class_counts"] = [n + int(on) for n, on in zip(stats["class_counts"], e.labels)]
       else:
@@ -152,12 +145,12 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
   with open(tmp, "w") as f:
     json.dump(stats, f)
   os.replace(tmp, path + STATS_SUFFIX)
-  return stats
+  return dict(stats, rewritten=done is not None)
 
 
 def _fingerprint(entries: Sequence[sources.Entry], texts: Sequence[str], max_size: int,
-                 emb: Optional[np.ndarray]) -> str:
-  h = hashlib.sha1(json.dumps([FORMAT_VERSION, max_size]).encode())
+                 exif_orientation: str, emb: Optional[np.ndarray]) -> str:
+  h = hashlib.sha1(json.dumps([FORMAT_VERSION, max_size, exif_orientation]).encode())
   for e, text in zip(entries, texts):
     h.update(json.dumps([e.split, e.rel_path, e.label, e.labels, e.box_xyxy, e.attributes,
                          text], sort_keys=True, default=str).encode())
@@ -166,13 +159,123 @@ def _fingerprint(entries: Sequence[sources.Entry], texts: Sequence[str], max_siz
   return h.hexdigest()
 
 
+_OUR_FILES = (INFO_FILE, REPORT_FILE, MANIFEST_FILE, DETECTIONS_FILE, "dataset_info.json",
+              "features.json", "raw")
+
+
+def _shard_files(out: str, name: str) -> List[str]:
+  """The files of `name`'s shards in `out` (shards, indexes, stats, temporaries)."""
+  return sorted(glob.glob(os.path.join(glob.escape(out), f"{glob.escape(name)}-*.tfrecord-*")))
+
+
+def prepare_out_dir(out: str, name: str, overwrite: bool = False) -> None:
+  """Refuses, before anything is written, an --out that holds another dataset or files that
+  no conversion of `name` wrote; with `overwrite`, removes the folder whole. Then removes a
+  killed run's temporary files."""
+  if overwrite and os.path.lexists(out):
+    if not os.path.isdir(out):
+      raise NotADirectoryError(f"--out {out} is a file, not a folder")
+    shutil.rmtree(out)
+  if os.path.isdir(out):
+    info_path = os.path.join(out, INFO_FILE)
+    if os.path.exists(info_path):
+      try:
+        with open(info_path) as f:
+          other = json.load(f).get("name")
+      except (OSError, ValueError, AttributeError):
+        other = "<unreadable info file>"
+      if other != name:
+        raise ValueError(f"--out {out} holds the dataset {other!r} ({info_path}), not "
+                         f"{name!r}: choose another folder, or pass --overwrite to replace it")
+    mine = re.compile(re.escape(name) + r"-[^.]+\.tfrecord-")
+    foreign = [f for f in sorted(os.listdir(out)) if f not in _OUR_FILES
+               and not mine.match(f) and not f.endswith(".labels.txt")
+               and not f.endswith(".tmp")]
+    if foreign:
+      raise ValueError(f"--out {out} holds files that no conversion of {name!r} wrote "
+                       f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): "
+                       "choose an empty or new folder, or pass --overwrite to replace it")
+    for f in _shard_files(out, name) + glob.glob(os.path.join(glob.escape(out), "*.tmp")):
+      if re.search(r"\.tmp(-\d+)?(\.index)?$", f):
+        os.remove(f)     # a killed run's partial shard, index, stats or metadata
+
+
+def _sha1_of(path: str) -> Optional[str]:
+  try:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 22), b""):
+        h.update(chunk)
+    return h.hexdigest()
+  except OSError:
+    return None        # reported when the shard writer reads it
+
+
+def find_duplicates(plan: sources.Plan, policy: str = "drop_from_train", workers: int = 1,
+                    progress: bool = False) -> Dict[str, Any]:
+  """Identical files (by content) across and within splits. `policy`: drop_from_train removes
+  from the plan the train entries whose file also appears in val or test; error refuses the
+  conversion; keep converts them all. Every case is listed."""
+  if policy not in DUPLICATE_POLICIES:
+    raise ValueError(f"--duplicates {policy!r}: choose one of {DUPLICATE_POLICIES}")
+  files = sorted({(e.split, e.rel_path.split("#")[0], e.path) for e in plan.entries})
+  paths = [f[2] for f in files]
+  bar = _progress(len(paths), progress, "hashing")
+  if workers > 1 and len(paths) > 64:
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+      digests = []
+      for d in pool.imap(_sha1_of, paths, chunksize=32):
+        digests.append(d)
+        bar.update(1)
+  else:
+    digests = []
+    for p in paths:
+      digests.append(_sha1_of(p))
+      bar.update(1)
+  bar.close()
+  by_digest: Dict[str, Dict[str, List[str]]] = collections.defaultdict(
+      lambda: collections.defaultdict(list))
+  for (split, rel, _), digest in zip(files, digests):
+    if digest is not None:
+      by_digest[digest][split].append(rel)
+  within = [{"split": split, "files": rels} for d in by_digest.values()
+            for split, rels in d.items() if len(rels) > 1]
+  order = lambda split: (sources.SPLITS + (split,)).index(split)  # noqa: E731
+  across = [{split: d[split] for split in sorted(d, key=order)} for d in by_digest.values()
+            if len(d) > 1]
+  dropped = []
+  if across and policy == "error":
+    first = "; ".join(" = ".join(f"{s}/{r[0]}" if not r[0].startswith(s + os.sep) else r[0]
+                                 for s, r in a.items()) for a in across[:3])
+    raise ValueError(f"{len(across)} image(s) appear in more than one split ({first}"
+                     f"{' ...' if len(across) > 3 else ''}); --duplicates=drop_from_train "
+                     "removes them from train, --duplicates=keep converts them anyway")
+  if policy == "drop_from_train":
+    drop = {rel for a in across if "train" in a and len(a) > 1 for rel in a["train"]}
+    dropped = sorted(drop)
+    plan.entries = [e for e in plan.entries
+                    if not (e.split == "train" and e.rel_path.split("#")[0] in drop)]
+  return {"across_splits": across, "within_split": within, "dropped_from_train": dropped}
+
+
 def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: int = 1,
             max_size: int = 0, text_embedder=None, progress: bool = True,
-            tfds_metadata: bool = True, tfds_version: Optional[str] = None) -> Dict[str, Any]:
+            tfds_metadata: bool = True, tfds_version: Optional[str] = None,
+            exif_orientation: str = "ignore", duplicates: str = "drop_from_train",
+            allow_empty_classes: bool = False, overwrite: bool = False) -> Dict[str, Any]:
   """Writes `plan` to `out`; returns the dataset info (also written to INFO_FILE). With
   `tfds_metadata`, `out` is also a TFDS dataset (data_pipelines/tfds_format.py)."""
   if shard_size < 1:
     raise ValueError(f"--shard_size must be positive, got {shard_size}")
+  if exif_orientation not in images.EXIF_ORIENTATION_MODES:
+    raise ValueError(f"--exif_orientation {exif_orientation!r}: choose one of "
+                     f"{images.EXIF_ORIENTATION_MODES}")
+  if plan.empty_classes and not allow_empty_classes:
+    raise ValueError(f"empty class folder(s): {', '.join(plan.empty_classes)}. A class with "
+                     "no images cannot be learned or scored (its F1 is 0); remove the folder, "
+                     "or pass --allow_empty_classes to keep it")
+  prepare_out_dir(out, plan.name, overwrite)
+  dups = find_duplicates(plan, duplicates, workers, progress)
   os.makedirs(out, exist_ok=True)
   texts = [entry_prompt(plan, e) for e in plan.entries]
   emb = None
@@ -190,8 +293,10 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
       tasks.append({"path": os.path.join(out, shard_name(plan.name, split, s, n)),
                     "split": split, "entries": entries, "prompts": part_texts,
                     "text_emb": part_emb, "max_size": max_size,
+                    "exif_orientation": exif_orientation,
                     "num_classes": len(plan.class_names),
-                    "fingerprint": _fingerprint(entries, part_texts, max_size, part_emb)})
+                    "fingerprint": _fingerprint(entries, part_texts, max_size,
+                                                exif_orientation, part_emb)})
   results = []
   bar = _progress(len(plan.entries), progress)
   if workers <= 1:
@@ -202,11 +307,12 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
       for stats in pool.imap_unordered(write_shard, tasks):
         results.append(stats)
-        bar.update(len(stats["hashes"]) + len(stats["bad"]))
+        bar.update(stats["entries"])
   bar.close()
   results.sort(key=lambda r: r["file"])
+  removed = _remove_stale_shards(out, plan.name, {t["path"] for t in tasks})
   info = _info(plan, results, None if emb is None else emb.shape[1])
-  report = _report(plan, results)
+  report = _report(plan, results, dups, removed)
   _write_json(os.path.join(out, INFO_FILE), info)
   _write_json(os.path.join(out, REPORT_FILE), report)
   if plan.manifest is not None:
@@ -217,10 +323,24 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
   return info
 
 
-def _progress(total: int, enabled: bool):
+def _remove_stale_shards(out: str, name: str, current: set) -> List[str]:
+  """Removes shards of `name` (with their indexes and stats) that this conversion did not
+  write: a previous run's, with another shard count or split."""
+  removed = []
+  for f in _shard_files(out, name):
+    shard = f
+    for suffix in (tfrecord.INDEX_SUFFIX, STATS_SUFFIX):
+      if shard.endswith(suffix):
+        shard = shard[:-len(suffix)]
+    if shard not in current:
+      os.remove(f)
+      removed.append(os.path.basename(f))
+  return removed
+
+
+def _progress(total: int, enabled: bool, desc: str = "converting"):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, unit="img", desc="converting", disable=not enabled,
-              file=sys.stderr)
+  return tqdm(total=total, unit="img", desc=desc, disable=not enabled, file=sys.stderr)
 
 
 def _write_json(path: str, data: Any) -> None:
@@ -228,10 +348,6 @@ def _write_json(path: str, data: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(data, f, indent=1)
   os.replace(tmp, path)
-
-
-FEATURES = ("image", "image_id", "source_path", "label", "label_name", "prompt", "attributes",
-            "person_box", "has_person")
 
 
 def _info(plan: sources.Plan, results: List[Dict[str, Any]], emb_dim: Optional[int]):
@@ -244,33 +360,36 @@ def _info(plan: sources.Plan, results: List[Dict[str, Any]], emb_dim: Optional[i
     s["with_person"] += r["with_person"]
     s["class_counts"] = [a + b for a, b in zip(s["class_counts"], r["class_counts"])]
     s["shards"].append({k: r[k] for k in ("file", "records", "bytes", "sha256")})
-  features = list(FEATURES) + (["labels"] if plan.multi_label else []) + (
+  features = list(records.FEATURES) + (["labels"] if plan.multi_label else []) + (
       ["text_emb"] if emb_dim else [])
   return {"format_version": FORMAT_VERSION, "name": plan.name, "class_names": plan.class_names,
           "multi_label": plan.multi_label, "features": features, "text_emb_dim": emb_dim,
           "splits": splits}
 
 
-def _report(plan: sources.Plan, results: List[Dict[str, Any]]):
-  seen: Dict[str, Dict[str, str]] = collections.defaultdict(dict)
-  within = []
+def _report(plan: sources.Plan, results: List[Dict[str, Any]], dups: Dict[str, Any],
+            removed: List[str]):
+  unreadable = [dict(b, split=r["split"]) for r in results for b in r["bad"]]
+  reencoded: Dict[str, int] = collections.Counter()
   for r in results:
-    for digest, rel in r["hashes"].items():
-      if r["split"] in seen[digest]:
-        within.append([seen[digest][r["split"]], rel])
-      seen[digest].setdefault(r["split"], rel)
-  across = [{"splits": paths} for paths in seen.values() if len(paths) > 1]
-  bad = [dict(b, split=r["split"]) for r in results for b in r["bad"]]
+    reencoded.update(r.get("reencoded", {}))
   return {
-      "unreadable_images": bad,
-      "num_unreadable": len(bad),
+      "skipped_files": plan.skipped + unreadable,
+      "num_skipped": len(plan.skipped) + len(unreadable),
+      "num_unreadable": len(unreadable),
+      "system_files_ignored": plan.system_files,
       "structure_problems": plan.problems,
-      "duplicates_across_splits": across,
-      "duplicates_within_split": within,
+      "empty_classes": plan.empty_classes,
+      "duplicates_across_splits": dups["across_splits"],
+      "duplicates_dropped_from_train": dups["dropped_from_train"],
+      "duplicates_within_split": dups["within_split"],
       "empty_person_boxes": [p for r in results for p in r["bad_boxes"]],
+      "reencoded_images": dict(reencoded),
       "written": {s: sum(r["records"] for r in results if r["split"] == s)
                   for s in plan.splits()},
       "resumed_shards": sum(1 for r in results if r.get("resumed")),
+      "rewritten_damaged_shards": [r["file"] for r in results if r.get("rewritten")],
+      "removed_stale_files": removed,
   }
 
 
@@ -330,6 +449,7 @@ def detect_person_boxes(plan: sources.Plan, args) -> Dict[str, Any]:
   cfg_path, weights_path = yolov3.parse_spec(args.person_boxes)
   settings = {"cfg": os.path.abspath(cfg_path), "weights": os.path.abspath(weights_path),
               "weights_bytes": os.path.getsize(weights_path), "conf": args.yolo_conf,
+              "rule": args.yolo_rule,
               "nms_iou": args.yolo_nms_iou, "size": args.yolo_size}
   todo = {e.rel_path.split("#")[0]: e.path for e in plan.entries if e.box_xyxy is None}
   cache = os.path.join(args.out, DETECTIONS_FILE)
@@ -341,10 +461,10 @@ def detect_person_boxes(plan: sources.Plan, args) -> Dict[str, Any]:
       return saved["boxes"]
   boxes = yolov3.detect_files(todo, cfg_path, weights_path, args.yolo_conf, args.yolo_nms_iou,
                               args.yolo_batch, progress=not args.no_progress,
-                              size=args.yolo_size or None)
+                              size=args.yolo_size or None, rule=args.yolo_rule)
   found = sum(b is not None for b in boxes.values())
   print(f"YOLOv3: a person in {found} of {len(boxes)} images, none in {len(boxes) - found} "
-        f"(confidence {args.yolo_conf}, NMS IoU {args.yolo_nms_iou})")
+        f"(rule {args.yolo_rule}, confidence {args.yolo_conf}, NMS IoU {args.yolo_nms_iou})")
   os.makedirs(args.out, exist_ok=True)
   _write_json(cache, {"settings": settings, "with_person": found,
                       "without_person": len(boxes) - found, "boxes": boxes})
@@ -375,7 +495,11 @@ def parse_args(argv=None):
                  help="JSON {relative path: [x1, y1, x2, y2] or null}, or yolov3:CFG,WEIGHTS "
                       "to detect them (Darknet yolov3.cfg / yolov3.weights)")
   p.add_argument("--yolo_conf", type=float, default=0.8,
-                 help="YOLOv3: person confidence (objectness x class probability)")
+                 help="YOLOv3: the confidence threshold of --yolo_rule")
+  p.add_argument("--yolo_rule", default="reference", choices=["reference", "product"],
+                 help="YOLOv3: reference keeps objectness >= conf with person the top class "
+                      "(the reference implementation); product keeps objectness x P(person) "
+                      ">= conf")
   p.add_argument("--yolo_nms_iou", type=float, default=0.4, help="YOLOv3: NMS IoU threshold")
   p.add_argument("--yolo_batch", type=int, default=16, help="YOLOv3: images per batch")
   p.add_argument("--yolo_size", type=int, default=416,
@@ -394,6 +518,17 @@ def parse_args(argv=None):
   p.add_argument("--tfds_version", default=None,
                  help="the TFDS version to record (default: --out's name if it is one, as in "
                       "<data_dir>/<name>/1.0.0, else 1.0.0)")
+  p.add_argument("--exif_orientation", default="ignore", choices=images.EXIF_ORIENTATION_MODES,
+                 help="ignore: store pixels as encoded (the reference, TensorFlow); apply: "
+                      "rotate photos as their EXIF tag says")
+  p.add_argument("--duplicates", default="drop_from_train", choices=DUPLICATE_POLICIES,
+                 help="identical images in two splits: drop the train copy, refuse, or keep")
+  p.add_argument("--allow_empty_classes", action="store_true",
+                 help="convert although a class folder holds no image")
+  p.add_argument("--strict", action="store_true",
+                 help="exit 1 when any file was skipped (unreadable, not an image)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="remove --out first (it may hold another dataset)")
   p.add_argument("--no_tfds_metadata", action="store_true",
                  help="skip dataset_info.json / features.json (TFDS is then not imported)")
   return p.parse_args(argv)
@@ -401,6 +536,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  prepare_out_dir(args.out, args.name, args.overwrite)    # before anything is written
   plan = build_plan(args)
   embedder = None
   if args.text_embeddings:
@@ -410,20 +546,65 @@ def main(argv=None) -> int:
   info = convert(plan, args.out, shard_size=args.shard_size, workers=args.workers,
                  max_size=args.max_size, text_embedder=embedder,
                  progress=not args.no_progress, tfds_metadata=not args.no_tfds_metadata,
-                 tfds_version=args.tfds_version)
+                 tfds_version=args.tfds_version, exif_orientation=args.exif_orientation,
+                 duplicates=args.duplicates, allow_empty_classes=args.allow_empty_classes)
   with open(os.path.join(args.out, REPORT_FILE)) as f:
     report = json.load(f)
-  for split, s in info["splits"].items():
-    print(f"{split}: {s['num_records']} records in {len(s['shards'])} shards, "
-          f"{s['with_person']} with a person box")
-  problems = (report["num_unreadable"], len(report["structure_problems"]),
-              len(report["duplicates_across_splits"]))
-  if any(problems):
-    print(f"WARNING: {problems[0]} unreadable images, {problems[1]} structural problems, "
-          f"{problems[2]} images in more than one split: see "
-          f"{os.path.join(args.out, REPORT_FILE)}")
+  print(summary(info, report, os.path.join(args.out, REPORT_FILE)))
+  check = verify.verify(args.out)
+  print(check.summary())
+  shards = sum(len(s["shards"]) for s in info["splits"].values())
+  print(f"wrote: {os.path.abspath(args.out)} ({shards} shards with indexes, {INFO_FILE}, "
+        f"{REPORT_FILE}" + ("" if args.no_tfds_metadata else ", dataset_info.json, "
+                            "features.json") + ")")
+  if not check.ok:
+    return 1
+  if args.strict and report["num_skipped"]:
+    print(f"error: --strict: {report['num_skipped']} file(s) were not converted (listed "
+          "above)", file=sys.stderr)
+    return 1
   return 0
 
 
+def summary(info: Dict[str, Any], report: Dict[str, Any], report_path: str,
+            max_listed: int = 20) -> str:
+  """The closing summary: what was written, and every file that was not, with its reason."""
+  lines = [f"{split}: {s['num_records']} records in {len(s['shards'])} shards, "
+           f"{s['with_person']} with a person box" for split, s in info["splits"].items()]
+  skipped = report["skipped_files"]
+  if skipped:
+    lines.append(f"skipped {len(skipped)} file(s):")
+    lines += [f"  {f['path']}: {f['reason']}" for f in skipped[:max_listed]]
+    if len(skipped) > max_listed:
+      lines.append(f"  ... and {len(skipped) - max_listed} more in {report_path}")
+  if report["system_files_ignored"]:
+    lines.append(f"ignored {report['system_files_ignored']} system file(s) (.DS_Store, "
+                 "Thumbs.db, ...)")
+  for what, n in report["reencoded_images"].items():
+    lines.append(f"re-encoded {n} image(s): {what}")
+  if report["duplicates_dropped_from_train"]:
+    lines.append(f"dropped {len(report['duplicates_dropped_from_train'])} train image(s) "
+                 "that also appear in val or test (--duplicates=drop_from_train)")
+  elif report["duplicates_across_splits"]:
+    lines.append(f"{len(report['duplicates_across_splits'])} image(s) appear in more than one "
+                 "split (kept: --duplicates=keep)")
+  if report["duplicates_within_split"]:
+    lines.append(f"{len(report['duplicates_within_split'])} group(s) of identical images "
+                 "within a split (kept)")
+  if report["structure_problems"]:
+    lines.append(f"{len(report['structure_problems'])} structural problem(s):")
+    lines += [f"  {p}" for p in report["structure_problems"][:max_listed]]
+  if report["rewritten_damaged_shards"]:
+    lines.append("rewrote damaged shard(s): " + ", ".join(report["rewritten_damaged_shards"]))
+  lines.append(f"report: {report_path}")
+  return "\n".join(lines)
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except (ValueError, OSError) as e:     # a user's input: one line, exit 2
+    if os.environ.get("UNIEMOX_TRACEBACK"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)

@@ -24,6 +24,7 @@ from data_pipelines import records
 from data_pipelines import tfds_format
 from data_pipelines import tfrecord
 from data_pipelines import transforms
+from data_pipelines import verify
 
 INFO_FILE = records.INFO_FILE
 PERSON_VIEWS = ("box", "second_view")
@@ -39,20 +40,28 @@ def load_info(data_dir: str) -> Dict[str, Any]:
     raise FileNotFoundError(f"{path} does not exist: config.data.dir must be a folder written "
                             "by `python -m data_pipelines.convert` (or a TFDS dataset folder "
                             "with dataset_info.json)")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      info = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): the folder's dataset info is damaged; "
+                     "rerun the conversion that wrote it (finished shards are kept)") from None
+  if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+    raise ValueError(f"{path} has no 'splits' mapping: not a dataset info file written by "
+                     "data_pipelines.convert")
+  return info
 
 
 def split_shards(data_dir: str, split: str, info: Optional[Dict[str, Any]] = None) -> List[str]:
-  """Shard paths of one split, or several joined by '+' (e.g. "train+val")."""
+  """Shard paths of one split, or several joined by '+' (e.g. "train+val"), after the cheap
+  checks of `verify.check_split` (sizes, record counts, each shard's split)."""
   info = info or load_info(data_dir)
   paths = []
   for part in split.split("+"):
     if part not in info["splits"]:
       raise ValueError(f"split {part!r} is not in {data_dir} (it has "
                        f"{sorted(info['splits'])})")
-    paths += [os.path.join(data_dir, s["file"]) for s in info["splits"][part]["shards"]
-              if s["records"]]
+    paths += verify.check_split(data_dir, info, part)
   return paths
 
 
@@ -271,10 +280,13 @@ def _padding_like(example: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
 
 
 def make_iterator(ds: grain.MapDataset, workers: int = 0, prefetch_per_worker: int = 2,
-                  read_threads: int = 16):
+                  read_threads: int = 4, prefetch_batches: int = 4):
   """A checkpointable iterator (`get_state` / `set_state`), fed by `workers` processes, each
-  (or this process, with no workers) reading with `read_threads` threads."""
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads))
+  (or this process, with no workers) preparing up to `prefetch_batches` batches ahead with
+  `read_threads` threads. (grain's default read-ahead, 500 elements, means 500 *batches*
+  here: gigabytes of images, decoded by threads that take the CPU from training.)"""
+  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                               prefetch_buffer_size=prefetch_batches))
   if workers > 0:
     # grain's worker processes read absl flags; outside an absl app (tests, notebooks,
     # benchmarks) they were never parsed, and the defaults are what we want.

@@ -2,14 +2,17 @@
 
   split_tree     <root>/{train,val,test}/<class>/*   (Emo8, FI, Emotion6, UBE, HECO, CAER-S as
                  the authors publish them)
-  class_folders  <root>/<class>/* split by a seeded, stratified recipe (docs/method.md §5); the split
-                 is written as a manifest that later runs can reuse
-  emoset         EmoSet-118K: {train,val,test}.json lists and per-image annotation JSONs
+  class_folders  <root>/<class>/* split by a seeded, stratified recipe (docs/method.md §5);
+                 the split is written as a manifest that later runs can reuse
+  emoset         EmoSet-118K: {train,val,test}.json lists of [emotion, image_id, image_path,
+                 annotation_path] and per-image annotation JSONs
   emotic         EMOTIC: Annotations/Annotations.mat, 26 categories, multi-label, person boxes
 
 Labels of folder datasets are the alphabetical index of the class folder; EmoSet keeps its own
-order (the Mikels eight, `EMOSET_CLASSES`). Structural problems (a class missing from one
-split, an empty class) are collected in `Plan.problems` for the conversion report.
+order (the Mikels eight, `EMOSET_CLASSES`). A class folder's images may sit in sub-folders of
+it (UBE ships them so). Structural problems (a class missing from one split, an empty class)
+are collected in `Plan.problems`, and files that are not images by name in `Plan.skipped`,
+for the conversion report.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from data_pipelines import images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLITS = ("train", "val", "test")
@@ -64,6 +69,10 @@ class Plan:
   multi_label: bool = False
   problems: List[str] = dataclasses.field(default_factory=list)
   manifest: Optional[Dict[str, List[str]]] = None   # class_folders: the split it drew
+  # Files found under the root and not converted: {"path", "reason"} (reasons in words).
+  skipped: List[Dict[str, str]] = dataclasses.field(default_factory=list)
+  system_files: int = 0                             # .DS_Store, Thumbs.db, ...: ignored
+  empty_classes: List[str] = dataclasses.field(default_factory=list)   # "class (split)"
 
   def splits(self) -> List[str]:
     return [s for s in SPLITS if any(e.split == s for e in self.entries)] + sorted(
@@ -74,9 +83,24 @@ def _is_image(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _images_in(folder: str) -> List[str]:
-  return sorted(f for f in os.listdir(folder) if _is_image(f)
-                and os.path.isfile(os.path.join(folder, f)))
+def _walk(root: str, rel_dir: str, plan: "Plan") -> List[str]:
+  """Image files under `root/rel_dir`, sub-folders included (UBE's raw classes hold folders
+  of images), as sorted paths relative to `root`. Files that are not images by name are
+  listed in `plan.skipped`; an OS's clutter (.DS_Store, Thumbs.db, ._*) is only counted."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(os.path.join(root, rel_dir)):
+    dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    for name in sorted(filenames):
+      rel = os.path.relpath(os.path.join(dirpath, name), root)
+      if images.is_system_file(name):
+        plan.system_files += 1
+      elif _is_image(name):
+        found.append(rel)
+      else:
+        ext = os.path.splitext(name)[1] or "none"
+        plan.skipped.append({"path": rel, "reason": "not an image file name (extension "
+                             f"{ext}); not converted"})
+  return sorted(found)
 
 
 def _class_dirs(folder: str) -> List[str]:
@@ -96,19 +120,26 @@ def split_tree(root: str, name: str, splits: Sequence[str] = SPLITS) -> Plan:
     raise FileNotFoundError(f"--root {root} has none of the split folders {list(splits)}")
   per_split = {s: _class_dirs(os.path.join(root, s)) for s in present}
   classes = sorted(set().union(*per_split.values()))
-  problems, entries = [], []
+  if not classes:
+    raise FileNotFoundError(f"--root {root}: the split folders {present} hold no class "
+                            "folders (expected <split>/<class>/<images>)")
+  plan = Plan(name, classes, [])
   for split in present:
+    for f in sorted(os.listdir(os.path.join(root, split))):
+      if os.path.isfile(os.path.join(root, split, f)) and not images.is_system_file(f):
+        plan.skipped.append({"path": os.path.join(split, f), "reason": "a file directly in a "
+                             "split folder, outside every class folder; not converted"})
     for cls in classes:
       if cls not in per_split[split]:
-        problems.append(f"class {cls!r} has no folder in split {split!r}")
+        plan.problems.append(f"class {cls!r} has no folder in split {split!r}")
         continue
-      files = _images_in(os.path.join(root, split, cls))
+      files = _walk(root, os.path.join(split, cls), plan)
       if not files:
-        problems.append(f"class {cls!r} is empty in split {split!r}")
-      for f in files:
-        rel = os.path.join(split, cls, f)
-        entries.append(Entry(split, os.path.join(root, rel), rel, classes.index(cls), cls))
-  return Plan(name, classes, entries, problems=problems)
+        plan.problems.append(f"class {cls!r} is empty in split {split!r}")
+        plan.empty_classes.append(f"{cls} ({split})")
+      for rel in files:
+        plan.entries.append(Entry(split, os.path.join(root, rel), rel, classes.index(cls), cls))
+  return plan
 
 
 def _draw_split(files: List[str], fractions: Sequence[float], rng: np.random.Generator,
@@ -164,11 +195,23 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
   classes = _class_dirs(root)
   if not classes:
     raise FileNotFoundError(f"--root {root} has no class folders")
-  problems, files_of = [], {}
+  split_dirs = [c for c in classes if c.lower() in SPLITS + ("validation",)]
+  if split_dirs:
+    others = [c for c in classes if c not in split_dirs]
+    raise ValueError(
+        f"--root {root} holds the split folders {split_dirs}"
+        + (f" beside the class folders {others}" if others else "")
+        + ": a dataset already split into train/val/test is --source split_tree (point "
+        "--root at the folder holding them); a raw root for --source class_folders holds "
+        "only class folders")
+  plan = Plan(name, classes, [])
+  files_of = {}
   for cls in classes:
-    files_of[cls] = [os.path.join(cls, f) for f in _images_in(os.path.join(root, cls))]
+    files_of[cls] = _walk(root, cls, plan)
     if not files_of[cls]:
-      problems.append(f"class {cls!r} is empty")
+      plan.problems.append(f"class {cls!r} is empty")
+      plan.empty_classes.append(cls)
+  problems = plan.problems
   if manifest is None:
     rng = np.random.default_rng(seed)
     manifest = {s: [] for s in SPLITS}
@@ -187,8 +230,9 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
   listed = {p for paths in manifest.values() for p in paths}
   problems += [f"{p!r} is under --root but in no split of the manifest"
                for p in sorted(known - listed)]
-  return Plan(name, classes, entries, problems=problems,
-              manifest={s: sorted(p) for s, p in manifest.items()})
+  plan.entries = entries
+  plan.manifest = {s: sorted(p) for s, p in manifest.items()}
+  return plan
 
 
 def _load_json(path: str, what: str, where: str = "") -> Any:
@@ -223,8 +267,9 @@ def emoset_attributes(annotation: Mapping[str, Any], where: str) -> Dict[str, An
 
 
 def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> Plan:
-  """EmoSet-118K: `<root>/<split>.json` is a list of [emotion, image path, annotation path]
-  (paths relative to root); each annotation JSON carries the image's attributes."""
+  """EmoSet-118K as published: `<root>/<split>.json` is a list of
+  [emotion, image_id, image_path, annotation_path] (paths relative to root, as the dataset's
+  own loader joins them); each annotation JSON carries the image's attributes."""
   _require_dir(root, "--root")
   entries, problems = [], []
   for split in splits:
@@ -237,17 +282,23 @@ def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> P
       raise ValueError(f"EmoSet split list {list_path} should be a JSON list")
     for i, item in enumerate(items):
       where = f"{list_path} entry {i}"
-      if not (isinstance(item, (list, tuple)) and len(item) == 3
+      if not (isinstance(item, (list, tuple)) and len(item) == 4
               and all(isinstance(x, str) for x in item)):
-        raise ValueError(f"{where}: expected [emotion, image_path, annotation_path], "
-                         f"got {item!r}")
-      emotion, image_rel, ann_rel = item
+        raise ValueError(f"{where}: expected [emotion, image_id, image_path, "
+                         f"annotation_path] (EmoSet's published form), got {item!r}")
+      emotion, image_id, image_rel, ann_rel = item
       if emotion not in EMOSET_CLASSES:
         raise ValueError(f"{where}: unknown emotion {emotion!r}; EmoSet's are "
                          f"{list(EMOSET_CLASSES)}")
       ann_path = os.path.join(root, ann_rel)
       ann = _load_json(ann_path, "EmoSet annotation", where)
       attrs = emoset_attributes(ann, f"{ann_path} ({where})")
+      if ann.get("emotion", emotion) != emotion:
+        raise ValueError(f"{ann_path} ({where}): its emotion {ann['emotion']!r} differs from "
+                         f"the split list's {emotion!r}")
+      if ann.get("image_id", image_id) != image_id:
+        raise ValueError(f"{ann_path} ({where}): its image_id {ann['image_id']!r} differs "
+                         f"from the split list's {image_id!r}")
       entries.append(Entry(split, os.path.join(root, image_rel), image_rel,
                            EMOSET_CLASSES.index(emotion), emotion, attrs))
   if not entries:

@@ -85,7 +85,7 @@ class EmotionDataset(tfds.core.GeneratorBasedBuilder):
       if e.split != split:
         continue
       try:
-        rec, _, box_dropped = convert.make_record(e, convert.entry_prompt(plan, e))
+        rec, box_dropped, _ = convert.make_record(e, convert.entry_prompt(plan, e))
       except Exception as err:  # pylint: disable=broad-except
         logging.warning("skipping unreadable image %s: %s: %s", e.path, type(err).__name__,
                         err)

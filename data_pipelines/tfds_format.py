@@ -96,14 +96,12 @@ def is_tfds_dir(data_dir: str) -> bool:
 def info_from_tfds(data_dir: str) -> Dict[str, Any]:
   """Our dataset info (the `uniemox_info.json` fields the pipelines read) from a TFDS-built
   folder's dataset_info.json and features.json. Reads JSON only: no TensorFlow."""
-  with open(os.path.join(data_dir, DATASET_INFO_FILE)) as f:
-    ds_info = json.load(f)
+  ds_info = _load_json(os.path.join(data_dir, DATASET_INFO_FILE))
   feats_path = os.path.join(data_dir, FEATURES_FILE)
   if not os.path.exists(feats_path):
     raise FileNotFoundError(f"{feats_path} does not exist: {data_dir} is not a complete TFDS "
                             "dataset folder")
-  with open(feats_path) as f:
-    feats = json.load(f)
+  feats = _load_json(feats_path)
   spec = _feature_spec(feats)
   missing = {"image", "label", "prompt", "person_box", "has_person"} - set(spec)
   if missing:
@@ -132,6 +130,15 @@ def info_from_tfds(data_dir: str) -> Dict[str, Any]:
   return {"format_version": 1, "name": name, "class_names": list(class_names),
           "multi_label": multi, "features": sorted(spec), "text_emb_dim": text_dim,
           "splits": splits, "source": "tfds"}
+
+
+def _load_json(path: str) -> Dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}): the TFDS metadata is damaged; rebuild "
+                     "the dataset (tfds build, or data_pipelines.tfds_builders)") from None
 
 
 def _feature_spec(feats: Dict[str, Any]) -> Dict[str, Any]:

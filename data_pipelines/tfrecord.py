@@ -83,18 +83,50 @@ class ShardWriter:
       self.abort()
 
 
+def compression_of(head: bytes) -> Optional[str]:
+  """"GZIP" or "ZLIB" when a file starts the way those streams do (RFC 1952 / RFC 1950),
+  else None. (An uncompressed TFRecord starts with a length whose CRC follows.)"""
+  if head[:2] == b"\x1f\x8b":
+    return "GZIP"
+  if len(head) >= 2 and head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and \
+      (head[0] * 256 + head[1]) % 31 == 0:
+    return "ZLIB"
+  return None
+
+
+def _compressed_error(path: str, kind: str) -> CorruptRecordError:
+  return CorruptRecordError(
+      f"{path} is a {kind}-compressed TFRecord file; records are read by byte offset, so "
+      f"decompress it first (e.g. tf.data.TFRecordDataset(path, compression_type='{kind}') "
+      "into a tf.io.TFRecordWriter without compression)")
+
+
+def file_sha256(path: str) -> str:
+  """The sha256 of a whole file, read in 4 MiB chunks (the checksum the info file records)."""
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 22), b""):
+      h.update(chunk)
+  return h.hexdigest()
+
+
 def scan_offsets(path: str) -> np.ndarray:
   """The N + 1 record offsets of a shard without an index (one written by TFDS or tf.data),
-  found by walking the length headers; a bad header or a cut-off record is named."""
+  found by walking the length headers; a bad header or a cut-off record is named, and so is a
+  compressed file."""
   offsets, pos = [0], 0
   size = os.path.getsize(path)
   with open(path, "rb") as f:
     while pos < size:
       header = f.read(_HEADER.size)
       if len(header) < _HEADER.size:
+        if pos == 0 and compression_of(header):
+          raise _compressed_error(path, compression_of(header))
         raise CorruptRecordError(f"{path}: record {len(offsets) - 1} is truncated")
       length, length_crc = _HEADER.unpack_from(header)
       if masked_crc(header[:8]) != length_crc:
+        if pos == 0 and compression_of(header):
+          raise _compressed_error(path, compression_of(header))
         raise CorruptRecordError(f"{path}: record {len(offsets) - 1} has a corrupt length "
                                  "header (CRC mismatch)")
       pos += _HEADER.size + length + _FOOTER.size

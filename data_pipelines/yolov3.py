@@ -17,9 +17,13 @@ norm, its biases, scales, rolling means and variances, else the conv biases; the
 the layer where it stops fitting.
 
 Inference: letterbox to the net size (aspect kept, grey 0.5 padding, centred), forward and box
-decoding jitted on device, batched over every local device; then on the host the person class
-is kept above a confidence (objectness x class probability, default 0.8), non-maximum
-suppression (IoU 0.4), the top box mapped back to the original image's pixels.
+decoding jitted on device, batched over every local device; then on the host the person
+detections are kept by one of two rules (`PERSON_RULES`), non-maximum suppression (IoU 0.4)
+ranks them by objectness x P(person), and the top box is mapped back to the original image's
+pixels:
+  reference  objectness >= conf (0.8) and person the top class of the detection: the
+             reference implementation's reading (the default)
+  product    objectness x P(person) >= conf: stricter, keeps fewer person crops
 """
 from __future__ import annotations
 
@@ -36,6 +40,20 @@ from PIL import Image
 BN_EPS = 1e-5
 LEAKY_SLOPE = 0.1
 PERSON = 0                       # COCO class index
+PERSON_RULES = ("reference", "product")
+
+
+def person_detections(objectness: np.ndarray, class_probs: np.ndarray, conf: float,
+                      rule: str = "reference"):
+  """(kept mask, ranking score) of detections [..., N] by `rule` (module docstring)."""
+  person = objectness * class_probs[..., PERSON]
+  if rule == "reference":
+    keep = (objectness >= conf) & (np.argmax(class_probs, axis=-1) == PERSON)
+  elif rule == "product":
+    keep = person >= conf
+  else:
+    raise ValueError(f"person rule {rule!r}: choose one of {PERSON_RULES}")
+  return keep, person
 
 
 # --- the cfg ------------------------------------------------------------------------------
@@ -346,10 +364,11 @@ def unletterbox(box_xyxy: np.ndarray, transform: Tuple[float, int, int],
 
 
 def top_person(boxes_cxcywh: np.ndarray, scores: np.ndarray, conf: float, nms_iou: float,
-               net: int) -> Optional[np.ndarray]:
-  """The most confident person box [x1, y1, x2, y2] in net pixels after the confidence
-  threshold and NMS, or None."""
-  keep = scores >= conf
+               net: int, keep: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
+  """The most confident person box [x1, y1, x2, y2] in net pixels among the kept detections
+  (`keep`, default: scores >= conf) after NMS, or None."""
+  if keep is None:
+    keep = scores >= conf
   if not keep.any():
     return None
   b = boxes_cxcywh[keep] * net
@@ -365,7 +384,7 @@ class PersonDetector:
 
   def __init__(self, cfg: Sequence[Dict[str, str]], params: Dict[str, Any],
                conf: float = 0.8, nms_iou: float = 0.4, batch_size: int = 16,
-               size: Optional[int] = None):
+               size: Optional[int] = None, rule: str = "reference"):
     """`size`: the square input side (the paper: 416); default the cfg's [net] width. The
     network is fully convolutional, so any multiple of its total stride (32) works."""
     net = cfg[0]
@@ -375,8 +394,10 @@ class PersonDetector:
         raise ValueError("only square inputs are supported: pass a size")
     if size % 32:
       raise ValueError(f"YOLOv3 input size {size} is not a multiple of 32")
+    if rule not in PERSON_RULES:
+      raise ValueError(f"--yolo_rule {rule!r}: choose one of {PERSON_RULES}")
     self.size = size
-    self.conf, self.nms_iou = conf, nms_iou
+    self.conf, self.nms_iou, self.rule = conf, nms_iou, rule
     self.model = Darknet.from_cfg(cfg)
     _, _, heads = channels_and_heads(cfg)
     self.heads = [heads[i] for i in sorted(heads)]
@@ -390,27 +411,28 @@ class PersonDetector:
     size = self.size
 
     @jax.jit
-    def person_scores(p, images):
-      boxes, obj, cls = decode(self.model.apply({"params": p}, images), heads_t, (size, size))
-      return boxes, obj * cls[..., PERSON]
-    self._fn = person_scores
+    def detections(p, images):
+      return decode(self.model.apply({"params": p}, images), heads_t, (size, size))
+    self._fn = detections
 
   def detect_arrays(self, images: np.ndarray):
-    """(boxes [B, N, 4] cxcywh relative, person scores [B, N]) of letterboxed images."""
+    """(boxes [B, N, 4] cxcywh relative, objectness [B, N], class probabilities [B, N, C])
+    of letterboxed images."""
     n = images.shape[0]
     padded = np.zeros((self.batch_size,) + images.shape[1:], np.float32)
     padded[:n] = images
-    boxes, scores = self._fn(self.params, jax.device_put(padded, self._sharding))
-    return np.asarray(boxes)[:n], np.asarray(scores)[:n]
+    boxes, obj, cls = self._fn(self.params, jax.device_put(padded, self._sharding))
+    return np.asarray(boxes)[:n], np.asarray(obj)[:n], np.asarray(cls)[:n]
 
   def __call__(self, images: Sequence[Image.Image]) -> List[Optional[List[float]]]:
     out: List[Optional[List[float]]] = []
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
       boxed = [letterbox(img, self.size) for img in chunk]
-      boxes, scores = self.detect_arrays(np.stack([b[0] for b in boxed]))
-      for img, (_, transform), bx, sc in zip(chunk, boxed, boxes, scores):
-        best = top_person(bx, sc, self.conf, self.nms_iou, self.size)
+      boxes, obj, cls = self.detect_arrays(np.stack([b[0] for b in boxed]))
+      for img, (_, transform), bx, ob, cl in zip(chunk, boxed, boxes, obj, cls):
+        keep, scores = person_detections(ob, cl, self.conf, self.rule)
+        best = top_person(bx, scores, self.conf, self.nms_iou, self.size, keep)
         out.append(None if best is None else
                    [float(v) for v in unletterbox(best, transform, img.size)])
     return out
@@ -433,13 +455,14 @@ def parse_spec(spec: str) -> Tuple[str, str]:
 
 def detect_files(paths: Dict[str, str], cfg_path: str, weights_path: str, conf: float = 0.8,
                  nms_iou: float = 0.4, batch_size: int = 16, progress: bool = True,
-                 size: Optional[int] = 416) -> Dict[str, Optional[List[float]]]:
+                 size: Optional[int] = 416,
+                 rule: str = "reference") -> Dict[str, Optional[List[float]]]:
   """{key: image path} -> {key: top person box [x1, y1, x2, y2] pixels, or None}. An image
   that cannot be read gets None (the conversion reports it when it reads it)."""
   with open(cfg_path) as f:
     cfg = parse_cfg(f.read(), cfg_path)
   detector = PersonDetector(cfg, load_weights(weights_path, cfg, cfg_path), conf, nms_iou,
-                            batch_size, size)
+                            batch_size, size, rule)
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   keys = sorted(paths)
   out: Dict[str, Optional[List[float]]] = {}

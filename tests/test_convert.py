@@ -106,7 +106,7 @@ def test_bad_inputs_are_reported_not_dropped(tmp_path):
   for split in ("train", "test"):
     for cls in ("calm", "angry"):
       for i in range(2):
-        _jpeg(str(root / split / cls / f"{i}.jpg"), color=(i * 90, len(split) * 20, 5))
+        _jpeg(str(root / split / cls / f"{i}.jpg"), color=(i * 90, len(split) * 20, len(cls) * 40))
   os.makedirs(root / "train" / "sad")                            # empty class, missing in test
   (root / "train" / "calm" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
   good = (root / "train" / "angry" / "0.jpg").read_bytes()
@@ -114,18 +114,19 @@ def test_bad_inputs_are_reported_not_dropped(tmp_path):
   shutil.copy(root / "train" / "calm" / "0.jpg", root / "test" / "calm" / "copy.jpg")
   out = tmp_path / "out"
   assert _run("--source", "split_tree", "--root", str(root), "--name", "t", "--out",
-              str(out)) == 0
+              str(out), "--allow_empty_classes") == 0
   report = json.load(open(out / convert.REPORT_FILE))
   assert report["num_unreadable"] == 2
-  assert sorted(b["path"] for b in report["unreadable_images"]) == [
+  assert sorted(b["path"] for b in report["skipped_files"]) == [
       "train/angry/truncated.jpg", "train/calm/broken.jpg"]
   assert "class 'sad' is empty in split 'train'" in report["structure_problems"]
   assert "class 'sad' has no folder in split 'test'" in report["structure_problems"]
   dup = report["duplicates_across_splits"]
-  assert dup == [{"splits": {"train": "train/calm/0.jpg", "test": "test/calm/copy.jpg"}}]
+  assert dup == [{"train": ["train/calm/0.jpg"], "test": ["test/calm/copy.jpg"]}]
+  assert report["duplicates_dropped_from_train"] == ["train/calm/0.jpg"]
   info = json.load(open(out / convert.INFO_FILE))
   assert info["class_names"] == ["angry", "calm", "sad"]
-  assert info["splits"]["train"]["num_records"] == 4
+  assert info["splits"]["train"]["num_records"] == 3
 
 
 def test_resume_skips_finished_shards_and_redoes_partial_ones(synthetic_data, tmp_path):
@@ -179,7 +180,7 @@ def test_caer_s_recipe_splits_test_into_test_and_val(tmp_path):
     for i in range(n):
       _jpeg(str(root / split / "Happy" / f"{i}.png").replace(".png", ".jpg"), (i, 1, 2))
   _run("--source", "class_folders", "--recipe", "caer_s", "--root", str(root), "--name", "c",
-       "--out", str(tmp_path / "o"))
+       "--out", str(tmp_path / "o"), "--duplicates", "keep")    # the fixture repeats images
   info = json.load(open(tmp_path / "o" / convert.INFO_FILE))
   assert {s: v["num_records"] for s, v in info["splits"].items()} == {
       "train": 4, "val": 17, "test": 33}
@@ -199,7 +200,7 @@ def _emoset(root, bad_annotation=False):
     if bad_annotation and i == 1:
       text = text[:-5]
     (root / ann).write_text(text)
-    items[split].append([emotion, img, ann])
+    items[split].append([emotion, f"{emotion}_{i}", img, ann])
   for split, lst in items.items():
     (root / f"{split}.json").write_text(json.dumps(lst))
 
@@ -222,7 +223,7 @@ def test_malformed_emoset_json_names_file_and_entry(tmp_path):
   with pytest.raises(ValueError, match=r"fear_1.json \(.*train.json entry 1\) is not valid"):
     _run("--source", "emoset", "--root", str(tmp_path / "emoset"), "--name", "e",
          "--out", str(tmp_path / "o"))
-  (tmp_path / "emoset" / "train.json").write_text(json.dumps([["awe", "x.jpg"]]))
+  (tmp_path / "emoset" / "train.json").write_text(json.dumps([["awe", "a", "x.jpg"]]))
   with pytest.raises(ValueError, match=r"train.json entry 0: expected \[emotion"):
     _run("--source", "emoset", "--root", str(tmp_path / "emoset"), "--name", "e",
          "--out", str(tmp_path / "o"))
@@ -258,7 +259,7 @@ def test_emotic_multi_label_keeps_its_boxes(tmp_path):
               [([10, 5, 60, 45], ["Happiness", "Peace"]), ([0, 0, 20, 50], ["Fear"])],
               [([5, 5, 50, 40], ["Sadness", "Pain", "Fatigue"])])
   _run("--source", "emotic", "--root", str(root), "--name", "emotic", "--out",
-       str(tmp_path / "o"))
+       str(tmp_path / "o"), "--duplicates", "keep")     # one photo in train and test
   recs = _read_split(str(tmp_path / "o"), "train")
   assert len(recs) == 2 and recs[0]["label"] == -1
   hot = sources.EMOTIC_CLASSES

@@ -332,7 +332,34 @@ def test_converter_attaches_yolov3_boxes(cfg, synthetic_data, tmp_path):
 def test_detector_input_size(cfg):
   detector = yolov3.PersonDetector(cfg, _random_params(cfg), size=64, batch_size=3)
   assert detector.batch_size % len(jax.local_devices()) == 0
-  boxes, scores = detector.detect_arrays(np.zeros((3, 64, 64, 3), np.float32))
-  assert boxes.shape == (3, 32 * 32 * 2 + 64 * 64 * 2, 4) and scores.shape == boxes.shape[:2]
+  boxes, obj, cls = detector.detect_arrays(np.zeros((3, 64, 64, 3), np.float32))
+  assert boxes.shape == (3, 32 * 32 * 2 + 64 * 64 * 2, 4) and obj.shape == boxes.shape[:2]
+  assert cls.shape == boxes.shape[:2] + (2,)
   with pytest.raises(ValueError, match="not a multiple of 32"):
     yolov3.PersonDetector(cfg, _random_params(cfg), size=100)
+
+
+def test_person_rules_on_hand_set_outputs():
+  # Three detections: objectness 0.9 with P(person) 0.6 the top class (the reference keeps
+  # it, the product 0.54 does not); objectness 0.9 with a dog the top class; objectness 0.7.
+  obj = np.array([0.9, 0.9, 0.7])
+  cls = np.array([[0.6, 0.3], [0.4, 0.95], [0.99, 0.0]])
+  keep, score = yolov3.person_detections(obj, cls, 0.8, "reference")
+  assert keep.tolist() == [True, False, False]
+  np.testing.assert_allclose(score, [0.54, 0.36, 0.693])
+  keep, _ = yolov3.person_detections(obj, cls, 0.5, "product")
+  assert keep.tolist() == [True, False, True]
+  with pytest.raises(ValueError, match="person rule 'max'"):
+    yolov3.person_detections(obj, cls, 0.8, "max")
+
+
+@pytest.mark.parametrize("rule, found", [("reference", 1), ("product", 0)])
+def test_detector_rules_on_a_network_whose_outputs_are_set(cfg, rule, found):
+  """The head's biases fix every output: objectness sigmoid(10) ~ 1 for anchor 0 of the
+  second head, person logit 0.5 (P 0.62) above the other class's -10: person is the top class
+  with objectness x P(person) = 0.62 < 0.8."""
+  params = _confident_head_params(cfg)
+  params["conv_11"]["bias"][5] = 0.5
+  detector = yolov3.PersonDetector(cfg, params, conf=0.8, size=32, rule=rule)
+  boxes = detector([Image.new("RGB", (48, 48), (90, 90, 90))])
+  assert sum(b is not None for b in boxes) == found
