@@ -39,8 +39,8 @@ def test_easy_fusion_formula():
   assert set(params) == {"norm", "proj"}     # one LayerNorm shared by both tokens
   np.testing.assert_array_equal(params["proj"]["bias"], 0.0)
 
-  def ln(x):
-    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  def ln(x):      # torch.nn.LayerNorm's default epsilon, as the reference module has it
+    return (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5)
   h = ln(np.asarray(alpha)) + ln(np.asarray(beta))
   z = h @ np.asarray(params["proj"]["kernel"])
   expect = np.where(z > 0, z, np.expm1(z))
@@ -51,3 +51,21 @@ def test_easy_fusion_formula():
 def test_unknown_fusion_names_the_config_field():
   with pytest.raises(ValueError, match="config.model.fusion='bogus'"):
     fusion.get_fusion("bogus")
+
+
+def test_easy_fusion_equals_the_torch_module_where_epsilon_shows():
+  """The reference's easy fusion in torch (one nn.LayerNorm with its default eps 1e-5, a
+  Linear, ELU) on inputs of small spread, where the epsilon changes the output."""
+  import torch
+  alpha = np.asarray(jax.random.normal(jax.random.key(3), (4, 8))) * 3e-3
+  beta = np.asarray(jax.random.normal(jax.random.key(4), (4, 8))) * 3e-3
+  module = fusion.EasyFusion()
+  params = nn.unbox(module.init(jax.random.key(2), alpha, beta))["params"]
+  norm, proj = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+  with torch.no_grad():
+    proj.weight.copy_(torch.from_numpy(np.array(params["proj"]["kernel"]).T))
+    proj.bias.copy_(torch.from_numpy(np.array(params["proj"]["bias"])))
+    ref = torch.nn.functional.elu(proj(norm(torch.from_numpy(alpha).float()) +
+                                       norm(torch.from_numpy(beta).float()))).numpy()
+  np.testing.assert_allclose(module.apply({"params": params}, alpha, beta), ref,
+                             rtol=1e-4, atol=1e-4)

@@ -167,7 +167,8 @@ def test_uniemox_pretrain_fusion_matches_pytorch():
                                            jnp.asarray(b))
   w = torch.from_numpy(sd["fusion_model.bn.weight"])
   bias = torch.from_numpy(sd["fusion_model.bn.bias"])
-  ln = lambda t: torch.nn.functional.layer_norm(t, (32,), w, bias, 1e-6)  # noqa: E731
+  # The authors' module is nn.LayerNorm(dim): torch's default epsilon, 1e-5.
+  ln = lambda t: torch.nn.functional.layer_norm(t, (32,), w, bias, 1e-5)  # noqa: E731
   with torch.no_grad():
     z = ln(torch.from_numpy(a)) + ln(torch.from_numpy(b))
     ref = torch.nn.functional.elu(z @ torch.from_numpy(sd["fusion_model.linear.weight"]).T

@@ -56,7 +56,7 @@ def test_l3_matches_numpy(norm_pix):
   target = patches
   if norm_pix:
     target = (patches - patches.mean(-1, keepdims=True)) / np.sqrt(
-        patches.var(-1, keepdims=True) + 1e-6)
+        patches.var(-1, keepdims=True, ddof=1) + 1e-6)
   per_patch = ((pred - target) ** 2).mean(-1)
   expect = (per_patch * mask).sum() / mask.sum()
   got = losses.masked_reconstruction_loss(
@@ -70,3 +70,14 @@ def test_total_switches_terms_and_rejects_unknown():
   assert float(losses.total_loss(terms, {"l1": 1, "l2": 0, "l3": 0.5})) == 1.5
   with pytest.raises(ValueError, match="unknown terms"):
     losses.total_loss(terms, {"l4": 1.0})
+
+
+def test_norm_pix_target_is_maes():
+  """MAE's forward_loss: mean and torch's default (unbiased) variance per patch."""
+  import torch
+  patches = _rand(9, 2, 5, 48)
+  t = torch.from_numpy(patches)
+  mean, var = t.mean(dim=-1, keepdim=True), t.var(dim=-1, keepdim=True)
+  expect = ((t - mean) / (var + 1.e-6) ** .5).numpy()
+  np.testing.assert_allclose(losses.reconstruction_target(jnp.asarray(patches), True), expect,
+                             rtol=1e-5, atol=1e-5)

@@ -104,8 +104,12 @@ def test_prompt_skips_missing_attributes():
   assert prompts.build_prompt("fear") == "The overall emotion conveyed is fear."
   assert prompts.build_prompt("fear", {"scene": "", "objects": ["cat", "dog"],
                                        "brightness": 0.0, "human_action": None}) == (
-      "The main subjects are cat and dog. The image has a brightness of 0. "
+      "The main subjects are cat and dog. The image has a brightness of 0.0. "
       "The overall emotion conveyed is fear.")
+  # Values as the dataset labels them (the reference passes str(value)): "1.0", not "1".
+  assert prompts.build_prompt("awe", {"brightness": 1.0, "colorfulness": 0.4}) == (
+      "The image has a brightness of 1.0 and color saturation of 0.4. "
+      "The overall emotion conveyed is awe.")
   assert prompts.build_prompt("joy", {"colorfulness": 0.5}) == (
       "The image has color saturation of 0.5. The overall emotion conveyed is joy.")
   with pytest.raises(ValueError, match="unknown prompt attributes"):

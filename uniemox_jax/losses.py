@@ -43,12 +43,13 @@ def embedding_cosine_loss(g: jax.Array, omega: jax.Array) -> jax.Array:
 
 
 def reconstruction_target(patches: jax.Array, norm_pix_loss: bool) -> jax.Array:
-  """MAE's target: the patch pixels, optionally normalized per patch (`norm_pix_loss`)."""
+  """MAE's target: the patch pixels, optionally normalized per patch (`norm_pix_loss`) by
+  their mean and unbiased variance (N - 1, torch's default, as MAE computes it)."""
   patches = patches.astype(jnp.float32)
   if not norm_pix_loss:
     return patches
   mean = patches.mean(axis=-1, keepdims=True)
-  var = patches.var(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True, ddof=1)
   return (patches - mean) / jnp.sqrt(var + 1e-6)
 
 

@@ -23,8 +23,13 @@ def _dense(features: int, name: str, dtype, param_dtype) -> nn.Dense:
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 
 
-def _ln(name: str, dtype, param_dtype) -> nn.LayerNorm:
-  return vit.layer_norm(name, dtype, param_dtype, axis=None)
+# The reference's easy fusion is torch's nn.LayerNorm with its default epsilon, not the ViT's
+# 1e-6: imported fusion weights then give the same gamma.
+EASY_LN_EPS = 1e-5
+
+
+def _ln(name: str, dtype, param_dtype, epsilon: float = vit.LN_EPS) -> nn.LayerNorm:
+  return vit.layer_norm(name, dtype, param_dtype, axis=None, epsilon=epsilon)
 
 
 class _Fusion(nn.Module):
@@ -38,7 +43,7 @@ class EasyFusion(_Fusion):
 
   @nn.compact
   def __call__(self, alpha, beta):
-    norm = _ln("norm", self.dtype, self.param_dtype)
+    norm = _ln("norm", self.dtype, self.param_dtype, EASY_LN_EPS)
     return nn.elu(_dense(alpha.shape[-1], "proj", self.dtype, self.param_dtype)(
         norm(alpha) + norm(beta)))
 

@@ -82,10 +82,10 @@ def dense_init():
 
 
 def layer_norm(name: Optional[str], dtype: Dtype, param_dtype: Dtype,
-               axis: str = "embed") -> nn.LayerNorm:
-  """LayerNorm with the ViT epsilon (1e-6) and logically named parameters."""
+               axis: str = "embed", epsilon: float = LN_EPS) -> nn.LayerNorm:
+  """LayerNorm with the ViT epsilon (1e-6 unless given) and logically named parameters."""
   return nn.LayerNorm(
-      epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype, name=name,
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones, (axis,)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (axis,)))
 

@@ -23,8 +23,8 @@ def _present(value: Any) -> bool:
 
 
 def _fmt(value: Any) -> str:
-  if isinstance(value, float):
-    return f"{value:g}"
+  """A value as the reference writes it, `str(value)`: EmoSet's brightness 0.0 is "0.0" and 1.0
+  is "1.0", the way the dataset labels them."""
   return str(value).strip()
 
 
