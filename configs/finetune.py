@@ -17,17 +17,31 @@ import ml_collections
 
 from uniemox_jax import config_utils
 
-# Classes of each benchmark; EMOTIC is 26-way multi-label, scored by mAP.
+# Each benchmark: classes (EMOTIC is 26-way multi-label, scored by mAP), the size of its
+# training split as the authors' splits give it (approximate: published image counts x the
+# split fraction), and the global batch chosen so that every benchmark gets at least 20
+# optimizer steps per epoch (the lr follows by base_lr x batch / 256).
+#
+#   dataset    train images   batch   steps/epoch
+#   emo8            7,144       256       27
+#   fi             18,646       512       36
+#   emotion6        1,386        64       21
+#   ube             2,131        64       33
+#   heco            6,570       256       25
+#   caer_s         44,996      1024       43
+#   emoset         94,481      1024       92
+#   emotic         23,266      1024       22   (annotated persons)
 DATASETS = {
-    "emo8": dict(num_classes=8, multi_label=False),
-    "fi": dict(num_classes=8, multi_label=False),
-    "emotion6": dict(num_classes=6, multi_label=False),
-    "ube": dict(num_classes=6, multi_label=False),
-    "heco": dict(num_classes=8, multi_label=False),
-    "caer_s": dict(num_classes=7, multi_label=False),
-    "emoset": dict(num_classes=8, multi_label=False),
-    "emotic": dict(num_classes=26, multi_label=True),
+    "emo8": dict(num_classes=8, multi_label=False, train_images=7144, batch_size=256),
+    "fi": dict(num_classes=8, multi_label=False, train_images=18646, batch_size=512),
+    "emotion6": dict(num_classes=6, multi_label=False, train_images=1386, batch_size=64),
+    "ube": dict(num_classes=6, multi_label=False, train_images=2131, batch_size=64),
+    "heco": dict(num_classes=8, multi_label=False, train_images=6570, batch_size=256),
+    "caer_s": dict(num_classes=7, multi_label=False, train_images=44996, batch_size=1024),
+    "emoset": dict(num_classes=8, multi_label=False, train_images=94481, batch_size=1024),
+    "emotic": dict(num_classes=26, multi_label=True, train_images=23266, batch_size=1024),
 }
+MIN_STEPS_PER_EPOCH = 20
 
 
 def get_config(arg=None):
@@ -55,7 +69,7 @@ def get_config(arg=None):
   config.augment = dict(rand_augment=True, erase_prob=0.25, mixup_alpha=0.8,
                         cutmix_alpha=1.0, switch_prob=0.5, mix_prob=1.0,
                         label_smoothing=0.0 if spec["multi_label"] else 0.1)
-  config.batch_size = 1024                 # global
+  config.batch_size = spec["batch_size"]   # global: the table above
   config.eval_batch_size = 1024            # global; the last batch is padded and masked
   config.total_epochs = arg.epochs
   config.total_steps = 0                   # > 0 overrides total_epochs

@@ -26,6 +26,8 @@ def test_demo_command_trains_and_writes_its_workdir(tmp_path):
   for noise in ("oneDNN", "TensorFlow binary", "FutureWarning", "could not be restored",
                 "cpu_feature_guard", "Setting work unit notes", "mask_ratio: 0.75"):
     assert noise not in proc.stderr, noise
+  # The peak learning rate is printed when training starts (demo: 4e-3 x 32 / 256).
+  assert "peak lr 0.0005 (base_lr 0.004 x 32 / 256)" in proc.stderr, proc.stderr[-2000:]
   progress = [line for line in proc.stderr.splitlines() if "step 5/10 (50%)" in line]
   assert progress and "img/s" in progress[0] and "left" in progress[0], proc.stderr[-2000:]
   result, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])
@@ -51,6 +53,18 @@ def test_demo_command_trains_and_writes_its_workdir(tmp_path):
   assert (tmp_path / "finetune" / "best.json").exists()
 
 
+def test_default_pretraining_peak_lr_is_within_maes_rule():
+  from configs import pretrain
+  from uniemox_jax import optim
+  config = pretrain.get_config()
+  assert config.batch_size == 4096
+  assert optim.peak_lr(config) <= 1.5e-4 * config.batch_size / 256 + 1e-12
+  reference = pretrain.get_config("lr=reference")
+  assert reference.optim.base_lr == 1e-3 and optim.peak_lr(reference) == 1e-3 * 4096 / 256
+  with pytest.raises(ValueError, match="lr='fast': choose one of"):
+    pretrain.get_config("lr=fast")
+
+
 @pytest.mark.parametrize("arg,message", [
     ("configs/pretrain.py:vit=Z/16", "Unknown ViT variant 'Z/16'"),
     ("configs/pretrain.py:losses=l1+l9", "unknown terms ['l9']"),
@@ -60,3 +74,21 @@ def test_bad_config_is_named(tmp_path, arg, message):
   proc = _run("--config", arg, f"--workdir={tmp_path}")
   assert proc.returncode != 0
   assert message in proc.stderr
+
+
+def test_every_benchmark_gets_twenty_steps_per_epoch():
+  from configs import finetune
+  from uniemox_jax import optim
+  for name, spec in finetune.DATASETS.items():
+    config = finetune.get_config(f"dataset={name}")
+    steps = spec["train_images"] // config.batch_size
+    assert steps >= finetune.MIN_STEPS_PER_EPOCH, (name, steps)
+    assert optim.peak_lr(config) == 1e-3 * config.batch_size / 256
+  # The table in the config's comments says the same.
+  table = {}
+  for line in open(finetune.__file__):
+    parts = line.strip("# \n").split()
+    if len(parts) >= 4 and parts[0] in finetune.DATASETS:
+      table[parts[0]] = (int(parts[1].replace(",", "")), int(parts[2]), int(parts[3]))
+  assert table == {n: (s["train_images"], s["batch_size"], s["train_images"] // s["batch_size"])
+                   for n, s in finetune.DATASETS.items()}

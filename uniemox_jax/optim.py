@@ -40,8 +40,13 @@ def resolve_schedule(config, num_examples: int) -> Schedule:
   return Schedule(total, min(warmup, total), steps_per_epoch)
 
 
+def peak_lr(config) -> float:
+  """base_lr x global batch / 256 (the linear scaling rule of MAE and the reference)."""
+  return config.optim.base_lr * config.batch_size / 256
+
+
 def learning_rate(config, schedule: Schedule) -> Callable[[Any], Any]:
-  peak = config.optim.base_lr * config.batch_size / 256
+  peak = peak_lr(config)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=schedule.warmup_steps,
       decay_steps=max(schedule.total_steps, schedule.warmup_steps + 1),

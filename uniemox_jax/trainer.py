@@ -420,8 +420,10 @@ class TrainLoop:
     self._trim_metrics_log(start)
     if start >= total:
       logging.info("Nothing to do: %s already holds the final step %d", self.workdir, total)
-    logging.info("Training steps %d..%d (%d per epoch), global batch %d on %s", start, total,
-                 self.schedule.steps_per_epoch, cfg.batch_size, dict(self.mesh.shape))
+    logging.info("Training steps %d..%d (%d per epoch), global batch %d on %s, peak lr %.3g "
+                 "(base_lr %.3g x %d / 256)", start, total, self.schedule.steps_per_epoch,
+                 cfg.batch_size, dict(self.mesh.shape), optim.peak_lr(cfg),
+                 cfg.optim.base_lr, cfg.batch_size)
     if os.environ.get(FAIL_BEFORE_STEP_ENV) == str(jax.process_index()):
       raise RuntimeError(f"injected fault before the first step ({FAIL_BEFORE_STEP_ENV})")
     try:
