@@ -343,3 +343,28 @@ def test_a_checkpoint_with_reordered_classes_is_refused_before_the_first_step(
   with pytest.raises(errors.UserError, match="was trained on classes"):
     t.initial_state(None)
   t.close()
+
+
+def test_linear_probe_pools_as_the_fine_tuning_head(odd_data):
+  """The probe's features are the classifier's fc_norm output at initialization: a head of
+  width D set to the identity makes the classifier's logits those features."""
+  import flax.linen as nn
+  config = linear_probe_config.get_config("demo=True")
+  config.model.image_size = 32
+  width = 64
+  model = models.Classifier(num_classes=width, variant=config.model.variant, image_size=32,
+                            pos_embed="sincos", dtype=jnp.float32)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
+  assert params["head"]["kernel"].shape == (width, width), "the variant's width changed"
+  params["head"] = {"kernel": jnp.eye(width), "bias": jnp.zeros(width)}
+  encoder = dict(params["encoder"], norm={"scale": jnp.full(width, 3.0),    # a final norm the
+                                          "bias": jnp.ones(width)})         # probe must drop
+  mesh = sharding.make_mesh(-1, 1)
+  config.eval_batch_size = 8
+  out = linear_probe.encoder_features(config, encoder, ["test"], mesh, odd_data,
+                                      progress=False)["test"]
+  images = np.stack([ip.EvalTransform(32).map(ip.ShardSource(odd_data, "test")[i])["image"]
+                     for i in range(13)])
+  from uniemox_jax import augment
+  logits, _ = model.apply({"params": params}, augment.normalize(jnp.asarray(images)))
+  np.testing.assert_allclose(out["features"], logits, rtol=1e-4, atol=1e-4)

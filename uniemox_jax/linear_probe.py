@@ -1,8 +1,8 @@
 """Linear probe: a frozen pretrained encoder's features, computed once, and a linear classifier
 trained on them (configs/linear_probe.py).
 
-Features: the mean of the patch tokens after the encoder's final norm (the same pooling as the
-fine-tuning head), for every record of the train, validation and test splits exactly once
+Features: pooled exactly as the fine-tuning head pools (the encoder without its final norm,
+the mean of the patch tokens, fc_norm as initialized: unit scale, zero bias), for every record of the train, validation and test splits exactly once
 (eval transform, no augmentation), standardized with the train statistics (a BatchNorm
 without affine terms, as MAE's probe). The classifier: full-batch AdamW on device for
 `config.probe.steps`, once per weight decay in `config.probe.weight_decays`; the one with the
@@ -35,16 +35,21 @@ def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_d
                      progress: bool = True) -> Dict[str, Dict[str, np.ndarray]]:
   """For each split: {"features" [N, D], "label" (and "labels")} of every record, in order.
   The encoder is placed and compiled once for all of them."""
-  final_norm = "norm" in encoder_params
   m = config.model
-  encoder = vit.Encoder(m.variant, m.image_size, final_norm=final_norm)
+  # Pooled as the fine-tuning head pools: the encoder without its final norm, the mean of the
+  # patch tokens, then fc_norm as the head starts (a LayerNorm with unit scale, zero bias).
+  encoder = vit.Encoder(m.variant, m.image_size, final_norm=False)
+  encoder_params = {k: v for k, v in encoder_params.items() if k != "norm"}
   params = sharding.host_to_global(encoder_params, sharding.replicated(mesh))
   batch_size = evaluate.check_batch(config.eval_batch_size, mesh)
 
   @jax.jit
   def fn(p, batch):
     tokens, _ = encoder.apply({"params": p}, augment.normalize(batch["image"]), train=False)
-    return {"features": jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)}
+    pooled = jnp.mean(tokens[:, 1:].astype(jnp.float32), axis=1)
+    mean = pooled.mean(axis=-1, keepdims=True)
+    var = pooled.var(axis=-1, keepdims=True)
+    return {"features": (pooled - mean) / jnp.sqrt(var + vit.LN_EPS)}
   out = {}
   for split in splits:
     dataset = input_pipeline.eval_dataset(
