@@ -1,7 +1,6 @@
 """PyTorch checkpoint import: timm ViTs and MAE-layout state dicts against PyTorch's own
 forward, the fusion, position resampling, the output checkpoint, the trainer hook, errors."""
 import functools
-import os
 
 import flax.linen as nn
 import jax
