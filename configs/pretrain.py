@@ -42,6 +42,9 @@ def model_config(vit: str, mask: float, fusion: str, losses: str,
       fusion=fusion,
       fusion_heads=8,
       norm_pix_loss=False,
+      # L1's similarity matrix over: global (every row of the batch) | device (each device's
+      # rows: the reference's per-GPU L1) | N (groups of N rows)
+      l1_group="global",
       loss_weights={name: 1.0 if name in enabled else 0.0 for name in ALL_LOSSES},
       # none | full | dots | dots_no_batch (every block) | encoder | decoder (full, there only)
       remat="none",

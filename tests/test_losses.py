@@ -81,3 +81,42 @@ def test_norm_pix_target_is_maes():
   expect = ((t - mean) / (var + 1.e-6) ** .5).numpy()
   np.testing.assert_allclose(losses.reconstruction_target(jnp.asarray(patches), True), expect,
                              rtol=1e-5, atol=1e-5)
+
+
+def test_l1_device_groups_equal_each_devices_own_l1_averaged():
+  """l1_group=device on a batch sharded over 8 devices: the jitted loss equals computing L1
+  on each device's rows alone (the reference's per-GPU L1) and averaging."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from uniemox_jax import models
+  devices = jax.devices()
+  assert len(devices) == 8
+  rows = models.l1_group_size("device", micro_batch=24, devices=len(devices))
+  assert rows == 3
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
+  shard = NamedSharding(mesh, PartitionSpec("batch"))
+  g, omega, lam = _rand(3, 24, 16), _rand(4, 24, 16), _rand(5, 24, 16)
+  placed = [jax.device_put(jnp.asarray(x, jnp.float32), shard) for x in (g, omega, lam)]
+  got = jax.jit(lambda a, b, c: losses.similarity_distillation_loss(a, b, c, 50.0, rows))(
+      *placed)
+  per_device = []
+  for d in range(8):
+    (rows_d,) = [s.index[0] for s in placed[0].addressable_shards if s.device == devices[d]]
+    per_device.append(_np_l1(g[rows_d], omega[rows_d], lam[rows_d], 50.0))
+  np.testing.assert_allclose(got, np.mean(per_device), rtol=1e-5, atol=1e-6)
+  # Global differs (the matrix spans all 24 rows), and equals group size 0 or 24.
+  full = losses.similarity_distillation_loss(g, omega, lam, 50.0)
+  np.testing.assert_allclose(full, _np_l1(g, omega, lam, 50.0), rtol=1e-5, atol=1e-6)
+  assert abs(float(full) - float(got)) > 1e-4
+  np.testing.assert_allclose(losses.similarity_distillation_loss(g, omega, lam, 50.0, 24),
+                             full, rtol=1e-6)
+
+
+def test_l1_group_values_are_checked():
+  from uniemox_jax import models
+  assert models.l1_group_size("global", 64, 8) == 0
+  assert models.l1_group_size("16", 64, 8) == 16
+  with pytest.raises(ValueError, match=r"l1_group=24: groups of 24 rows do not divide the 64"):
+    models.l1_group_size("24", 64, 8)
+  with pytest.raises(ValueError, match=r"l1_group='gpu': choose global, device or"):
+    models.l1_group_size("gpu")

@@ -350,3 +350,14 @@ def test_preemption_is_polled_every_n_steps_with_several_processes(monkeypatch):
     p.restore()
   assert p.polls == len(gathered) == 3
   assert [s for s, a in zip(range(1, 31), answers) if a] == [10, 20, 30]
+
+
+def test_l1_group_device_reaches_the_model(tmp_path):
+  config = demo.get_config()
+  config.unlock()
+  config.update_from_flattened_dict({"model.l1_group": "device", "optim.accum_steps": 2,
+                                     "data.synthetic_per_class": "6,2,2", "total_steps": 1})
+  t = pretrain.PretrainTrainer(config, str(tmp_path))
+  # 32 rows a step, 2 micro-batches of 16, 8 devices: groups of 2 rows.
+  assert t.model.l1_group_size == config.batch_size // 2 // 8
+  t.checkpointer.close()

@@ -24,16 +24,24 @@ def _row_cosine(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def similarity_distillation_loss(g: jax.Array, omega: jax.Array, lam: jax.Array,
-                                 logit_scale: jax.Array | float = 1.0) -> jax.Array:
+                                 logit_scale: jax.Array | float = 1.0,
+                                 group_size: int = 0) -> jax.Array:
   """L1 = 1 - mean_i cos(A_i, C_i), A = s g lam^T (student), C = s omega lam^T (teacher).
 
-  Row i of A compares image i's student token with every text of the batch; the diagonal is its
-  own text. Cosine makes the logit scale s cancel; it is kept so the logits are CLIP's own.
+  Row i of A compares image i's student token with every text of its group; the diagonal is
+  its own text. Cosine makes the logit scale s cancel; it is kept so the logits are CLIP's own.
+  `group_size` (0: the whole batch) splits the rows into consecutive groups, each compared
+  within itself: the batch's rows per device give the reference's per-GPU L1.
   """
   g, omega, lam = l2_normalize(g), l2_normalize(omega), l2_normalize(lam)
   s = jnp.asarray(logit_scale, jnp.float32)
-  student = s * g @ lam.T
-  teacher = s * omega @ lam.T
+  rows = g.shape[0]
+  n = group_size if 0 < group_size < rows else rows
+  if rows % n:
+    raise ValueError(f"L1 group size {n} does not divide the {rows} rows of the batch")
+  g, omega, lam = (x.reshape(rows // n, n, x.shape[-1]) for x in (g, omega, lam))
+  student = s * jnp.einsum("gid,gjd->gij", g, lam)
+  teacher = s * jnp.einsum("gid,gjd->gij", omega, lam)
   return 1.0 - jnp.mean(_row_cosine(student, teacher))
 
 

@@ -26,7 +26,10 @@ class PretrainTrainer(trainer.TrainLoop):
 
   def setup(self):
     config = self.config
-    self.model = models.pretrain_model(config.model)
+    accum = config.optim.get("accum_steps", 1)
+    self.model = models.pretrain_model(config.model, models.l1_group_size(
+        config.model.get("l1_group", "global"), config.batch_size // accum,
+        self.mesh.devices.size))
     self.teacher = trainer.load_teacher(config, self.workdir)
     objective.check_compatible(self.model, self.teacher)
     tokenize = None

@@ -59,6 +59,7 @@ class UniEmoX(nn.Module):
   fusion: str = "easy"
   fusion_heads: int = 8
   norm_pix_loss: bool = False
+  l1_group_size: int = 0        # rows per L1 group (0: the whole batch); see models.l1_group_size
   # ((name, weight), ...): a tuple so the module stays hashable; a weight of 0 disables a term.
   loss_weights: Tuple[Tuple[str, float], ...] = (("l1", 1.0), ("l2", 1.0), ("l3", 1.0))
   remat: "str | bool" = "none"   # a block policy, or "encoder" / "decoder" (MODEL_REMAT)
@@ -105,7 +106,8 @@ class UniEmoX(nn.Module):
            "person_mask": m.mask[batch:]}
     # L1 and L2 are cheap and always reported; a weight of 0 only keeps them out of the total.
     terms = {
-        "l1": losses.similarity_distillation_loss(gamma, image_emb, text_emb, logit_scale),
+        "l1": losses.similarity_distillation_loss(gamma, image_emb, text_emb, logit_scale,
+                                                  self.l1_group_size),
         "l2": losses.embedding_cosine_loss(gamma, image_emb),
     }
     weights = dict(self.loss_weights)
