@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import hashlib
 import json
@@ -67,10 +68,10 @@ def entry_prompt(plan: sources.Plan, e: sources.Entry) -> str:
   return prompts.build_prompt(emotion, e.attributes)
 
 
-def image_id(e: sources.Entry) -> str:
+def image_id(split: str, rel_path: str) -> str:
   """"<split>/<path relative to the source root>", the split not doubled when the path
   already starts with it (split trees)."""
-  return e.rel_path if e.rel_path.split(os.sep)[0] == e.split else f"{e.split}/{e.rel_path}"
+  return rel_path if rel_path.split(os.sep)[0] == split else f"{split}/{rel_path}"
 
 
 def make_record(e: sources.Entry, prompt: str, text_emb: Optional[np.ndarray] = None,
@@ -82,8 +83,8 @@ def make_record(e: sources.Entry, prompt: str, text_emb: Optional[np.ndarray] = 
   with open(e.path, "rb") as f:
     stored = images.prepare(f.read(), max_size, exif_orientation)
   box = None if e.box_xyxy is None else stored.relative_box(e.box_xyxy)
-  rec = records.Record(stored.data, image_id(e), e.rel_path, e.label, e.label_name, prompt,
-                       e.attributes, box, e.labels, text_emb)
+  rec = records.Record(stored.data, image_id(e.split, e.rel_path), e.rel_path, e.label,
+                       e.label_name, prompt, e.attributes, box, e.labels, text_emb)
   return rec, e.box_xyxy is not None and box is None, stored.reencoded
 
 
@@ -202,11 +203,7 @@ def prepare_out_dir(out: str, name: str, overwrite: bool = False) -> None:
 
 def _sha1_of(path: str) -> Optional[str]:
   try:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-      for chunk in iter(lambda: f.read(1 << 22), b""):
-        h.update(chunk)
-    return h.hexdigest()
+    return tfrecord.file_sha256(path, "sha1")
   except OSError:
     return None        # reported when the shard writer reads it
 
@@ -221,16 +218,15 @@ def find_duplicates(plan: sources.Plan, policy: str = "drop_from_train", workers
   files = sorted({(e.split, e.rel_path.split("#")[0], e.path) for e in plan.entries})
   paths = [f[2] for f in files]
   bar = _progress(len(paths), progress, "hashing")
-  if workers > 1 and len(paths) > 64:
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      digests = []
-      for d in pool.imap(_sha1_of, paths, chunksize=32):
-        digests.append(d)
-        bar.update(1)
-  else:
+  with contextlib.ExitStack() as stack:
+    if workers > 1 and len(paths) > 64:
+      pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+      hashed = pool.imap(_sha1_of, paths, chunksize=32)
+    else:
+      hashed = map(_sha1_of, paths)
     digests = []
-    for p in paths:
-      digests.append(_sha1_of(p))
+    for d in hashed:
+      digests.append(d)
       bar.update(1)
   bar.close()
   by_digest: Dict[str, Dict[str, List[str]]] = collections.defaultdict(
@@ -245,13 +241,13 @@ def find_duplicates(plan: sources.Plan, policy: str = "drop_from_train", workers
             if len(d) > 1]
   dropped = []
   if across and policy == "error":
-    first = "; ".join(" = ".join(f"{s}/{r[0]}" if not r[0].startswith(s + os.sep) else r[0]
-                                 for s, r in a.items()) for a in across[:3])
+    first = "; ".join(" = ".join(image_id(s, r[0]) for s, r in a.items())
+                      for a in across[:3])
     raise ValueError(f"{len(across)} image(s) appear in more than one split ({first}"
                      f"{' ...' if len(across) > 3 else ''}); --duplicates=drop_from_train "
                      "removes them from train, --duplicates=keep converts them anyway")
   if policy == "drop_from_train":
-    drop = {rel for a in across if "train" in a and len(a) > 1 for rel in a["train"]}
+    drop = {rel for a in across if "train" in a for rel in a["train"]}
     dropped = sorted(drop)
     plan.entries = [e for e in plan.entries
                     if not (e.split == "train" and e.rel_path.split("#")[0] in drop)]

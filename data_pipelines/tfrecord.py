@@ -101,9 +101,10 @@ def _compressed_error(path: str, kind: str) -> CorruptRecordError:
       "into a tf.io.TFRecordWriter without compression)")
 
 
-def file_sha256(path: str) -> str:
-  """The sha256 of a whole file, read in 4 MiB chunks (the checksum the info file records)."""
-  h = hashlib.sha256()
+def file_sha256(path: str, algorithm: str = "sha256") -> str:
+  """The hex digest of a whole file, read in 4 MiB chunks (sha256: the checksum the info file
+  records)."""
+  h = hashlib.new(algorithm)
   with open(path, "rb") as f:
     for chunk in iter(lambda: f.read(1 << 22), b""):
       h.update(chunk)

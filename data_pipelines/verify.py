@@ -53,14 +53,15 @@ def check_split(data_dir: str, info: Dict[str, Any], split: str) -> List[str]:
       raise DatasetMismatchError(
           f"shard {path} is {size} bytes; {INFO_FILE} says {entry['bytes']}: the file was "
           f"replaced or damaged after conversion; {_fix_hint(data_dir)}")
-    offsets = tfrecord.read_index(path, scan_if_missing=info.get("source") == "tfds")
-    count = len(offsets) - 1
+    reader = tfrecord.RandomAccessReader([path],
+                                         scan_if_missing=info.get("source") == "tfds")
+    count = len(reader)
     if count != entry["records"]:
       raise DatasetMismatchError(
           f"shard {path} holds {count} records; {INFO_FILE} says {entry['records']}; "
           f"{_fix_hint(data_dir)}")
     if count and info.get("split_ids", True):
-      first = records.parse(tfrecord.RandomAccessReader([path], scan_if_missing=True)[0])
+      first = records.parse(reader[0])
       if not first["image_id"].startswith(f"{split}/"):
         raise DatasetMismatchError(
             f"shard {path} is listed under split {split!r} but its first record is "

@@ -16,6 +16,7 @@ from data_pipelines import records
 from data_pipelines import sources
 from data_pipelines import synthetic
 from data_pipelines import tfrecord
+from tests import formats
 
 
 def _read_split(out, split):
@@ -229,35 +230,14 @@ def test_malformed_emoset_json_names_file_and_entry(tmp_path):
          "--out", str(tmp_path / "o"))
 
 
-def _emotic_mat(path, train_people, test_people):
-  """An Annotations.mat with EMOTIC's struct layout, written through scipy."""
-  from scipy import io as sio
-  def people(rows, split):
-    dtype = [("body_bbox", "O"), ("annotations_categories", "O"), ("combined_categories", "O")]
-    arr = np.zeros((1, len(rows)), dtype=dtype)
-    for j, (box, cats) in enumerate(rows):
-      arr[0, j]["body_bbox"] = np.asarray(box, np.float64)
-      cell = np.asarray(cats, dtype=object)
-      arr[0, j]["annotations_categories"] = {"categories": cell}
-      arr[0, j]["combined_categories"] = cell
-    return arr
-  def images(people_rows, split):
-    dtype = [("filename", "O"), ("folder", "O"), ("person", "O")]
-    arr = np.zeros((1, 1), dtype=dtype)
-    arr[0, 0]["filename"], arr[0, 0]["folder"] = "a.jpg", "mscoco/images"
-    arr[0, 0]["person"] = people(people_rows, split)
-    return arr
-  sio.savemat(path, {"train": images(train_people, "train"),
-                     "test": images(test_people, "test")})
-
-
 def test_emotic_multi_label_keeps_its_boxes(tmp_path):
   root = tmp_path / "emotic_root"
   _jpeg(str(root / "emotic" / "mscoco" / "images" / "a.jpg"), size=(100, 50))
-  os.makedirs(root / "Annotations")
-  _emotic_mat(str(root / "Annotations" / "Annotations.mat"),
-              [([10, 5, 60, 45], ["Happiness", "Peace"]), ([0, 0, 20, 50], ["Fear"])],
-              [([5, 5, 50, 40], ["Sadness", "Pain", "Fatigue"])])
+  formats.emotic_mat(str(root / "Annotations" / "Annotations.mat"), {
+      "train": [("mscoco/images", "a.jpg", [([10, 5, 60, 45], ["Happiness", "Peace"]),
+                                            ([0, 0, 20, 50], ["Fear"])])],
+      "test": [("mscoco/images", "a.jpg", [([5, 5, 50, 40], [["Sadness", "Pain",
+                                                               "Fatigue"]])])]})
   _run("--source", "emotic", "--root", str(root), "--name", "emotic", "--out",
        str(tmp_path / "o"), "--duplicates", "keep")     # one photo in train and test
   recs = _read_split(str(tmp_path / "o"), "train")
@@ -276,9 +256,8 @@ def test_emotic_multi_label_keeps_its_boxes(tmp_path):
 
 def test_emotic_unknown_category_is_named(tmp_path):
   root = tmp_path / "emotic_root"
-  os.makedirs(root / "Annotations")
-  _emotic_mat(str(root / "Annotations" / "Annotations.mat"),
-              [([10, 5, 60, 45], ["Happiness", "Joyfulness"])], [])
+  formats.emotic_mat(str(root / "Annotations" / "Annotations.mat"), {
+      "train": [("mscoco/images", "a.jpg", [([10, 5, 60, 45], ["Happiness", "Joyfulness"])])]})
   with pytest.raises(ValueError, match=r"train\[0\] person 0: unknown categories "
                      r"\['Joyfulness'\]"):
     _run("--source", "emotic", "--root", str(root), "--name", "e", "--out",
