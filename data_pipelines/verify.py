@@ -60,14 +60,16 @@ def check_split(data_dir: str, info: Dict[str, Any], split: str) -> List[str]:
       raise DatasetMismatchError(
           f"shard {path} holds {count} records; {INFO_FILE} says {entry['records']}; "
           f"{_fix_hint(data_dir)}")
-    if count and info.get("split_ids", True):
+    if not count:
+      continue
+    if info.get("split_ids", True):
       first = records.parse(reader[0])
       if not first["image_id"].startswith(f"{split}/"):
         raise DatasetMismatchError(
             f"shard {path} is listed under split {split!r} but its first record is "
             f"{first['image_id']!r}: a shard of another split under this name; "
             f"{_fix_hint(data_dir)}")
-      paths.append(path)
+    paths.append(path)
   return paths
 
 

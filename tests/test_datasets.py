@@ -485,6 +485,20 @@ def test_plain_tfrecords_become_readable_with_one_command(tmp_path):
   assert again.returncode == 2 and "already a dataset folder" in again.stderr
 
 
+def test_indexed_records_whose_ids_carry_no_split_are_read(tmp_path):
+  folder = tmp_path / "plain_ids"
+  os.makedirs(folder)
+  recs = _foreign_records(4, "train")
+  for r in recs:
+    r.image_id = r.source_path               # "img0.jpg": no "train/" in front
+  _tf_write(folder / "train-000.tfrecord", recs)
+  info = index_tfrecords.index_folder(str(folder), "p")
+  assert info["split_ids"] is False
+  source = ip.ShardSource(str(folder), "train")
+  assert [records.parse(source[i])["image_id"] for i in range(len(source))] == [
+      "img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
+
+
 @pytest.mark.parametrize("kind", ["GZIP", "ZLIB"])
 def test_compressed_tfrecords_are_named(tmp_path, kind):
   folder = tmp_path / "zipped"
