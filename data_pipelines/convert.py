@@ -27,13 +27,11 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import glob
 import hashlib
 import json
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -44,6 +42,7 @@ from data_pipelines import records
 from data_pipelines import sources
 from data_pipelines import tfrecord
 from data_pipelines import verify
+from uniemox_jax import storage
 from uniemox_jax.teacher import prompts
 
 INFO_FILE = records.INFO_FILE
@@ -93,19 +92,24 @@ def _complete(path: str, fingerprint: str) -> Optional[Dict[str, Any]]:
   (re)written. The shard's size and sha256 are checked against its stats: a shard damaged
   since it was written is rewritten, not published again with a stale checksum."""
   stats_path = path + STATS_SUFFIX
-  if not (os.path.exists(path) and os.path.exists(stats_path)):
+  if not (storage.exists(path) and storage.exists(stats_path)):
     return None
   try:
-    with open(stats_path) as f:
-      stats = json.load(f)
+    stats = json.loads(storage.read_text(stats_path))
   except (OSError, ValueError):
     return None
   if not isinstance(stats, dict) or stats.get("fingerprint") != fingerprint:
     return None
   try:
-    intact = (len(tfrecord.read_index(path)) - 1 == stats["records"] and
-              os.path.getsize(path) == stats["bytes"] and
-              tfrecord.file_sha256(path) == stats["sha256"])
+    if storage.is_remote(path):
+      # Checked against the bucket's own CRC32C of the object: no download.
+      intact = (storage.getsize(path + tfrecord.INDEX_SUFFIX) == 8 * (stats["records"] + 1)
+                and storage.getsize(path) == stats["bytes"] and
+                storage.remote_crc32c(path) == stats["crc32c"])
+    else:
+      intact = (len(tfrecord.read_index(path)) - 1 == stats["records"] and
+                os.path.getsize(path) == stats["bytes"] and
+                tfrecord.file_sha256(path) == stats["sha256"])
   except (OSError, ValueError, KeyError, tfrecord.CorruptRecordError):
     intact = False
   return stats if intact else dict(stats, damaged=True)
@@ -117,7 +121,7 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
   done = _complete(path, fingerprint)
   if done is not None and not done.get("damaged"):
     return dict(done, resumed=True)
-  stats = {"file": os.path.basename(path), "fingerprint": fingerprint, "split": task["split"],
+  stats = {"file": storage.basename(path), "fingerprint": fingerprint, "split": task["split"],
            "class_counts": [0] * task["num_classes"], "bad": [], "bad_boxes": [],
            "reencoded": {}, "with_person": 0, "entries": len(task["entries"])}
   with tfrecord.ShardWriter(path) as writer:
@@ -142,10 +146,7 @@ def write_shard(task: Dict[str, Any]) -> Dict[str, Any]:
         stats["class_counts"][e.label] += 1
     stats.update(writer.commit())
   # Written after the shard: a shard without its stats is simply rewritten on the next run.
-  tmp = f"{path}{STATS_SUFFIX}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(stats, f)
-  os.replace(tmp, path + STATS_SUFFIX)
+  storage.write_text(path + STATS_SUFFIX, json.dumps(stats))
   return dict(stats, rewritten=done is not None)
 
 
@@ -166,39 +167,41 @@ _OUR_FILES = (INFO_FILE, REPORT_FILE, MANIFEST_FILE, DETECTIONS_FILE, "dataset_i
 
 def _shard_files(out: str, name: str) -> List[str]:
   """The files of `name`'s shards in `out` (shards, indexes, stats, temporaries)."""
-  return sorted(glob.glob(os.path.join(glob.escape(out), f"{glob.escape(name)}-*.tfrecord-*")))
+  return storage.glob(storage.join(storage.escape(out), f"{storage.escape(name)}-*.tfrecord-*"))
 
 
 def prepare_out_dir(out: str, name: str, overwrite: bool = False) -> None:
   """Refuses, before anything is written, an --out that holds another dataset or files that
   no conversion of `name` wrote; with `overwrite`, removes the folder whole. Then removes a
   killed run's temporary files."""
-  if overwrite and os.path.lexists(out):
-    if not os.path.isdir(out):
+  if storage.is_remote(out):
+    storage.makedirs(out)       # a missing bucket is named before anything else happens
+  if overwrite and (storage.exists(out) or os.path.islink(out)):
+    if not storage.isdir(out):
       raise NotADirectoryError(f"--out {out} is a file, not a folder")
-    shutil.rmtree(out)
-  if os.path.isdir(out):
-    info_path = os.path.join(out, INFO_FILE)
-    if os.path.exists(info_path):
+    storage.rmtree(out)
+  if storage.isdir(out):
+    info_path = storage.join(out, INFO_FILE)
+    if storage.exists(info_path):
       try:
-        with open(info_path) as f:
-          other = json.load(f).get("name")
+        other = json.loads(storage.read_text(info_path)).get("name")
       except (OSError, ValueError, AttributeError):
         other = "<unreadable info file>"
       if other != name:
         raise ValueError(f"--out {out} holds the dataset {other!r} ({info_path}), not "
                          f"{name!r}: choose another folder, or pass --overwrite to replace it")
     mine = re.compile(re.escape(name) + r"-[^.]+\.tfrecord-")
-    foreign = [f for f in sorted(os.listdir(out)) if f not in _OUR_FILES
+    foreign = [f for f in storage.listdir(out) if f not in _OUR_FILES
                and not mine.match(f) and not f.endswith(".labels.txt")
-               and not f.endswith(".tmp")]
+               and not re.search(r"\.tmp(-\d+)?$", f)]
     if foreign:
       raise ValueError(f"--out {out} holds files that no conversion of {name!r} wrote "
                        f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}): "
                        "choose an empty or new folder, or pass --overwrite to replace it")
-    for f in _shard_files(out, name) + glob.glob(os.path.join(glob.escape(out), "*.tmp")):
+    for f in sorted(set(_shard_files(out, name)) |
+                    set(storage.glob(storage.join(storage.escape(out), "*.tmp*")))):
       if re.search(r"\.tmp(-\d+)?(\.index)?$", f):
-        os.remove(f)     # a killed run's partial shard, index, stats or metadata
+        storage.remove(f)     # a killed run's partial shard, index, stats or metadata
 
 
 def _sha1_of(path: str) -> Optional[str]:
@@ -272,7 +275,7 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
                      "or pass --allow_empty_classes to keep it")
   prepare_out_dir(out, plan.name, overwrite)
   dups = find_duplicates(plan, duplicates, workers, progress)
-  os.makedirs(out, exist_ok=True)
+  storage.makedirs(out)
   texts = [entry_prompt(plan, e) for e in plan.entries]
   emb = None
   if text_embedder is not None:
@@ -286,7 +289,7 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
       entries = [plan.entries[i] for i in part]
       part_texts = [texts[i] for i in part]
       part_emb = None if emb is None else emb[part]
-      tasks.append({"path": os.path.join(out, shard_name(plan.name, split, s, n)),
+      tasks.append({"path": storage.join(out, shard_name(plan.name, split, s, n)),
                     "split": split, "entries": entries, "prompts": part_texts,
                     "text_emb": part_emb, "max_size": max_size,
                     "exif_orientation": exif_orientation,
@@ -309,10 +312,10 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
   removed = _remove_stale_shards(out, plan.name, {t["path"] for t in tasks})
   info = _info(plan, results, None if emb is None else emb.shape[1])
   report = _report(plan, results, dups, removed)
-  _write_json(os.path.join(out, INFO_FILE), info)
-  _write_json(os.path.join(out, REPORT_FILE), report)
+  _write_json(storage.join(out, INFO_FILE), info)
+  _write_json(storage.join(out, REPORT_FILE), report)
   if plan.manifest is not None:
-    _write_json(os.path.join(out, MANIFEST_FILE), plan.manifest)
+    _write_json(storage.join(out, MANIFEST_FILE), plan.manifest)
   if tfds_metadata:
     from data_pipelines import tfds_format  # pylint: disable=g-import-not-at-top
     tfds_format.write_metadata(out, info, version=tfds_version)
@@ -329,8 +332,8 @@ def _remove_stale_shards(out: str, name: str, current: set) -> List[str]:
       if shard.endswith(suffix):
         shard = shard[:-len(suffix)]
     if shard not in current:
-      os.remove(f)
-      removed.append(os.path.basename(f))
+      storage.remove(f)
+      removed.append(storage.basename(f))
   return removed
 
 
@@ -340,10 +343,7 @@ def _progress(total: int, enabled: bool, desc: str = "converting"):
 
 
 def _write_json(path: str, data: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(data, f, indent=1)
-  os.replace(tmp, path)
+  storage.write_text(path, json.dumps(data, indent=1))
 
 
 def _info(plan: sources.Plan, results: List[Dict[str, Any]], emb_dim: Optional[int]):
@@ -408,7 +408,9 @@ def build_plan(args) -> sources.Plan:
   splits = args.splits.split(",") if args.splits else list(sources.SPLITS)
   if args.source == "synthetic":
     from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-    root = args.root or os.path.join(args.out, "raw")
+    # Beside the shards when --out is local; in the local cache when it is a bucket.
+    root = args.root or (os.path.join(storage.cache_dir(), "synthetic", args.name)
+                         if storage.is_remote(args.out) else os.path.join(args.out, "raw"))
     if not os.path.exists(os.path.join(root, "boxes.json")):
       synthetic.generate(root, [int(x) for x in args.per_class.split(",")], args.image_size,
                          args.seed)
@@ -448,10 +450,9 @@ def detect_person_boxes(plan: sources.Plan, args) -> Dict[str, Any]:
               "rule": args.yolo_rule,
               "nms_iou": args.yolo_nms_iou, "size": args.yolo_size}
   todo = {e.rel_path.split("#")[0]: e.path for e in plan.entries if e.box_xyxy is None}
-  cache = os.path.join(args.out, DETECTIONS_FILE)
-  if os.path.exists(cache):
-    with open(cache) as f:
-      saved = json.load(f)
+  cache = storage.join(args.out, DETECTIONS_FILE)
+  if storage.exists(cache):
+    saved = json.loads(storage.read_text(cache))
     if saved.get("settings") == settings and set(todo) <= set(saved.get("boxes", {})):
       print(f"YOLOv3: reusing {cache}")
       return saved["boxes"]
@@ -461,7 +462,7 @@ def detect_person_boxes(plan: sources.Plan, args) -> Dict[str, Any]:
   found = sum(b is not None for b in boxes.values())
   print(f"YOLOv3: a person in {found} of {len(boxes)} images, none in {len(boxes) - found} "
         f"(rule {args.yolo_rule}, confidence {args.yolo_conf}, NMS IoU {args.yolo_nms_iou})")
-  os.makedirs(args.out, exist_ok=True)
+  storage.makedirs(args.out)
   _write_json(cache, {"settings": settings, "with_person": found,
                       "without_person": len(boxes) - found, "boxes": boxes})
   return boxes
@@ -544,13 +545,12 @@ def main(argv=None) -> int:
                  progress=not args.no_progress, tfds_metadata=not args.no_tfds_metadata,
                  tfds_version=args.tfds_version, exif_orientation=args.exif_orientation,
                  duplicates=args.duplicates, allow_empty_classes=args.allow_empty_classes)
-  with open(os.path.join(args.out, REPORT_FILE)) as f:
-    report = json.load(f)
-  print(summary(info, report, os.path.join(args.out, REPORT_FILE)))
+  report = json.loads(storage.read_text(storage.join(args.out, REPORT_FILE)))
+  print(summary(info, report, storage.join(args.out, REPORT_FILE)))
   check = verify.verify(args.out)
   print(check.summary())
   shards = sum(len(s["shards"]) for s in info["splits"].values())
-  print(f"wrote: {os.path.abspath(args.out)} ({shards} shards with indexes, {INFO_FILE}, "
+  print(f"wrote: {storage.absolute(args.out)} ({shards} shards with indexes, {INFO_FILE}, "
         f"{REPORT_FILE}" + ("" if args.no_tfds_metadata else ", dataset_info.json, "
                             "features.json") + ")")
   if not check.ok:

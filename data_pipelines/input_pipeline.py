@@ -13,7 +13,6 @@ what happens on device. TensorFlow is never imported.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Callable, Dict, List, Optional
 
 from absl import flags
@@ -25,6 +24,7 @@ from data_pipelines import tfds_format
 from data_pipelines import tfrecord
 from data_pipelines import transforms
 from data_pipelines import verify
+from uniemox_jax import storage
 
 INFO_FILE = records.INFO_FILE
 PERSON_VIEWS = ("box", "second_view")
@@ -33,16 +33,15 @@ PERSON_VIEWS = ("box", "second_view")
 def load_info(data_dir: str) -> Dict[str, Any]:
   """The dataset info of a folder written by `data_pipelines.convert`, or derived from the
   TFDS metadata of one built by `tfds build` (see data_pipelines/tfds_builders.py)."""
-  path = os.path.join(data_dir, INFO_FILE)
-  if not os.path.exists(path):
+  path = storage.join(data_dir, INFO_FILE)
+  if not storage.exists(path):
     if tfds_format.is_tfds_dir(data_dir):
       return tfds_format.info_from_tfds(data_dir)
     raise FileNotFoundError(f"{path} does not exist: config.data.dir must be a folder written "
                             "by `python -m data_pipelines.convert` (or a TFDS dataset folder "
                             "with dataset_info.json)")
   try:
-    with open(path) as f:
-      info = json.load(f)
+    info = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}): the folder's dataset info is damaged; "
                      "rerun the conversion that wrote it (finished shards are kept)") from None

@@ -30,6 +30,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from uniemox_jax import storage
+
 DATASET_INFO_FILE = "dataset_info.json"
 FEATURES_FILE = "features.json"
 DEFAULT_VERSION = "1.0.0"
@@ -90,15 +92,15 @@ def _version_of(out: str) -> str:
 
 
 def is_tfds_dir(data_dir: str) -> bool:
-  return os.path.exists(os.path.join(data_dir, DATASET_INFO_FILE))
+  return storage.exists(storage.join(data_dir, DATASET_INFO_FILE))
 
 
 def info_from_tfds(data_dir: str) -> Dict[str, Any]:
   """Our dataset info (the `uniemox_info.json` fields the pipelines read) from a TFDS-built
   folder's dataset_info.json and features.json. Reads JSON only: no TensorFlow."""
-  ds_info = _load_json(os.path.join(data_dir, DATASET_INFO_FILE))
-  feats_path = os.path.join(data_dir, FEATURES_FILE)
-  if not os.path.exists(feats_path):
+  ds_info = _load_json(storage.join(data_dir, DATASET_INFO_FILE))
+  feats_path = storage.join(data_dir, FEATURES_FILE)
+  if not storage.exists(feats_path):
     raise FileNotFoundError(f"{feats_path} does not exist: {data_dir} is not a complete TFDS "
                             "dataset folder")
   feats = _load_json(feats_path)
@@ -134,8 +136,7 @@ def info_from_tfds(data_dir: str) -> Dict[str, Any]:
 
 def _load_json(path: str) -> Dict[str, Any]:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON ({e}): the TFDS metadata is damaged; rebuild "
                      "the dataset (tfds build, or data_pipelines.tfds_builders)") from None
@@ -148,8 +149,7 @@ def _feature_spec(feats: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _names_file(data_dir: str, feature: str) -> List[str]:
-  path = os.path.join(data_dir, f"{feature}.labels.txt")
-  if not os.path.exists(path):
+  path = storage.join(data_dir, f"{feature}.labels.txt")
+  if not storage.exists(path):
     return []
-  with open(path) as f:
-    return [line.strip() for line in f if line.strip()]
+  return [line.strip() for line in storage.read_text(path).splitlines() if line.strip()]

@@ -16,6 +16,8 @@ from typing import List, Optional, Sequence, Tuple
 import google_crc32c
 import numpy as np
 
+from uniemox_jax import storage
+
 INDEX_SUFFIX = ".index"
 _HEADER = struct.Struct("<QI")
 _FOOTER = struct.Struct("<I")
@@ -39,14 +41,22 @@ def frame(record: bytes) -> bytes:
 class ShardWriter:
   """Writes one shard under a temporary name; `commit()` renames the index, then the shard,
   into place, so a shard that exists under its final name is always complete. Without a
-  commit (a crash, an exception in a `with` block), nothing is left under the final names."""
+  commit (a crash, an exception in a `with` block), nothing is left under the final names.
+  A shard in a bucket (`gs://...`) is written to a local temporary file and uploaded by
+  `commit()`, index first: an object appears only once its upload has completed."""
 
   def __init__(self, path: str):
     self.path = path
-    self._tmp = f"{path}.tmp-{os.getpid()}"
+    if storage.is_remote(path):
+      import tempfile  # pylint: disable=g-import-not-at-top
+      fd, self._tmp = tempfile.mkstemp(prefix="shard-", suffix=".tmp")
+      os.close(fd)
+    else:
+      self._tmp = f"{path}.tmp-{os.getpid()}"
     self._file = open(self._tmp, "wb")
     self._offsets: List[int] = []
     self._sha = hashlib.sha256()
+    self._crc = google_crc32c.Checksum()
     self._pos = 0
 
   def write(self, record: bytes) -> None:
@@ -54,10 +64,12 @@ class ShardWriter:
     self._offsets.append(self._pos)
     self._file.write(data)
     self._sha.update(data)
+    self._crc.update(data)
     self._pos += len(data)
 
   def commit(self) -> dict:
-    """Closes and publishes the shard; returns {records, bytes, sha256}."""
+    """Closes and publishes the shard; returns {records, bytes, sha256, crc32c} (crc32c in
+    the base64 form a bucket reports, so a kept remote shard is checked without a download)."""
     self._file.flush()
     os.fsync(self._file.fileno())
     self._file.close()
@@ -65,11 +77,18 @@ class ShardWriter:
     tmp_index = self._tmp + INDEX_SUFFIX
     with open(tmp_index, "wb") as f:
       f.write(index.tobytes())
-    os.replace(tmp_index, self.path + INDEX_SUFFIX)
-    os.replace(self._tmp, self.path)
-    return {"records": len(self._offsets), "bytes": self._pos, "sha256": self._sha.hexdigest()}
+    if storage.is_remote(self.path):
+      storage.upload(tmp_index, self.path + INDEX_SUFFIX)
+      storage.upload(self._tmp, self.path)
+      self.abort()
+    else:
+      os.replace(tmp_index, self.path + INDEX_SUFFIX)
+      os.replace(self._tmp, self.path)
+    return {"records": len(self._offsets), "bytes": self._pos, "sha256": self._sha.hexdigest(),
+            "crc32c": storage.crc32c_b64(int.from_bytes(self._crc.digest(), "big"))}
 
   def abort(self) -> None:
+    """Removes the temporary files (nothing under the final names is touched)."""
     self._file.close()
     for p in (self._tmp, self._tmp + INDEX_SUFFIX):
       if os.path.exists(p):
@@ -218,6 +237,18 @@ class RandomAccessReader:
     start, end = int(self._offsets[shard][i]), int(self._offsets[shard][i + 1])
     data = os.pread(self._fd(shard), end - start, start)
     return unframe(data, self.paths[shard], i)
+
+
+def local_shard(path: str, size: Optional[int] = None, sha256: Optional[str] = None) -> str:
+  """A local path of the shard at `path` and its index (when it has one): `path` itself when
+  local, else copies in this host's cache (`storage.local_copy`, checked against `size` and
+  `sha256` when given), made once and reused by later runs."""
+  if not storage.is_remote(path):
+    return path
+  local = storage.local_copy(path, size, sha256)
+  if storage.exists(path + INDEX_SUFFIX):
+    storage.local_copy(path + INDEX_SUFFIX, dest=local + INDEX_SUFFIX)
+  return local
 
 
 def read_all(path: str) -> List[bytes]:

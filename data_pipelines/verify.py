@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 
 from data_pipelines import records
 from data_pipelines import tfrecord
+from uniemox_jax import storage
 
 INFO_FILE = records.INFO_FILE
 
@@ -41,13 +42,16 @@ def _fix_hint(data_dir: str) -> str:
 def check_split(data_dir: str, info: Dict[str, Any], split: str) -> List[str]:
   """Paths of the non-empty shards of `split` (one split), after the checks that cost no more
   than a stat, the index and one record per shard. Raises `DatasetMismatchError` naming the
-  shard when the folder disagrees with its info file."""
+  shard when the folder disagrees with its info file.
+  A remote folder's shards are checked and returned as their copies in this host's cache
+  (`tfrecord.local_shard`), whose sha256 is checked once, when copied."""
   paths = []
   for entry in info["splits"][split]["shards"]:
-    path = os.path.join(data_dir, entry["file"])
-    if not os.path.exists(path):
+    path = storage.join(data_dir, entry["file"])
+    if not storage.exists(path):
       raise FileNotFoundError(f"shard {path} of split {split!r} (listed in "
-                              f"{os.path.join(data_dir, INFO_FILE)}) does not exist")
+                              f"{storage.join(data_dir, INFO_FILE)}) does not exist")
+    path = tfrecord.local_shard(path, entry.get("bytes"), entry.get("sha256"))
     size = os.path.getsize(path)
     if "bytes" in entry and size != entry["bytes"]:
       raise DatasetMismatchError(
@@ -136,10 +140,11 @@ def _check_record(rec: Dict[str, Any], split: str, info: Dict[str, Any], where: 
 def _check_shard(data_dir: str, info: Dict[str, Any], split: str, entry: Dict[str, Any],
                  counts: List[int], problems: List[str], decode: bool) -> int:
   """Checks one shard fully; returns the records it holds (0 when it cannot be read)."""
-  path = os.path.join(data_dir, entry["file"])
-  if not os.path.exists(path):
+  path = storage.join(data_dir, entry["file"])
+  if not storage.exists(path):
     problems.append(f"{path}: listed in {INFO_FILE} under {split!r} but missing")
     return 0
+  path = tfrecord.local_shard(path)     # a remote shard: its copy, checked below
   size = os.path.getsize(path)
   if "bytes" in entry and size != entry["bytes"]:
     problems.append(f"{path}: {size} bytes, {INFO_FILE} says {entry['bytes']}")
@@ -208,9 +213,9 @@ def verify(data_dir: str, decode_images: bool = False,
       report.problems.append(f"split {split!r}: class counts differ from {INFO_FILE}: "
                              + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else ""))
   pattern = re.compile(re.escape(info.get("name", "")) + r"-[^.]+\.tfrecord-\d{5}-of-\d{5}$")
-  for f in sorted(os.listdir(data_dir)):
+  for f in sorted(storage.listdir(data_dir)):
     if pattern.match(f) and f not in listed and not splits:
-      report.problems.append(f"{os.path.join(data_dir, f)}: a shard of {info.get('name')!r} "
+      report.problems.append(f"{storage.join(data_dir, f)}: a shard of {info.get('name')!r} "
                              f"that {INFO_FILE} does not list (left from another conversion?)")
   return report
 

@@ -8,7 +8,6 @@ carries the current mesh's shardings: a checkpoint saved on 8 devices restores o
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict, Optional, Sequence
 
 from etils import epath
@@ -16,6 +15,8 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from uniemox_jax import storage
 
 STATE, DATA, META = "state", "data", "meta"
 
@@ -25,7 +26,7 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, keep_every: int = 0,
                asynchronous: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(directory)
+    self.directory = storage.absolute(directory)     # a local path or a gs:// URL
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep if keep > 0 else None, keep_period=keep_every or None,
         enable_async_checkpointing=asynchronous, create=not read_only, read_only=read_only,
@@ -34,7 +35,7 @@ class Checkpointer:
     # them orbax warns, on each resume, that items "could not be restored").
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
                 META: ocp.JsonCheckpointHandler()}
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
+    self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options,
                                           item_handlers=handlers)
 
   def latest_step(self) -> Optional[int]:
@@ -81,10 +82,10 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 def split_checkpoint_path(path: str):
   """"<dir>/<step>" -> (dir, step); "<dir>" -> (dir, None) for its latest step."""
-  path = os.path.abspath(path.rstrip("/"))
-  base = os.path.basename(path)
+  path = storage.absolute(path.rstrip("/"))
+  base = storage.basename(path)
   if base.isdigit():
-    return os.path.dirname(path), int(base)
+    return storage.dirname(path), int(base)
   return path, None
 
 
@@ -92,7 +93,7 @@ def open_for_restore(path: str, flag: str = "config.init.checkpoint"):
   """A read-only Checkpointer over an explicit checkpoint path, and the step to restore.
   `flag` names where the path came from, for the error messages."""
   directory, step = split_checkpoint_path(path)
-  if not os.path.isdir(directory):
+  if not storage.isdir(directory):
     raise FileNotFoundError(f"checkpoint directory {directory} does not exist ({flag})")
   ckpt = Checkpointer(directory, read_only=True, asynchronous=False)
   if step is None:
@@ -109,12 +110,12 @@ def resolve_step_dir(path: str, flag: str = "--checkpoint") -> str:
   """A step directory from "<dir>/<step>" or "<dir>" (its latest finished step)."""
   ckpt, step = open_for_restore(path, flag)
   ckpt.close()
-  return os.path.join(ckpt.directory, str(step))
+  return storage.join(ckpt.directory, str(step))
 
 
 def state_metadata(step_dir: str) -> Any:
   """The saved state's tree, with shapes and dtypes, read without loading any array."""
-  path = epath.Path(os.path.abspath(step_dir)) / STATE
+  path = epath.Path(storage.absolute(step_dir)) / STATE
   if not path.exists():
     raise FileNotFoundError(f"{step_dir} holds no train state (no '{STATE}' item)")
   return ocp.PyTreeCheckpointHandler().metadata(path).tree
@@ -122,11 +123,10 @@ def state_metadata(step_dir: str) -> Any:
 
 def read_meta(step_dir: str) -> Dict[str, Any]:
   """The step's `meta` dict ({} for a checkpoint saved without one)."""
-  path = os.path.join(step_dir, META, "metadata")
-  if not os.path.exists(path):
+  path = storage.join(step_dir, META, "metadata")
+  if not storage.exists(path):
     return {}
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def read_subtree(step_dir: str, keys: Sequence[str] = ("params",)) -> Any:
@@ -144,7 +144,7 @@ def read_subtree(step_dir: str, keys: Sequence[str] = ("params",)) -> Any:
     item = {key: item}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
   restored = ocp.PyTreeCheckpointer().restore(
-      os.path.abspath(os.path.join(step_dir, STATE)),
+      epath.Path(storage.absolute(storage.join(step_dir, STATE))),
       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
   for key in keys:
     restored = restored[key]

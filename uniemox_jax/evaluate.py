@@ -16,8 +16,8 @@ overwrites the training run's own reports.
 from __future__ import annotations
 
 import functools
+import io
 import json
-import os
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from absl import flags
@@ -35,6 +35,7 @@ from uniemox_jax import errors
 from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import sharding
+from uniemox_jax import storage
 
 
 def check_batch(batch_size: int, mesh, field: str = "config.eval_batch_size") -> int:
@@ -106,16 +107,15 @@ def report(scores: np.ndarray, outputs: Dict[str, np.ndarray], info: Dict[str, A
 
 def write_report(result: Dict[str, Any], out_dir: str, name: str) -> Dict[str, str]:
   """OUT/<name>_results.json, and for single-label data <name>_confusion.json and .png."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = {"results": os.path.join(out_dir, f"{name}_results.json")}
-  with open(paths["results"], "w") as f:
-    json.dump(result, f, indent=2)
+  storage.makedirs(out_dir)
+  paths = {"results": storage.join(out_dir, f"{name}_results.json")}
+  storage.write_text(paths["results"], json.dumps(result, indent=2))
   if "confusion_matrix" in result:
-    paths["confusion_json"] = os.path.join(out_dir, f"{name}_confusion.json")
-    with open(paths["confusion_json"], "w") as f:
-      json.dump({"class_names": result["class_names"],
-                 "rows_true_columns_predicted": result["confusion_matrix"]}, f, indent=2)
-    paths["confusion_png"] = os.path.join(out_dir, f"{name}_confusion.png")
+    paths["confusion_json"] = storage.join(out_dir, f"{name}_confusion.json")
+    storage.write_text(paths["confusion_json"], json.dumps(
+        {"class_names": result["class_names"],
+         "rows_true_columns_predicted": result["confusion_matrix"]}, indent=2))
+    paths["confusion_png"] = storage.join(out_dir, f"{name}_confusion.png")
     plot_confusion(np.asarray(result["confusion_matrix"]), result["class_names"],
                    paths["confusion_png"], title=name)
   return paths
@@ -143,8 +143,10 @@ def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
       ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
               color="white" if matrix[i, j] > 0.5 * rows[i, 0] else "black")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
+  storage.write_bytes(path, png.getvalue())
 
 
 # --- classifier checkpoints -------------------------------------------------------------
@@ -211,9 +213,9 @@ def evaluate_classifier(config, params, split: str, mesh, info: Dict[str, Any],
 
 def default_out_dir(step_dir: str) -> str:
   """WORKDIR/evaluations/<checkpoint dir>-<step> for WORKDIR/<checkpoint dir>/<step>."""
-  root = os.path.dirname(step_dir)
-  return os.path.join(os.path.dirname(root), "evaluations",
-                      f"{os.path.basename(root)}-{os.path.basename(step_dir)}")
+  root = storage.dirname(step_dir)
+  return storage.join(storage.dirname(root), "evaluations",
+                      f"{storage.basename(root)}-{storage.basename(step_dir)}")
 
 
 def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[str] = None,
@@ -223,7 +225,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[s
   from uniemox_jax import trainer  # pylint: disable=g-import-not-at-top
   with errors.as_user_errors():
     step_dir = checkpointing.resolve_step_dir(checkpoint)
-    workdir = os.path.dirname(os.path.dirname(step_dir))   # the checkpoint's workdir
+    workdir = storage.dirname(storage.dirname(step_dir))   # the checkpoint's workdir
     out_dir = out_dir or default_out_dir(step_dir)
     data_dir = trainer.resolve_data_dir(config, workdir)
     info = input_pipeline.load_info(data_dir)

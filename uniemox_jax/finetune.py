@@ -10,7 +10,6 @@ WORKDIR/best.json), apart from the latest checkpoints in WORKDIR/checkpoints.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict
 
 from absl import logging
@@ -25,6 +24,7 @@ from uniemox_jax import evaluate
 from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import optim
+from uniemox_jax import storage
 from uniemox_jax import trainer
 from uniemox_jax.models import classifier
 from uniemox_jax.models import vit
@@ -86,7 +86,7 @@ class FinetuneTrainer(trainer.TrainLoop):
     self.scorer = evaluate.classifier_scorer(self.model, self.multi_label)
     self.eval_every = config.get("eval_every_steps", 0) or max(
         1, int(round(config.eval_every_epochs * self.schedule.steps_per_epoch)))
-    self.best = checkpointing.Checkpointer(os.path.join(self.workdir, BEST_DIR), keep=1,
+    self.best = checkpointing.Checkpointer(storage.join(self.workdir, BEST_DIR), keep=1,
                                            asynchronous=False)
     # Read once: afterwards every process updates it from the same (gathered) evaluation, so
     # they agree on when to save the best state without reading a file process 0 rewrites.
@@ -137,11 +137,10 @@ class FinetuneTrainer(trainer.TrainLoop):
   # --- validation and the best state ------------------------------------------------------
 
   def best_so_far(self) -> Dict[str, Any]:
-    path = os.path.join(self.workdir, BEST_FILE)
-    if not os.path.exists(path):
+    path = storage.join(self.workdir, BEST_FILE)
+    if not storage.exists(path):
       return {"step": 0, "value": float("-inf")}
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(storage.read_text(path))
 
   def after_step(self, step: int, state) -> Dict[str, float]:
     if step % self.eval_every and step != self.schedule.total_steps:
@@ -158,10 +157,7 @@ class FinetuneTrainer(trainer.TrainLoop):
                        meta=self.checkpoint_meta())
       best = self._best = {"step": step, "value": value, "split": split, "report": result}
       if jax.process_index() == 0:
-        tmp = os.path.join(self.workdir, BEST_FILE + ".tmp")
-        with open(tmp, "w") as f:
-          json.dump(best, f, indent=2)
-        os.replace(tmp, os.path.join(self.workdir, BEST_FILE))
+        storage.write_text(storage.join(self.workdir, BEST_FILE), json.dumps(best, indent=2))
     scalars = {f"{split}_{k}": v for k, v in result.items() if isinstance(v, float)}
     scalars[f"best_{split}"] = best["value"]
     return scalars
@@ -182,5 +178,5 @@ def finetune(config, workdir: str) -> Dict[str, Any]:
   result = {"train": last, "best": {k: v for k, v in t.best_so_far().items() if k != "report"}}
   if config.get("test_split"):
     result["test"] = evaluate.evaluate_checkpoint(
-        config, os.path.join(workdir, BEST_DIR), config.test_split, workdir)
+        config, storage.join(workdir, BEST_DIR), config.test_split, workdir)
   return result

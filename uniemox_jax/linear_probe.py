@@ -12,7 +12,6 @@ WORKDIR/linear_probe/.
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Dict, Sequence, Tuple
 
 from absl import logging
@@ -27,6 +26,7 @@ from uniemox_jax import evaluate
 from uniemox_jax import finetune
 from uniemox_jax import metrics
 from uniemox_jax import sharding
+from uniemox_jax import storage
 from uniemox_jax import trainer
 from uniemox_jax.models import vit
 
@@ -114,7 +114,7 @@ def linear_probe(config, workdir: str) -> Dict[str, Any]:
     feats[s]["features"] = (feats[s]["features"] - mean) / std
   num_classes = len(info["class_names"])
   targets = train["labels"] if multi else np.eye(num_classes)[train["label"]]
-  out_dir = os.path.join(workdir, "linear_probe")
+  out_dir = storage.join(workdir, "linear_probe")
   best = None
   for wd in config.probe.weight_decays:
     w, b = train_linear(train["features"], targets, multi, config.probe.steps, config.probe.lr,

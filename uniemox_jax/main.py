@@ -32,6 +32,7 @@ from uniemox_jax import linear_probe  # noqa: E402
 from uniemox_jax import metrics  # noqa: E402
 from uniemox_jax import models  # noqa: E402
 from uniemox_jax import pretrain  # noqa: E402
+from uniemox_jax import storage  # noqa: E402
 
 TASKS = {"pretrain": pretrain.pretrain, "finetune": finetune.finetune,
          "linear_probe": linear_probe.linear_probe}
@@ -72,13 +73,12 @@ def run_task(config, workdir: str):
   task = check_config(config)
   use_compilation_cache(config)
   with errors.as_user_errors():
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
   logging.info("Process %d of %d; %d devices (%s)", jax.process_index(), jax.process_count(),
                jax.device_count(), jax.devices()[0].device_kind)
   if jax.process_index() == 0:
-    path = os.path.join(workdir, "config.json")
-    with open(path, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    path = storage.join(workdir, "config.json")
+    storage.write_text(path, config.to_json_best_effort(indent=2))
     print(f"config: {path}", flush=True)
   return TASKS[task](config, workdir)
 

@@ -13,6 +13,7 @@ directory). Unreadable images are listed, not fatal.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,6 +32,7 @@ from uniemox_jax import errors
 from uniemox_jax import evaluate
 from uniemox_jax import models
 from uniemox_jax import sharding
+from uniemox_jax import storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -105,19 +107,19 @@ def predict(config, checkpoint: str, paths: Sequence[str], top_k: int = 3,
 
 
 def write(result: Dict[str, Any], out: str, root: str, top_k: int) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  storage.makedirs(storage.dirname(storage.absolute(out)))
   rows = [dict(r, path=os.path.relpath(r["path"], root)) for r in result["rows"]]
   if out.endswith(".json"):
-    with open(out, "w") as f:
-      json.dump({"predictions": rows, "unreadable": result["unreadable"]}, f, indent=2)
+    storage.write_text(out, json.dumps({"predictions": rows, "unreadable": result["unreadable"]},
+                                       indent=2))
   elif out.endswith(".csv"):
-    with open(out, "w", newline="") as f:
-      w = csv.writer(f)
-      w.writerow(["path"] + [c for i in range(1, top_k + 1)
-                             for c in (f"emotion_{i}", f"prob_{i}")])
-      for r in rows:
-        w.writerow([r["path"]] + [v for p in r["predictions"]
-                                  for v in (p["emotion"], f"{p['probability']:.6f}")])
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["path"] + [c for i in range(1, top_k + 1) for c in (f"emotion_{i}", f"prob_{i}")])
+    for r in rows:
+      w.writerow([r["path"]] + [v for p in r["predictions"]
+                                for v in (p["emotion"], f"{p['probability']:.6f}")])
+    storage.write_text(out, text.getvalue())
   else:
     raise errors.UserError(f"--out {out}: write .csv or .json")
 
@@ -130,7 +132,7 @@ def main(argv):
   result = predict(_CONFIG.value, f.checkpoint, list_images(f.images), f.top_k, f.classes,
                    f.batch_size)
   write(result, f.out, f.images, f.top_k)
-  print(f"{len(result['rows'])} images; wrote: {os.path.abspath(f.out)}"
+  print(f"{len(result['rows'])} images; wrote: {storage.absolute(f.out)}"
         + (f"; {len(result['unreadable'])} unreadable (listed in the log)"
            if result["unreadable"] else ""))
 

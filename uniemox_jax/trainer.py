@@ -35,6 +35,7 @@ from uniemox_jax import errors
 from uniemox_jax import models
 from uniemox_jax import optim
 from uniemox_jax import sharding
+from uniemox_jax import storage
 from uniemox_jax.teacher import clip
 from uniemox_jax.teacher import tiny
 
@@ -96,8 +97,12 @@ def load_teacher(config, workdir: str) -> clip.ClipTeacher:
   name = config.teacher.name
   if config.teacher.tiny:
     name = os.path.join(workdir, "tiny_clip")
-    if jax.process_index() == 0 and not os.path.exists(
-        os.path.join(name, "flax_model.msgpack")):
+    maker = jax.process_index() == 0
+    if storage.is_remote(workdir):    # made on every host, from the seed, in its local cache
+      name = os.path.join(storage.cache_dir(), "tiny_clip",
+                          f"seed{config.seed}-w{config.model.decoder.width}-p{jax.process_index()}")
+      maker = True
+    if maker and not os.path.exists(os.path.join(name, "flax_model.msgpack")):
       tiny.make_tiny_clip(name, embed_dim=config.model.decoder.width, seed=config.seed)
     distributed.barrier("tiny teacher written")
   return clip.ClipTeacher.load(name, dtype=models.dtype(config.teacher.dtype,
@@ -114,9 +119,9 @@ def resolve_data_dir(config, workdir: str) -> str:
   if not config.data.get("synthetic", False):
     raise ValueError("config.data.dir is empty: point it at a folder written by "
                      "`python -m data_pipelines.convert`")
-  out = os.path.join(workdir, "synthetic")
-  if jax.process_index() == 0 and not os.path.exists(
-      os.path.join(out, input_pipeline.INFO_FILE)):
+  out = storage.join(workdir, "synthetic")
+  if jax.process_index() == 0 and not storage.exists(
+      storage.join(out, input_pipeline.INFO_FILE)):
     # Without TFDS metadata: TensorFlow Datasets stays out of the training process (convert
     # the synthetic set with the CLI to get a TFDS dataset).
     from data_pipelines import convert  # pylint: disable=g-import-not-at-top
@@ -206,6 +211,8 @@ class TrainLoop:
 
   def _prepare(self, config, workdir: str):
     self.config, self.workdir = config, workdir
+    # TensorBoard events and the JSON logs are written here, then pushed to the workdir.
+    self.logs = storage.LocalMirror(workdir)
     self.history = []     # (step, metrics) of every logged step
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     num_devices, procs = self.mesh.devices.size, jax.process_count()
@@ -225,7 +232,7 @@ class TrainLoop:
     self.setup()
     self._build_state_fns()
     self.checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+        storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
         keep_every=config.checkpoint.keep_every,
         asynchronous=config.checkpoint.asynchronous)
 
@@ -319,12 +326,12 @@ class TrainLoop:
     if latest is not None:
       logging.info("Resuming from %s/%d", self.checkpointer.directory, latest)
       with errors.as_user_errors():
-        self.check_checkpoint(os.path.join(self.checkpointer.directory, str(latest)))
+        self.check_checkpoint(storage.join(self.checkpointer.directory, str(latest)))
       return self.checkpointer.restore(latest, self.abstract_state, iterator)
     if cfg.checkpoint:
       with errors.as_user_errors():
         ckpt, step = checkpointing.open_for_restore(cfg.checkpoint)
-        self.check_checkpoint(os.path.join(ckpt.directory, str(step)))
+        self.check_checkpoint(storage.join(ckpt.directory, str(step)))
       logging.info("Starting from checkpoint %s/%d", ckpt.directory, step)
       state = ckpt.restore(step, self.abstract_state, iterator)
       ckpt.close()
@@ -400,16 +407,16 @@ class TrainLoop:
     base_key = jax.random.key(cfg.seed + 1)
     # TensorBoard events from process 0; the log gets one progress line per log step.
     self.writer = writer = metric_writers.AsyncWriter(
-        metric_writers.SummaryWriter(self.workdir)) if jax.process_index() == 0 else \
+        metric_writers.SummaryWriter(self.logs.local)) if jax.process_index() == 0 else \
         metric_writers.MultiWriter([])
     self._run_start = (time.perf_counter(), start, total)
     hooks = []
     if jax.process_index() == 0:
       if cfg.profile.num_steps > 0:
-        hooks.append(periodic_actions.Profile(logdir=self.workdir,
+        hooks.append(periodic_actions.Profile(logdir=self.logs.local,
                                               first_profile=start + cfg.profile.first_step,
                                               num_profile_steps=cfg.profile.num_steps))
-    self._hashes = open(os.path.join(self.workdir, "batch_hashes.jsonl"), "a") if \
+    self._hashes = open(self.logs.pull("batch_hashes.jsonl"), "a") if \
         cfg.get("log_batch_hashes", False) else None
     preemption = Preemption(cfg.get("preemption_poll_steps", 10))
     self.preemption = preemption
@@ -448,6 +455,8 @@ class TrainLoop:
           # The iterator has given exactly the batches of steps 1..step+1: its state is the
           # one that resumes at step + 2.
           self.checkpointer.save(step + 1, state, iterator, meta=self.checkpoint_meta())
+          if jax.process_index() == 0:
+            self.logs.push(force=True)
           if step + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
           if preempted:
@@ -467,6 +476,8 @@ class TrainLoop:
       preemption.restore()
       if self._hashes is not None:
         self._hashes.close()
+      if jax.process_index() == 0:
+        self.logs.push(force=True)
       if hasattr(iterator, "close"):
         iterator.close()
     self.final_state = state
@@ -514,8 +525,9 @@ class TrainLoop:
     self.history.append((step, values))
     writer.write_scalars(step, values)
     if jax.process_index() == 0:
-      with open(os.path.join(self.workdir, METRICS_FILE), "a") as f:
+      with open(self.logs.path(METRICS_FILE), "a") as f:
         f.write(json.dumps({"step": step, **values}) + "\n")
+      self.logs.push()
       logging.info("%s", self._progress_line(step, values))
 
   def _progress_line(self, step: int, values: Dict[str, float]) -> str:
@@ -536,8 +548,10 @@ class TrainLoop:
   def _trim_metrics_log(self, start: int) -> None:
     """A resumed run logs again the steps after its checkpoint: drop their old lines, so the
     file keeps one line per step."""
-    path = os.path.join(self.workdir, METRICS_FILE)
-    if jax.process_index() != 0 or not os.path.exists(path):
+    if jax.process_index() != 0:
+      return
+    path = self.logs.pull(METRICS_FILE)
+    if not os.path.exists(path):
       return
     with open(path) as f:
       lines = f.readlines()

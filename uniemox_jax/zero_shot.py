@@ -15,7 +15,6 @@ workdir).
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Dict, Optional, Sequence
 
 from absl import flags
@@ -31,6 +30,7 @@ from uniemox_jax import evaluate
 from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import sharding
+from uniemox_jax import storage
 from uniemox_jax import trainer
 from uniemox_jax.models.uniemox import UniEmoX
 
@@ -57,8 +57,8 @@ def zero_shot(config, checkpoint: str, data_dir: str, split: str = "test",
   """The report of zero-shot classification of `split` with a pretraining checkpoint."""
   with errors.as_user_errors():
     step_dir = checkpointing.resolve_step_dir(checkpoint)
-    workdir = os.path.dirname(os.path.dirname(step_dir))
-    out_dir = out_dir or os.path.join(evaluate.default_out_dir(step_dir), "zero_shot")
+    workdir = storage.dirname(storage.dirname(step_dir))
+    out_dir = out_dir or storage.join(evaluate.default_out_dir(step_dir), "zero_shot")
     info = input_pipeline.load_info(data_dir)
     if split not in info["splits"]:
       raise errors.UserError(f"--split {split!r}: {data_dir} has the splits "

@@ -32,7 +32,6 @@ PyTorch is an optional extra (`pip install .[torch]`), imported only here.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -40,6 +39,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from uniemox_jax import storage
 from uniemox_jax.models import vit
 
 KINDS = ("mae", "vit", "uniemox_pretrain", "uniemox_finetune")
@@ -79,8 +79,9 @@ class ImportReport:
 
 def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """A PyTorch checkpoint file -> {key: float32/int NumPy array}, unwrapped and unprefixed."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise FileNotFoundError(f"--src {path} does not exist")
+  path = storage.local_copy(path)     # from a bucket: copied once into this host's cache
   if path.endswith(".safetensors"):
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
     try:
@@ -387,12 +388,12 @@ def _template_image_size(template, variant: str) -> int:
 def write_checkpoint(params: Dict[str, Any], out: str, meta: Dict[str, Any]) -> str:
   """Writes `params` as step 0 of a checkpoint directory; returns the step directory."""
   from uniemox_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  if os.path.exists(os.path.join(out, "0")):
+  if storage.exists(storage.join(out, "0")):
     raise FileExistsError(f"--out {out} already holds a checkpoint (step 0); choose another")
   ckpt = checkpointing.Checkpointer(out, keep=1, asynchronous=False)
   ckpt.save(0, {"step": np.int32(0), "params": params}, meta=meta)
   ckpt.close()
-  return os.path.join(os.path.abspath(out), "0")
+  return storage.join(storage.absolute(out), "0")
 
 
 def main(argv=None) -> int:
@@ -416,7 +417,7 @@ def main(argv=None) -> int:
   params, report = convert(sd, args.kind, variant, args.image_size, source=args.src,
                            pos_embed=args.pos_embed, decoder_heads=args.decoder_heads)
   report.check()
-  meta = {"task": "import", "kind": args.kind, "source": os.path.abspath(args.src),
+  meta = {"task": "import", "kind": args.kind, "source": storage.absolute(args.src),
           "variant": variant}
   names = [n for n in args.class_names.split(",") if n]
   if names:

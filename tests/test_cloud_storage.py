@@ -1,0 +1,240 @@
+"""Data, checkpoints and logs in a bucket: every command run as a user runs it, with gs:// paths,
+against a GCS-protocol server on 127.0.0.1 (tests/gcs_server.py) that this module starts and
+stops. Converting into a bucket (and resuming it), reading shards through the per-host cache,
+pretraining with data and workdir in the bucket, SIGKILL and a bitwise resume, evaluating the
+checkpoint from the bucket, and the one-line errors of a missing bucket."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from tests import gcs_server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "uniemox-test"
+STEPS = 20
+_OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=5",
+              "--config.checkpoint.keep=10", "--config.log_every_steps=5",
+              "--config.log_batch_hashes=True"]
+_JAX_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"uniemox_test_jax_cache_{os.getuid()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+  srv = gcs_server.GcsServer(str(tmp_path_factory.mktemp("gcs"))).start()
+  srv.create_bucket(BUCKET)
+  # This process reads the bucket too: the same settings, and fresh clients that see them.
+  saved = {k: os.environ.get(k) for k in srv.env}
+  os.environ.update(srv.env)
+  import fsspec
+  import gcsfs
+  fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  yield srv
+  srv.stop()
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  fsspec.config.conf.get("gcs", {}).pop("token", None)
+  gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def _env(server, cache, devices=8):
+  env = dict(os.environ, **server.env, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             UNIEMOX_CACHE_DIR=str(cache), JAX_COMPILATION_CACHE_DIR=_JAX_CACHE,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+  return env
+
+
+def _run(server, cache, *cmd, check=True, timeout=900):
+  proc = subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, env=_env(server, cache),
+                        capture_output=True, text=True, timeout=timeout)
+  if check:
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+  return proc
+
+
+def _gs(*parts):
+  return "gs://" + "/".join((BUCKET,) + parts)
+
+
+@pytest.fixture(scope="module")
+def bucket_data(server, tmp_path_factory):
+  """The synthetic set converted straight into the bucket, with TFDS metadata."""
+  cache = tmp_path_factory.mktemp("convert_cache")
+  out = _gs("data", "synthetic")
+  proc = _run(server, cache, "data_pipelines.convert", "--source", "synthetic", "--name",
+              "synthetic", "--out", out, "--per_class", "6,2,2", "--image_size", "48",
+              "--shard_size", "16", "--workers", "1", "--no_progress")
+  assert "OK: every shard" in proc.stdout and f"wrote: {out}" in proc.stdout
+  return out, cache
+
+
+def test_storage_module_in_a_bucket(server):
+  from uniemox_jax import storage
+  d = _gs("unit")
+  storage.makedirs(d)
+  storage.write_text(storage.join(d, "a.json"), '{"x": 1}')
+  storage.write_bytes(storage.join(d, "sub", "b.bin"), b"\x00\x01")
+  assert storage.exists(storage.join(d, "a.json")) and storage.isdir(d)
+  assert storage.listdir(d) == ["a.json", "sub"]
+  assert storage.glob(storage.join(d, "*.json")) == [storage.join(d, "a.json")]
+  assert json.loads(storage.read_text(storage.join(d, "a.json"))) == {"x": 1}
+  assert storage.getsize(storage.join(d, "sub", "b.bin")) == 2
+  storage.append_text(storage.join(d, "log"), "1\n")
+  storage.append_text(storage.join(d, "log"), "2\n")
+  assert storage.read_text(storage.join(d, "log")) == "1\n2\n"
+  storage.remove(storage.join(d, "log"))
+  assert not storage.exists(storage.join(d, "log"))
+  storage.rmtree(d)
+  assert not storage.exists(storage.join(d, "a.json"))
+  # A bucket that is not there: one clear error, naming it.
+  with pytest.raises(FileNotFoundError, match="bucket 'no-such-bucket' does not exist"):
+    storage.makedirs("gs://no-such-bucket/run")
+  assert storage.absolute("gs://b/x/") == "gs://b/x"     # not <cwd>/gs:/b/x
+
+
+def test_converted_bucket_verifies_and_reads_through_the_cache(server, bucket_data, tmp_path,
+                                                               monkeypatch):
+  from data_pipelines import input_pipeline
+  from data_pipelines import verify
+  from uniemox_jax import storage
+  out, _ = bucket_data
+  names = storage.listdir(out)
+  assert {"uniemox_info.json", "conversion_report.json", "dataset_info.json",
+          "features.json"} <= set(names)
+  assert not [n for n in names if ".tmp" in n]
+  monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
+  assert verify.verify(out).ok
+  source = input_pipeline.ShardSource(out, "train")
+  assert len(source) == 48
+  first = source[0]
+  # The shards were copied once into this host's cache; a second source reuses the copies.
+  cached = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())
+  assert cached and all(str(p).startswith(str(tmp_path / "cache")) for p in cached)
+  mtimes = [p.stat().st_mtime_ns for p in cached]
+  again = input_pipeline.ShardSource(out, "train")
+  assert again[0] == first
+  assert [p.stat().st_mtime_ns for p in cached] == mtimes
+  # A shard replaced in the bucket after conversion is refused by name, not read.
+  info = input_pipeline.load_info(out)
+  shard = storage.join(out, info["splits"]["train"]["shards"][1]["file"])
+  data = bytearray(storage.open(shard, "rb").read())
+  data[50] ^= 1
+  storage.write_bytes(shard, bytes(data))
+  with pytest.raises(IOError, match=r"sha256 .* the dataset's info file says"):
+    input_pipeline.ShardSource(out, "train")
+  assert not verify.verify(out).ok
+
+
+def test_convert_into_a_bucket_resumes_and_rewrites_damage(server, tmp_path):
+  """A rerun keeps finished shards (checked against the bucket's CRC32C, no download),
+  rewrites a damaged one and redoes one a killed run never finished."""
+  from uniemox_jax import storage
+  out = _gs("data", "resume")
+  args = ["data_pipelines.convert", "--source", "synthetic", "--name", "s", "--out", out,
+          "--per_class", "6,2,2", "--image_size", "32", "--shard_size", "16", "--workers",
+          "1", "--no_progress", "--no_tfds_metadata"]
+  _run(server, tmp_path, *args)
+  shards = sorted(p for p in storage.glob(storage.join(out, "s-train.tfrecord-*"))
+                  if p[-1].isdigit())
+  assert len(shards) == 3
+  before = {p: storage.open(p, "rb").read() for p in shards}
+  storage.remove(shards[0])                       # killed before its upload finished
+  storage.remove(shards[0] + ".stats.json")
+  damaged = bytearray(before[shards[2]])
+  damaged[100] ^= 0x10
+  storage.write_bytes(shards[2], bytes(damaged))  # changed after conversion
+  proc = _run(server, tmp_path, *args)
+  report = json.loads(storage.read_text(storage.join(out, "conversion_report.json")))
+  assert report["resumed_shards"] == 5 - 2, proc.stdout
+  assert report["rewritten_damaged_shards"] == [storage.basename(shards[2])]
+  assert {p: storage.open(p, "rb").read() for p in shards} == before
+  # Another dataset's folder is refused before anything is written.
+  bad = _run(server, tmp_path, *[a if a != "s" else "other" for a in args], check=False)
+  assert bad.returncode == 2 and "holds the dataset 's'" in bad.stderr
+
+
+def test_missing_bucket_is_one_line(server, tmp_path):
+  proc = _run(server, tmp_path, "uniemox_jax.main", "--config", "configs/demo.py",
+              "--workdir=gs://no-such-bucket/run", check=False, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: gs://no-such-bucket/run: the bucket 'no-such-bucket'"), last
+  assert "Traceback" not in proc.stderr
+
+
+def _params(workdir, step):
+  from uniemox_jax import checkpointing
+  ckpt = checkpointing.Checkpointer(workdir + "/checkpoints", read_only=True,
+                                    asynchronous=False)
+  assert step in ckpt.all_steps(), ckpt.all_steps()
+  tree = ckpt.restore_as_saved(step)
+  ckpt.close()
+  return tree
+
+
+def _hashes(text):
+  out = {}
+  for line in text.splitlines():
+    rec = json.loads(line)
+    assert out.setdefault(rec["step"], rec["hash"]) == rec["hash"], rec
+  return out
+
+
+def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, bucket_data,
+                                                                   tmp_path):
+  """Data and workdir in the bucket: a run SIGKILLed after its first checkpoint resumes from
+  the bucket (on a host with an empty cache) to the same bits as an uninterrupted run;
+  zero-shot evaluation reads the checkpoint from the bucket."""
+  from uniemox_jax import storage
+  data, _ = bucket_data
+  config = ["--config", "configs/demo.py", f"--config.data.dir={data}", *_OVERRIDES]
+  reference = _gs("runs", "reference")
+  _run(server, tmp_path / "c0", "uniemox_jax.main", *config, f"--workdir={reference}")
+  workdir = _gs("runs", "killed")
+  proc = subprocess.Popen([sys.executable, "-m", "uniemox_jax.main", *config,
+                           f"--workdir={workdir}"], cwd=ROOT, env=_env(server, tmp_path / "c1"),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while not storage.exists(storage.join(workdir, "checkpoints", "5", "commit_success.txt")) \
+      and not storage.exists(storage.join(workdir, "checkpoints", "10")):
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert time.time() < deadline
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert STEPS not in [int(s) for s in storage.listdir(storage.join(workdir, "checkpoints"))
+                       if s.isdigit()]
+  resumed = _run(server, tmp_path / "c2", "uniemox_jax.main", *config, f"--workdir={workdir}")
+  assert "Resuming from" in resumed.stderr
+  a, b = _params(workdir, STEPS), _params(reference, STEPS)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  hashes = _hashes(storage.read_text(storage.join(workdir, "batch_hashes.jsonl")))
+  assert hashes == _hashes(storage.read_text(storage.join(reference, "batch_hashes.jsonl")))
+  assert len(hashes) == STEPS
+  # The logs a user looks at are in the bucket: config, one metrics line per logged step,
+  # TensorBoard events.
+  names = storage.listdir(workdir)
+  assert "config.json" in names and any(n.startswith("events.out.tfevents") for n in names)
+  logged = [json.loads(line)["step"] for line in
+            storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()]
+  assert logged == list(range(5, STEPS + 1, 5))
+  # Zero-shot evaluation of the bucket's checkpoint, its report written beside it.
+  zs = _run(server, tmp_path / "c3", "uniemox_jax.zero_shot", "--config", "configs/demo.py",
+            f"--checkpoint={workdir}/checkpoints", f"--data={data}", "--split=test")
+  assert f"wrote: {workdir}/evaluations/" in zs.stdout, zs.stdout[-2000:]
+  reports = storage.glob(storage.join(workdir, "evaluations", "*", "zero_shot",
+                                      "*_results.json"))
+  assert reports, storage.listdir(workdir)
+  assert "top1" in json.loads(storage.read_text(reports[0]))
