@@ -103,6 +103,16 @@ def test_storage_module_in_a_bucket(server):
   assert storage.absolute("gs://b/x/") == "gs://b/x"     # not <cwd>/gs:/b/x
 
 
+def test_refused_request_names_the_path_and_the_credentials():
+  # The emulator grants everything; a refusal is gcsfs's HttpError with GCS's 403 body.
+  from gcsfs.retry import HttpError
+  from uniemox_jax import storage
+  with pytest.raises(PermissionError, match=r"gs://b/x: access refused .*denied.*application "
+                                            r"default credentials"):
+    with storage._remote("gs://b/x"):  # pylint: disable=protected-access
+      raise HttpError({"code": 403, "message": "denied"})
+
+
 def test_converted_bucket_verifies_and_reads_through_the_cache(server, bucket_data, tmp_path,
                                                                monkeypatch):
   from data_pipelines import input_pipeline
@@ -128,12 +138,16 @@ def test_converted_bucket_verifies_and_reads_through_the_cache(server, bucket_da
   # A shard replaced in the bucket after conversion is refused by name, not read.
   info = input_pipeline.load_info(out)
   shard = storage.join(out, info["splits"]["train"]["shards"][1]["file"])
-  data = bytearray(storage.open(shard, "rb").read())
+  original = storage.open(shard, "rb").read()
+  data = bytearray(original)
   data[50] ^= 1
   storage.write_bytes(shard, bytes(data))
-  with pytest.raises(IOError, match=r"sha256 .* the dataset's info file says"):
-    input_pipeline.ShardSource(out, "train")
-  assert not verify.verify(out).ok
+  try:
+    with pytest.raises(IOError, match=r"sha256 .* the dataset's info file says"):
+      input_pipeline.ShardSource(out, "train")
+    assert not verify.verify(out).ok
+  finally:
+    storage.write_bytes(shard, original)     # the module's other tests read this dataset
 
 
 def test_convert_into_a_bucket_resumes_and_rewrites_damage(server, tmp_path):
@@ -173,6 +187,17 @@ def test_missing_bucket_is_one_line(server, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+# `gcloud compute tpus tpu-vm ssh NAME --zone Z --worker=all --command CMD`: runs CMD here.
+_FAKE_GCLOUD = """#!/usr/bin/env bash
+echo "$*" >> "$(dirname "$0")/calls"
+while [[ $# -gt 0 ]]; do
+  if [[ $1 == --command ]]; then exec bash -c "$2"; fi
+  shift
+done
+exit 3
+"""
+
+
 def _params(workdir, step):
   from uniemox_jax import checkpointing
   ckpt = checkpointing.Checkpointer(workdir + "/checkpoints", read_only=True,
@@ -199,8 +224,22 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
   from uniemox_jax import storage
   data, _ = bucket_data
   config = ["--config", "configs/demo.py", f"--config.data.dir={data}", *_OVERRIDES]
+  # The uninterrupted run, started as README's TPU section starts one: launch/tpu_pod.sh, here
+  # with a gcloud that runs the worker command on this machine.
   reference = _gs("runs", "reference")
-  _run(server, tmp_path / "c0", "uniemox_jax.main", *config, f"--workdir={reference}")
+  fake_bin = tmp_path / "bin"
+  fake_bin.mkdir()
+  (fake_bin / "gcloud").write_text(_FAKE_GCLOUD)
+  (fake_bin / "gcloud").chmod(0o755)
+  (fake_bin / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  (fake_bin / "python3").chmod(0o755)
+  env = dict(_env(server, tmp_path / "c0"), REPO_DIR=ROOT,
+             PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+  pod = subprocess.run(["bash", "launch/tpu_pod.sh", "fake-tpu", "fake-zone", "configs/demo.py",
+                        reference, *config[2:]], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert pod.returncode == 0, pod.stderr[-4000:]
+  assert "--worker=all" in (tmp_path / "bin" / "calls").read_text()
   workdir = _gs("runs", "killed")
   proc = subprocess.Popen([sys.executable, "-m", "uniemox_jax.main", *config,
                            f"--workdir={workdir}"], cwd=ROOT, env=_env(server, tmp_path / "c1"),
