@@ -277,3 +277,49 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
                                       "*_results.json"))
   assert reports, storage.listdir(workdir)
   assert "top1" in json.loads(storage.read_text(reports[0]))
+
+
+def test_import_evaluate_predict_and_finetune_from_the_bucket(server, bucket_data, tmp_path):
+  """A PyTorch .pth in the bucket is imported into a checkpoint in the bucket, which the
+  evaluation and prediction commands read, and a fine-tuning run (workdir in the bucket)
+  starts from, keeping its best state there and evaluating it at the end."""
+  import functools
+  import torch
+  from timm.models.vision_transformer import VisionTransformer
+  from data_pipelines import input_pipeline
+  from uniemox_jax import storage
+  data, convert_cache = bucket_data
+  names = input_pipeline.load_info(data)["class_names"]
+  model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
+                            mlp_ratio=2, qkv_bias=True, global_pool="avg", fc_norm=True,
+                            num_classes=len(names),
+                            norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6))
+  torch.save({"model": model.state_dict()}, tmp_path / "emo.pth")
+  src, imported = _gs("torch", "emo.pth"), _gs("imported", "emo")
+  storage.upload(str(tmp_path / "emo.pth"), src)
+  _run(server, tmp_path / "c0", "uniemox_jax.tools.import_torch", "--src", src, "--kind",
+       "uniemox_finetune", "--image_size", "32", "--out", imported, "--class_names",
+       ",".join(names))
+  assert storage.exists(storage.join(imported, "0", "state"))
+
+  ft = ["--config", "configs/demo_finetune.py", f"--config.data.dir={data}"]
+  ev = _run(server, tmp_path / "c1", "uniemox_jax.evaluate", *ft, f"--checkpoint={imported}",
+            "--split=test")
+  report = _gs("imported", "evaluations", "emo-0", "test_results.json")
+  assert report in ev.stdout, ev.stdout[-2000:]
+  assert json.loads(storage.read_text(report))["num_examples"] == 16
+
+  images = os.path.join(convert_cache, "synthetic", "synthetic", "test")   # the raw test tree
+  pr = _run(server, tmp_path / "c2", "uniemox_jax.predict", *ft[:2], f"--checkpoint={imported}",
+            f"--images={images}", f"--out={_gs('predictions', 'emo.csv')}")
+  rows = storage.read_text(_gs("predictions", "emo.csv")).splitlines()
+  assert rows[0].startswith("path,emotion_1,prob_1") and len(rows) == 1 + 16, pr.stdout
+
+  workdir = _gs("runs", "finetune")
+  _run(server, tmp_path / "c3", "uniemox_jax.main", *ft, f"--workdir={workdir}",
+       f"--config.init.encoder={imported}", "--config.total_epochs=2",
+       "--config.eval_every_epochs=1", "--config.optim.warmup_epochs=1")
+  best = json.loads(storage.read_text(storage.join(workdir, "best.json")))
+  assert str(best["step"]) in storage.listdir(storage.join(workdir, "best"))
+  result = json.loads(storage.read_text(storage.join(workdir, "test_results.json")))
+  assert result["num_examples"] == 16 and result["checkpoint"].startswith(workdir)
