@@ -61,7 +61,11 @@ def get_config(arg=None):
   # fine-tuning (and as the imported timm / fine-tuned MAE / UniEmoX ViTs carry it).
   config.model = dict(variant=arg.vit, image_size=224, drop_path=0.2, pos_embed="learned",
                       remat="none", scan=False, dtype="bfloat16", param_dtype="float32",
-                      attention="auto", attention_pad=0)
+                      attention="auto", attention_pad=0,
+                      # avg: fc_norm over the patch tokens' mean (the method); token: the CLS
+                      # token after the final norm (timm's default ViTs; an imported one
+                      # records it and evaluation follows the checkpoint).
+                      pool="avg")
   config.data = dict(dir=arg.data, split="train", eval_split="val", workers=8,
                      draft_decode=True,
                      synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)

@@ -1,5 +1,6 @@
 """PyTorch checkpoint import: timm ViTs and MAE-layout state dicts against PyTorch's own
 forward, the fusion, position resampling, the output checkpoint, the trainer hook, errors."""
+import argparse
 import functools
 
 import flax.linen as nn
@@ -70,6 +71,48 @@ def test_timm_classifier_matches_pytorch():
   with torch.no_grad():
     ref = m(_torch_in(x)).numpy()
   assert np.abs(np.asarray(ours) - ref).max() < TOL
+
+
+def test_timm_default_classifier_pools_its_cls_token():
+  # timm's default ViT: final norm, then the CLS token, no fc_norm.
+  m = _timm_vit(num_classes=5)
+  params, report = it.convert(_sd(m), "vit", "mu/8", 32, source="timm")
+  assert "norm" in params["encoder"] and "fc_norm" not in params
+  model = classifier.Classifier(5, "mu/8", 32, pos_embed="learned", pool="token")
+  x = _images()
+  params = it.fit_to(params, _template(model, jnp.asarray(x)), report)
+  report.check()
+  ours, _ = model.apply({"params": params}, jnp.asarray(x))
+  with torch.no_grad():
+    ref = m(_torch_in(x)).numpy()
+  assert np.abs(np.asarray(ours) - ref).max() < TOL
+  # An unknown pooling is refused by name.
+  with pytest.raises(ValueError, match="pool"):
+    classifier.Classifier(5, "mu/8", 32, pool="cls").init(jax.random.key(0), jnp.asarray(x))
+
+
+def test_size_detection_refuses_what_the_shapes_do_not_settle(tmp_path):
+  sd = _sd(_timm_vit())
+  assert it.variant_of(sd, "f") == "mu/8"
+  # Same width and depth as a known size, another MLP width: another model; its heads unknown.
+  with pytest.raises(ValueError, match=r"another MLP width.*pass --vit"):
+    it.variant_of(_sd(_timm_vit(mlp_ratio=3)), "f")
+  with pytest.raises(ValueError, match="no known ViT size"):
+    it.variant_of(_sd(_timm_vit(depth=3)), "f")
+  # MAE's script saves its argparse args beside the weights: they load, and their model name
+  # must agree with the shapes.
+  m = _timm_vit()
+  path = tmp_path / "mae_style.pth"
+  torch.save({"model": m.state_dict(), "args": argparse.Namespace(model="mae_vit_large_patch16"),
+              "epoch": 3}, path)
+  loaded = it.load_state_dict(str(path))
+  assert loaded.model_name == "mae_vit_large_patch16" and set(loaded) == set(m.state_dict())
+  with pytest.raises(ValueError, match=r"names its model 'mae_vit_large_patch16' \(L\)"):
+    it.variant_of(loaded, str(path))
+  # A relative position table carries the head count: one that disagrees is refused.
+  sd = dict(_sd(m), **{"blocks.0.attn.relative_position_bias_table": np.zeros((10, 3))})
+  with pytest.raises(ValueError, match="has 3 heads, the mu size has 2"):
+    it.variant_of(sd, "f")
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -248,6 +291,21 @@ def test_import_cli_checkpoint_evaluates_and_fine_tunes(tmp_path, synthetic_data
     it.main(["--src", str(src), "--kind", "uniemox_finetune", "--image_size", "32",
              "--out", str(out)])
 
+  assert checkpointing.read_meta(step_dir)["pool"] == "avg"
+  # timm's default (CLS-token) classifier: recorded, and evaluated with that pooling although
+  # the config says avg.
+  token = _timm_vit(num_classes=len(names))
+  torch.save(token.state_dict(), tmp_path / "timm_default.pth")
+  assert it.main(["--src", str(tmp_path / "timm_default.pth"), "--kind", "vit", "--image_size",
+                  "32", "--out", str(tmp_path / "token"), "--class_names",
+                  ",".join(names)]) == 0
+  token_dir = checkpointing.resolve_step_dir(str(tmp_path / "token"))
+  assert checkpointing.read_meta(token_dir)["pool"] == "token"
+  assert config.model.get("pool", "avg") == "avg"
+  assert evaluate.with_checkpoint_pool(config, token_dir).model.pool == "token"
+  result = evaluate.evaluate_checkpoint(config, str(tmp_path / "token"), "test",
+                                        str(tmp_path / "token_eval"), progress=False)
+  assert result["num_examples"] == 16
   # The imported checkpoint is an encoder source like any checkpoint written here.
   encoder = trainer.ENCODER_IMPORTERS["uniemox_jax"](str(out), None)
   np.testing.assert_array_equal(encoder["cls_token"], m.state_dict()["cls_token"].numpy())

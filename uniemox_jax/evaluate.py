@@ -15,12 +15,14 @@ overwrites the training run's own reports.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import json
 from typing import Any, Callable, Dict, Optional, Sequence
 
 from absl import flags
+from absl import logging
 import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
@@ -170,6 +172,20 @@ def check_classes(step_dir: str, info: Dict[str, Any]) -> None:
     raise errors.UserError(f"{step_dir} was trained on classes {saved}, the dataset has {names}")
 
 
+def with_checkpoint_pool(config, step_dir: str):
+  """`config`, or a copy whose model pools as the checkpoint records (an imported timm ViT
+  classifies its CLS token: `pool` "token"; see models/classifier.py)."""
+  pool = checkpointing.read_meta(step_dir).get("pool")
+  if pool is None or pool == config.model.get("pool", "avg"):
+    return config
+  logging.info("%s pools %r (recorded in the checkpoint); config.model.pool set to it",
+               step_dir, pool)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.pool = pool
+  return config
+
+
 def classifier_scorer(model, multi_label: bool):
   """A jitted (params, device batch) -> {"scores"}: softmax probabilities, or per-class
   sigmoids for multi-label data. Keep one per model: jit caches by function."""
@@ -187,7 +203,7 @@ def place_classifier(model, params, mesh, image_size: int, what: str = "the chec
                             jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
   models.check_params(params, nn.unbox(abstract),
                       f"{what} (config.model: variant {model.variant}, "
-                      f"pos_embed {model.pos_embed!r})")
+                      f"pos_embed {model.pos_embed!r}, pool {model.pool!r})")
   shardings = sharding.param_shardings(abstract, mesh)
   return sharding.host_to_global(params, shardings)
 
@@ -233,6 +249,7 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[s
       raise errors.UserError(f"--split {split!r}: {data_dir} has the splits "
                              f"{sorted(info['splits'])}")
     check_classes(step_dir, info)
+    config = with_checkpoint_pool(config, step_dir)
     params = checkpointing.read_subtree(step_dir, ("params",))
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   result = evaluate_classifier(config, params, split, mesh, info, data_dir, progress,

@@ -67,6 +67,7 @@ def predict(config, checkpoint: str, paths: Sequence[str], top_k: int = 3,
     info = class_names_for(step_dir, classes_dir)
     names = info["class_names"]
     evaluate.check_classes(step_dir, {"class_names": names})
+    config = evaluate.with_checkpoint_pool(config, step_dir)
     mesh = sharding.make_mesh(-1, 1)
     batch_size = -(-batch_size // mesh.devices.size) * mesh.devices.size
     model = models.classification_model(config.model, len(names))

@@ -93,7 +93,7 @@ def classification_model(cfg, num_classes: int) -> Classifier:
   except ValueError as e:
     raise ValueError(f"config.model.remat: {e}") from None
   return Classifier(num_classes=num_classes, pos_embed=cfg.get("pos_embed", "sincos"),
-                    **_common(cfg))
+                    pool=cfg.get("pool", "avg"), **_common(cfg))
 
 
 def check_params(tree: Any, template: Any, what: str) -> None:

@@ -1,7 +1,9 @@
-"""Downstream classifier (docs/method.md §5): encoder, global average pool, LayerNorm, Dense head.
+"""Downstream classifier (docs/method.md §5): encoder, pool, Dense head.
 
-As in MAE's fine-tuning with global pooling, the encoder's final norm is replaced by `fc_norm`
-after the pool, so the pretrained `encoder/norm` is deliberately not loaded.
+pool="avg" (the method's, and MAE's fine-tuning with global pooling): the average of the patch
+tokens, then `fc_norm`; the encoder's final norm is replaced by it, so a pretrained
+`encoder/norm` is deliberately not loaded. pool="token" (timm's default ViTs): the encoder's
+final norm, then the CLS token, no `fc_norm`: how an imported timm classifier was trained.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from flax import traverse_util
 from uniemox_jax.models import vit
 
 
+POOLS = ("avg", "token")
 # The std of a standard normal truncated to [-2, 2].
 _TRUNCATED_STD = 0.87962566103423978
 
@@ -40,16 +43,23 @@ class Classifier(nn.Module):
   param_dtype: vit.Dtype = jnp.float32
   attention: str = "auto"
   attention_pad: int = 0
+  pool: str = "avg"
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False):
-    tokens, _ = vit.Encoder(self.variant, self.image_size, self.drop_path, final_norm=False,
+    if self.pool not in POOLS:
+      raise ValueError(f"config.model.pool={self.pool!r}: choose one of {POOLS}")
+    tokens, _ = vit.Encoder(self.variant, self.image_size, self.drop_path,
+                            final_norm=self.pool == "token",
                             pos_embed=self.pos_embed, remat=self.remat, scan=self.scan,
                             dtype=self.dtype, param_dtype=self.param_dtype,
                             attention=self.attention, attention_pad=self.attention_pad,
                             name="encoder")(images, train=train)
-    pooled = jnp.mean(tokens[:, 1:], axis=1)
-    features = vit.layer_norm("fc_norm", self.dtype, self.param_dtype)(pooled)
+    if self.pool == "token":
+      features = tokens[:, 0]
+    else:
+      features = vit.layer_norm("fc_norm", self.dtype, self.param_dtype)(
+          jnp.mean(tokens[:, 1:], axis=1))
     logits = nn.Dense(
         self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head",
         kernel_init=nn.with_logical_partitioning(

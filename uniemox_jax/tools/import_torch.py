@@ -9,10 +9,17 @@ Kinds (the layouts of the files users have):
                     present, the decoder (decoder_embed, mask_token, decoder_blocks.i,
                     decoder_norm, decoder_pred).
   vit               a ViT classifier: MAE fine-tuned checkpoints and timm `vit_*_patch16_224`
-                    state dicts (learned pos_embed, norm or fc_norm, head).
+                    state dicts (learned pos_embed, norm or fc_norm, head). The pooling is
+                    recorded for evaluation: fc_norm means the average of the patch tokens
+                    (MAE), a final norm without it timm's default, the CLS token.
   uniemox_pretrain  the authors' pretrained UniEmoX: the MAE layout plus the fusion
                     (`*fusion*.linear.*`, `*fusion*.bn.*`: ELU(Linear(LN(a) + LN(b)))).
   uniemox_finetune  the authors' fine-tuned classifiers: the vit layout with fc_norm and head.
+
+The ViT size comes from --vit or from the file: its width, depth and MLP width must be a
+known size's, and the model name MAE's script saves beside the weights (`args.model`) must
+agree; the head count is not in the shapes, so a file of another shape is refused and --vit
+asked for.
 
 Files may be a bare state dict or a dict with a "model" (or "state_dict") entry; a `module.`
 prefix (DistributedDataParallel) is removed. A position table for another grid is resampled
@@ -77,8 +84,17 @@ class ImportReport:
 # --- reading the file ---------------------------------------------------------------------
 
 
-def load_state_dict(path: str) -> Dict[str, np.ndarray]:
-  """A PyTorch checkpoint file -> {key: float32/int NumPy array}, unwrapped and unprefixed."""
+class StateDict(dict):
+  """{key: array} of a file, with the model name its training script saved beside the
+  weights (MAE's `args.model`, e.g. "mae_vit_large_patch16"), when there is one."""
+  model_name: Optional[str] = None
+
+
+def load_state_dict(path: str) -> StateDict:
+  """A PyTorch checkpoint file -> {key: float32/int NumPy array}, unwrapped and unprefixed.
+  Files saved by MAE's training script (and the reference's, built on it) keep their argparse
+  `args` beside the weights: allowed through torch's weights-only loader, and their
+  `args.model` kept as `model_name`."""
   if not storage.isfile(path):
     raise FileNotFoundError(f"--src {path} does not exist")
   path = storage.local_copy(path)     # from a bucket: copied once into this host's cache
@@ -94,18 +110,23 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
     except ImportError:
       raise ImportError("reading .pth files needs PyTorch: pip install '.[torch]'") from None
     try:
-      raw = torch.load(path, map_location="cpu", weights_only=True)
+      import argparse  # pylint: disable=g-import-not-at-top
+      with torch.serialization.safe_globals([argparse.Namespace]):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or not a "
                        f"torch.save file): {type(e).__name__}: {e}") from None
+  model_name = None
   if isinstance(raw, Mapping):
+    model_name = getattr(raw.get("args"), "model", None)
     for key in ("model", "state_dict", "model_state_dict"):
       if key in raw and isinstance(raw[key], Mapping):
         raw = raw[key]
         break
   if not isinstance(raw, Mapping) or not raw:
     raise ValueError(f"{path} holds no state dict (got {type(raw).__name__})")
-  out = {}
+  out = StateDict()
+  out.model_name = model_name if isinstance(model_name, str) else None
   for key, value in raw.items():
     if not hasattr(value, "shape"):
       raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
@@ -426,23 +447,55 @@ def main(argv=None) -> int:
       raise ValueError(f"--class_names gives {len(names)} names, the head has {classes} "
                        "classes")
     meta["class_names"] = names
+  if "head" in params:
+    # How the classifier pools: fc_norm after an average (MAE, the method) or the CLS token
+    # after the final norm (timm's default); evaluation and prediction read it.
+    meta["pool"] = "avg" if "fc_norm" in params else "token"
   step_dir = write_checkpoint(params, args.out, meta)
   print(report.summary())
   print(f"wrote {step_dir}")
   return 0
 
 
+# Words of model names (timm's, MAE's "mae_vit_large_patch16") -> our ViT sizes.
+_SIZE_WORDS = {"tiny": "Ti", "small": "S", "base": "B", "large": "L", "huge": "H"}
+
+
 def variant_of(sd: Mapping[str, np.ndarray], path: str) -> str:
-  """The ViT size of a state dict, from its patch embedding and number of blocks."""
+  """The ViT size of a state dict. Shapes give the width, depth and MLP width but not the head
+  count, which the qkv projection hides: the size is taken only when those shapes are a known
+  size's and nothing in the file contradicts its head count (the model name saved beside MAE
+  weights, a relative position table's last axis); otherwise the import is refused and asks
+  for --vit."""
   if "patch_embed.proj.weight" not in sd:
     raise ValueError(f"{path}: no patch_embed.proj.weight; is it a ViT? (pass --vit)")
   w = sd["patch_embed.proj.weight"]
   width, patch = w.shape[0], w.shape[-1]
   depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
-  for name, (wd, d, _, _) in vit.VIT_SIZES.items():
-    if wd == width and d == depth:
-      return f"{name}/{patch}"
-  raise ValueError(f"{path}: {depth} blocks of width {width} match no ViT size; pass --vit")
+  fc1 = sd.get("blocks.0.mlp.fc1.weight")
+  mlp = None if fc1 is None else fc1.shape[0]
+  found = f"{depth} blocks of width {width}" + (f", MLP width {mlp}" if mlp else "")
+  sizes = [n for n, (wd, d, _, m) in vit.VIT_SIZES.items()
+           if wd == width and d == depth and mlp in (None, m)]
+  if len(sizes) != 1:
+    near = [n for n, (wd, d, _, _) in vit.VIT_SIZES.items() if wd == width and d == depth]
+    why = (f"like {near[0]} but with another MLP width, so its head count is unknown too"
+           if near else "no known ViT size")
+    raise ValueError(f"{path}: {found}: {why}; pass --vit SIZE/PATCH for the model it is "
+                     f"(sizes: {', '.join(f'{n} {v}' for n, v in vit.VIT_SIZES.items())})")
+  size = sizes[0]
+  heads = vit.VIT_SIZES[size][2]
+  name = getattr(sd, "model_name", None)
+  if name:
+    words = [_SIZE_WORDS[t] for t in re.split(r"[_\-]", name.lower()) if t in _SIZE_WORDS]
+    if words and words[0] != size:
+      raise ValueError(f"{path}: its weights are {found} ({size}), but the file names its model "
+                       f"{name!r} ({words[0]}): pass --vit to say which it is")
+  for key, table in sd.items():
+    if key.endswith("relative_position_bias_table") and table.shape[-1] != heads:
+      raise ValueError(f"{path}: {key} has {table.shape[-1]} heads, the {size} size has "
+                       f"{heads}: pass --vit for the model it is")
+  return f"{size}/{patch}"
 
 
 if __name__ == "__main__":
