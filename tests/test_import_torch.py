@@ -16,7 +16,7 @@ from data_pipelines import input_pipeline as ip
 from uniemox_jax import checkpointing
 from uniemox_jax import evaluate
 from uniemox_jax import finetune
-from uniemox_jax import trainer
+from uniemox_jax import importers
 from uniemox_jax.models import classifier
 from uniemox_jax.models import decoder as decoder_lib
 from uniemox_jax.models import fusion
@@ -307,7 +307,7 @@ def test_import_cli_checkpoint_evaluates_and_fine_tunes(tmp_path, synthetic_data
                                         str(tmp_path / "token_eval"), progress=False)
   assert result["num_examples"] == 16
   # The imported checkpoint is an encoder source like any checkpoint written here.
-  encoder = trainer.ENCODER_IMPORTERS["uniemox_jax"](str(out), None)
+  encoder = importers.ENCODER_IMPORTERS["uniemox_jax"](str(out), None)
   np.testing.assert_array_equal(encoder["cls_token"], m.state_dict()["cls_token"].numpy())
   # The trainer reads the .pth directly through its importer hook.
   config.update_from_flattened_dict({"init.encoder": str(src),
@@ -317,4 +317,4 @@ def test_import_cli_checkpoint_evaluates_and_fine_tunes(tmp_path, synthetic_data
   t.close()
   got = jax.device_get(state["params"]["encoder"]["transformer"]["block_1"]["mlp"]["fc1"])
   np.testing.assert_array_equal(got["kernel"], m.state_dict()["blocks.1.mlp.fc1.weight"].numpy().T)
-  assert "torch_mae" in trainer.ENCODER_IMPORTERS
+  assert "torch_mae" in importers.ENCODER_IMPORTERS

@@ -92,3 +92,18 @@ def test_every_benchmark_gets_twenty_steps_per_epoch():
       table[parts[0]] = (int(parts[1].replace(",", "")), int(parts[2]), int(parts[3]))
   assert table == {n: (s["train_images"], s["batch_size"], s["train_images"] // s["batch_size"])
                    for n, s in finetune.DATASETS.items()}
+
+
+def test_evaluation_imports_nothing_of_the_training_loop():
+  """Evaluation, zero-shot, linear probe and prediction read encoders, teachers and data
+  through modules of their own (importers, teacher/loading, datasets), not the trainer."""
+  code = ("import sys\n"
+          "import uniemox_jax.evaluate, uniemox_jax.zero_shot, uniemox_jax.linear_probe, "
+          "uniemox_jax.predict\n"
+          "print(sorted(m for m in sys.modules if m in ('uniemox_jax.trainer', "
+          "'uniemox_jax.finetune', 'uniemox_jax.pretrain', 'uniemox_jax.optim', "
+          "'uniemox_jax.objective')))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -16,6 +16,7 @@ import pytest
 
 from configs import demo
 from uniemox_jax import checkpointing
+from uniemox_jax import importers
 from uniemox_jax import sharding
 from uniemox_jax import trainer
 from uniemox_jax import pretrain
@@ -281,7 +282,7 @@ def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_p
   _assert_bitwise_equal(state["params"], _params(reference, 10)[0])
   t.checkpointer.close()
   # An encoder through a registered importer when there is no checkpoint at all.
-  trainer.register_encoder_importer(
+  importers.register_encoder_importer(
       "test_plus_one", lambda path, template: jax.tree.map(lambda x: np.asarray(x) + 1.0,
                                                            template))
   t = make(tmp_path / "b", encoder="unused.file", encoder_format="test_plus_one")
@@ -296,7 +297,7 @@ def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_p
   with pytest.raises(ValueError, match="config.init.encoder_format='nope'"):
     t.initial_state(None)
   t.checkpointer.close()
-  del trainer.ENCODER_IMPORTERS["test_plus_one"]
+  del importers.ENCODER_IMPORTERS["test_plus_one"]
 
 
 def test_host_stays_ahead_metrics_are_fetched_at_log_and_checkpoint_steps_only(

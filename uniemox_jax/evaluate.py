@@ -32,6 +32,7 @@ import numpy as np
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
 from uniemox_jax import checkpointing
+from uniemox_jax import datasets
 from uniemox_jax import distributed
 from uniemox_jax import errors
 from uniemox_jax import metrics
@@ -238,12 +239,11 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[s
                         progress: bool = True) -> Dict[str, Any]:
   """Loads a fine-tuned checkpoint, evaluates it on `split`, writes and returns the report
   (its files under result["files"])."""
-  from uniemox_jax import trainer  # pylint: disable=g-import-not-at-top
   with errors.as_user_errors():
     step_dir = checkpointing.resolve_step_dir(checkpoint)
     workdir = storage.dirname(storage.dirname(step_dir))   # the checkpoint's workdir
     out_dir = out_dir or default_out_dir(step_dir)
-    data_dir = trainer.resolve_data_dir(config, workdir)
+    data_dir = datasets.resolve_data_dir(config, workdir)
     info = input_pipeline.load_info(data_dir)
     if split not in info["splits"]:
       raise errors.UserError(f"--split {split!r}: {data_dir} has the splits "

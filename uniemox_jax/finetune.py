@@ -20,7 +20,9 @@ import optax
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
 from uniemox_jax import checkpointing
+from uniemox_jax import datasets
 from uniemox_jax import evaluate
+from uniemox_jax import importers
 from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import optim
@@ -30,18 +32,6 @@ from uniemox_jax.models import classifier
 from uniemox_jax.models import vit
 
 BEST_DIR, BEST_FILE = "best", "best.json"
-
-
-def check_dataset(config, info: Dict[str, Any]) -> None:
-  """The data's classes must be the ones config.dataset promises."""
-  expected = config.get("num_classes", 0)
-  names = info["class_names"]
-  if expected and len(names) != expected:
-    raise ValueError(f"config.dataset={config.get('dataset')!r} has {expected} classes but "
-                     f"{config.data.dir or 'the data'} has {len(names)}: {names}")
-  if bool(info.get("multi_label")) != bool(config.get("multi_label", False)):
-    raise ValueError(f"config.multi_label={config.get('multi_label')} but the data's "
-                     f"multi_label is {info.get('multi_label')}")
 
 
 def classification_loss(model, aug, num_classes: int, multi_label: bool, params, batch, key):
@@ -72,7 +62,7 @@ class FinetuneTrainer(trainer.TrainLoop):
 
   def setup(self):
     config = self.config
-    check_dataset(config, self.info)
+    datasets.check_dataset(config, self.info)
     self.class_names = list(self.info["class_names"])
     self.multi_label = bool(self.info.get("multi_label"))
     self.model = models.classification_model(config.model, len(self.class_names))
@@ -125,7 +115,7 @@ class FinetuneTrainer(trainer.TrainLoop):
 
   def from_pretrained(self, state):
     host = jax.device_get(state["params"])
-    encoder = trainer.import_encoder(self.config, host["encoder"])
+    encoder = importers.import_encoder(self.config, host["encoder"])
     params, load_report = classifier.load_encoder_params(host, encoder)
     logging.info("Fine-tuning from %s: %s", self.config.init.encoder, load_report.summary())
     return dict(state, params=self.place_params(params))

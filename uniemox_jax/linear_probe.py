@@ -22,12 +22,12 @@ import optax
 
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
+from uniemox_jax import datasets
 from uniemox_jax import evaluate
-from uniemox_jax import finetune
+from uniemox_jax import importers
 from uniemox_jax import metrics
 from uniemox_jax import sharding
 from uniemox_jax import storage
-from uniemox_jax import trainer
 from uniemox_jax.models import vit
 
 
@@ -96,14 +96,14 @@ def _scores(features, w, b, multi_label):
 
 def linear_probe(config, workdir: str) -> Dict[str, Any]:
   """Features once, a classifier per weight decay, the best on validation reported on test."""
-  data_dir = trainer.resolve_data_dir(config, workdir)
+  data_dir = datasets.resolve_data_dir(config, workdir)
   info = input_pipeline.load_info(data_dir)
-  finetune.check_dataset(config, info)
+  datasets.check_dataset(config, info)
   multi = bool(info.get("multi_label"))
   if not config.init.encoder:
     raise ValueError("config.init.encoder is empty: a linear probe needs a pretrained encoder")
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  encoder = trainer.import_encoder(config, None)
+  encoder = importers.import_encoder(config, None)
   splits = [config.data.split, config.data.eval_split] + (
       [config.test_split] if config.get("test_split") else [])
   feats = encoder_features(config, encoder, splits, mesh, data_dir)

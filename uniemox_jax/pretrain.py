@@ -13,11 +13,13 @@ import jax.numpy as jnp
 
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
+from uniemox_jax import importers
 from uniemox_jax import models
 from uniemox_jax import objective
 from uniemox_jax import sharding
 from uniemox_jax import trainer
 from uniemox_jax.teacher import clip
+from uniemox_jax.teacher import loading
 
 
 class PretrainTrainer(trainer.TrainLoop):
@@ -30,7 +32,7 @@ class PretrainTrainer(trainer.TrainLoop):
     self.model = models.pretrain_model(config.model, models.l1_group_size(
         config.model.get("l1_group", "global"), config.batch_size // accum,
         self.mesh.devices.size))
-    self.teacher = trainer.load_teacher(config, self.workdir)
+    self.teacher = loading.load_teacher(config, self.workdir)
     objective.check_compatible(self.model, self.teacher)
     tokenize = None
     if not self.info.get("text_emb_dim"):
@@ -70,7 +72,7 @@ class PretrainTrainer(trainer.TrainLoop):
 
   def from_pretrained(self, state):
     template = jax.device_get(state["params"]["encoder"])
-    encoder = trainer.import_encoder(self.config, template)
+    encoder = importers.import_encoder(self.config, template)
     models.check_params(encoder, template, "config.init.encoder")
     return dict(state, params=self.place_params(dict(state["params"], encoder=encoder)))
 

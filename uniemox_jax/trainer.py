@@ -11,14 +11,12 @@ Resume order (first that applies): the latest checkpoint in WORKDIR/checkpoints,
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Dict, Optional
 
 from absl import logging
 import flax.linen as nn
@@ -30,19 +28,12 @@ import optax
 
 from data_pipelines import input_pipeline
 from uniemox_jax import checkpointing
+from uniemox_jax import datasets
 from uniemox_jax import distributed
 from uniemox_jax import errors
-from uniemox_jax import models
 from uniemox_jax import optim
 from uniemox_jax import sharding
 from uniemox_jax import storage
-from uniemox_jax.teacher import clip
-from uniemox_jax.teacher import tiny
-
-# Names of encoder importers for config.init.encoder_format. Each maps (path, the encoder
-# params of the model being initialized, as a template) -> encoder params in this codebase's
-# layout (host arrays; a final `norm` may be present and is dropped by classifiers).
-ENCODER_IMPORTERS: Dict[str, Callable[[str, Any], Any]] = {}
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -51,97 +42,6 @@ METRICS_FILE = "metrics.jsonl"
 KILL_DURING_SAVE_ENV = "UNIEMOX_FAULT_KILL_DURING_SAVE"
 # Fault injection for tests: the process of this index raises (a bug) before the first step.
 FAIL_BEFORE_STEP_ENV = "UNIEMOX_FAULT_FAIL_BEFORE_STEP"
-
-
-def register_encoder_importer(name: str, fn: Callable[[str, Any], Any]) -> None:
-  ENCODER_IMPORTERS[name] = fn
-
-
-def _import_uniemox_jax(path: str, template: Any) -> Any:
-  """The encoder of a checkpoint written here (pretraining or fine-tuning): `<dir>/<step>`
-  or `<dir>` for its latest step."""
-  del template
-  step_dir = checkpointing.resolve_step_dir(path, "config.init.encoder")
-  return checkpointing.read_subtree(step_dir, ("params", "encoder"))
-
-
-register_encoder_importer("uniemox_jax", _import_uniemox_jax)
-
-
-def _torch_importer(kind: str) -> Callable[[str, Any], Any]:
-  def load(path: str, template: Any) -> Any:
-    from uniemox_jax.tools import import_torch  # pylint: disable=g-import-not-at-top
-    return import_torch.encoder_importer(kind)(path, template)
-  return load
-
-
-# PyTorch files (MAE, timm / fine-tuned ViTs, the authors' UniEmoX), read with the optional
-# torch extra: see uniemox_jax/tools/import_torch.py.
-for _kind in ("mae", "vit", "uniemox_pretrain", "uniemox_finetune"):
-  register_encoder_importer(f"torch_{_kind}", _torch_importer(_kind))
-
-
-def import_encoder(config, template: Any) -> Any:
-  """The encoder that config.init.encoder / encoder_format name, as host arrays."""
-  cfg = config.init
-  if cfg.encoder_format not in ENCODER_IMPORTERS:
-    raise ValueError(f"config.init.encoder_format={cfg.encoder_format!r}: known formats "
-                     f"are {sorted(ENCODER_IMPORTERS)}")
-  encoder = ENCODER_IMPORTERS[cfg.encoder_format](cfg.encoder, template)
-  logging.info("Encoder read from %s (%s)", cfg.encoder, cfg.encoder_format)
-  return encoder
-
-
-def load_teacher(config, workdir: str) -> clip.ClipTeacher:
-  """The teacher named by config.teacher; with `tiny`, one made once in WORKDIR/tiny_clip."""
-  name = config.teacher.name
-  if config.teacher.tiny:
-    name = os.path.join(workdir, "tiny_clip")
-    maker = jax.process_index() == 0
-    if storage.is_remote(workdir):    # made on every host, from the seed, in its local cache
-      name = os.path.join(storage.cache_dir(), "tiny_clip",
-                          f"seed{config.seed}-w{config.model.decoder.width}-p{jax.process_index()}")
-      maker = True
-    if maker and not os.path.exists(os.path.join(name, "flax_model.msgpack")):
-      tiny.make_tiny_clip(name, embed_dim=config.model.decoder.width, seed=config.seed)
-    distributed.barrier("tiny teacher written")
-  return clip.ClipTeacher.load(name, dtype=models.dtype(config.teacher.dtype,
-                                                        "config.teacher.dtype"),
-                               normalization=config.teacher.normalization,
-                               impl=config.teacher.get("impl", "transformers"),
-                               attention=config.teacher.get("attention", "auto"))
-
-
-def resolve_data_dir(config, workdir: str) -> str:
-  """config.data.dir, or (with config.data.synthetic) the synthetic set built in the workdir."""
-  if config.data.dir:
-    return config.data.dir
-  if not config.data.get("synthetic", False):
-    raise ValueError("config.data.dir is empty: point it at a folder written by "
-                     "`python -m data_pipelines.convert`")
-  out = storage.join(workdir, "synthetic")
-  if jax.process_index() == 0 and not storage.exists(
-      storage.join(out, input_pipeline.INFO_FILE)):
-    # Without TFDS metadata: TensorFlow Datasets stays out of the training process (convert
-    # the synthetic set with the CLI to get a TFDS dataset).
-    from data_pipelines import convert  # pylint: disable=g-import-not-at-top
-    summary = io.StringIO()      # the conversion's report goes to the log, not the terminal
-    with contextlib.redirect_stdout(summary):
-      code = convert.main(["--source", "synthetic", "--name", "synthetic", "--out", out,
-                           "--per_class", config.data.synthetic_per_class,
-                           "--image_size", str(config.data.synthetic_image_size),
-                           "--workers", "1", "--no_progress", "--no_tfds_metadata"])
-    logging.info("Demo data in %s:\n%s", out, summary.getvalue())
-    if code:
-      raise RuntimeError(f"the demo data in {out} failed its verification:\n"
-                         f"{summary.getvalue()}")
-  distributed.barrier("synthetic data written")
-  return out
-
-
-def num_examples(info: Dict[str, Any], split: str) -> int:
-  return sum(info["splits"][s]["num_records"] for s in split.split("+")
-             if s in info["splits"])
 
 
 class Preemption:
@@ -222,10 +122,11 @@ class TrainLoop:
                        f"{num_devices} devices x config.optim.accum_steps={accum} "
                        f"micro-batches and {procs} processes")
     self.local_batch = config.batch_size // procs
-    self.data_dir = resolve_data_dir(config, workdir)
+    self.data_dir = datasets.resolve_data_dir(config, workdir)
     self.info = input_pipeline.load_info(self.data_dir)
     self.check_splits()
-    self.schedule = optim.resolve_schedule(config, num_examples(self.info, config.data.split))
+    self.schedule = optim.resolve_schedule(
+        config, datasets.num_examples(self.info, config.data.split))
     self.lr = optim.learning_rate(config, self.schedule)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)

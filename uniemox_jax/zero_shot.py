@@ -31,8 +31,8 @@ from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import sharding
 from uniemox_jax import storage
-from uniemox_jax import trainer
 from uniemox_jax.models.uniemox import UniEmoX
+from uniemox_jax.teacher import loading
 
 TEMPLATES = (
     "The overall emotion conveyed is {}.",
@@ -69,7 +69,7 @@ def zero_shot(config, checkpoint: str, data_dir: str, split: str = "test",
           f"{step_dir} is not a UniEmoX pretraining checkpoint (no params/decoder): "
           "zero-shot needs the student's projection into CLIP's space")
     model = models.pretrain_model(config.model)
-    teacher = trainer.load_teacher(config, workdir)
+    teacher = loading.load_teacher(config, workdir)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     params = sharding.host_to_global(checkpointing.read_subtree(step_dir, ("params",)),
                                      sharding.replicated(mesh))

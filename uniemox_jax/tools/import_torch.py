@@ -369,7 +369,7 @@ def _stack_blocks(tree: Any) -> Any:
 
 
 def encoder_importer(kind: str):
-  """An importer for trainer.ENCODER_IMPORTERS: (file, encoder template) -> encoder params."""
+  """An importer for importers.ENCODER_IMPORTERS: (file, encoder template) -> encoder params."""
   def load(path: str, template: Any) -> Any:
     sd = load_state_dict(path)
     variant = variant_of(sd, path)
