@@ -28,6 +28,7 @@ from uniemox_jax import models
 from uniemox_jax import optim
 from uniemox_jax import predict
 from uniemox_jax import pretrain
+from uniemox_jax import reconstruction
 from uniemox_jax import sharding
 from uniemox_jax import zero_shot
 
@@ -275,6 +276,41 @@ def test_zero_shot_end_to_end(pretrained, tmp_path):
   assert sum(map(sum, result["confusion_matrix"])) == 32
   assert os.path.exists(tmp_path / "test_confusion.png")
   assert str(tmp_path / "test_results.json") in result["files"]
+
+
+def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
+  from PIL import Image
+  config = demo.get_config()
+  data, size = os.path.join(pretrained, "synthetic"), config.model.image_size
+  step_dir = checkpointing.resolve_step_dir(os.path.join(pretrained, "checkpoints"))
+  model = models.pretrain_model(config.model)
+  images = reconstruction.fixed_images(data, "test", 3, size)
+  panels = reconstruction.reconstruct(model, checkpointing.read_subtree(step_dir),
+                                      images["image"], images["person"])
+  removed, orig = panels["removed"], images["image"].astype(int)
+  assert removed.shape == (3, size, size) and 0.7 <= removed.mean() <= 0.8   # mask ratio 0.75
+  # Visible pixels come back as given (up to the rounding of normalize / denormalize); the
+  # masked view is grey where patches were removed.
+  assert np.abs(panels["original"] - orig).max() <= 1
+  assert np.abs(panels["reconstruction"][~removed] - orig[~removed]).max() <= 1
+  assert (panels["masked"][removed] == reconstruction.GREY).all()
+  # The trained decoder predicts the removed patches better than an untrained one.
+  key, img = jax.random.key(1), jnp.zeros((2, size, size, 3))
+  emb = jnp.zeros((2, config.model.decoder.width))
+  fresh = model.init({"params": key, "mask": key, "dropout": key}, img, img, emb, emb,
+                     jnp.float32(1.0))["params"]
+  untrained = reconstruction.reconstruct(model, fresh, images["image"], images["person"])
+  err = lambda p: np.abs(p["reconstruction"][removed].astype(int) - orig[removed]).mean()  # noqa: E731
+  assert err(panels) < err(untrained), (err(panels), err(untrained))
+  # The command line, for any checkpoint: the grid beside the checkpoint's evaluations.
+  proc = subprocess.run([sys.executable, "-m", "uniemox_jax.reconstruction", "--config",
+                         "configs/demo.py", f"--checkpoint={step_dir}", f"--data={data}",
+                         "--num=2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = os.path.join(evaluate.default_out_dir(step_dir), "reconstruction_test.png")
+  assert f"wrote: {out}" in proc.stdout
+  assert np.asarray(Image.open(out)).shape == (2 * size + 2, 3 * size + 4, 3)
 
 
 def test_class_embeddings_average_templates(tiny_teacher):
