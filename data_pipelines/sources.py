@@ -24,29 +24,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from data_pipelines import catalogue
 from data_pipelines import images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLITS = ("train", "val", "test")
-EMOSET_CLASSES = ("amusement", "awe", "contentment", "excitement", "anger", "disgust", "fear",
-                  "sadness")
-# EMOTIC's 26 discrete categories, in the dataset's own order.
-EMOTIC_CLASSES = (
-    "Affection", "Anger", "Annoyance", "Anticipation", "Aversion", "Confidence", "Disapproval",
-    "Disconnection", "Disquietment", "Doubt/Confusion", "Embarrassment", "Engagement", "Esteem",
-    "Excitement", "Fatigue", "Fear", "Happiness", "Pain", "Peace", "Pleasure", "Sadness",
-    "Sensitivity", "Suffering", "Surprise", "Sympathy", "Yearning")
-
+# Class lists and split recipes: the dataset catalogue's (data_pipelines/catalogue.py).
+EMOSET_CLASSES = catalogue.EMOSET_CLASSES
+EMOTIC_CLASSES = catalogue.EMOTIC_CLASSES
 # Seeded split recipes of docs/method.md §5: (train, val, test) fractions per class.
-RECIPES = {
-    "fi": (0.80, 0.05, 0.15),
-    "emotion6": (0.70, 0.10, 0.20),
-    "ube": (0.70, 0.10, 0.20),
-    "heco": (0.70, 0.10, 0.20),
-    "emo8": (0.80, 0.10, 0.10),
-}
-# CAER-S keeps its train split and divides its test split 66% test / 34% val.
-CAER_S_TEST_FRACTION = 0.66
+RECIPES = {d.name: d.recipe for d in catalogue.CATALOGUE.values() if d.recipe}
+CAER_S_TEST_FRACTION = catalogue.CAER_S_TEST_FRACTION
 
 
 @dataclasses.dataclass

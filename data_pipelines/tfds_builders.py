@@ -25,28 +25,20 @@ from typing import Optional, Sequence
 from absl import logging
 import tensorflow_datasets as tfds
 
+from data_pipelines import catalogue
 from data_pipelines import convert
 from data_pipelines import sources
 from data_pipelines import tfds_format
-
-_SPLIT_TREE = """Download the authors' split folders (chincharles/u-emo README, "Preparing
-Datasets") and unpack them so that --manual_dir holds {train,val,test}/<class>/<images>.
-Optional, beside them: person_boxes.json ({"train/<class>/<file>": [x1, y1, x2, y2] or null})
-and attributes.json (EmoSet-style attributes per image)."""
 
 _CITATION = """@article{UniEmoX2024, title={UniEmoX: Cross-modal Semantic-Guided Large-Scale
 Pretraining for Universal Scene Emotion Perception}, author={Chuang Chen and Xiao Sun and Zhi
 Liu}, journal={arXiv preprint arXiv:2409.18877}, year={2024}}"""
 
-MIKELS = ("amusement", "anger", "awe", "contentment", "disgust", "excitement", "fear",
-          "sadness")   # alphabetical: the class-folder order
-
-
 class EmotionDataset(tfds.core.GeneratorBasedBuilder):
   """Base: subclasses set CLASSES (in label order), SOURCE and the instructions."""
   VERSION = tfds.core.Version(tfds_format.DEFAULT_VERSION)
   RELEASE_NOTES = {tfds_format.DEFAULT_VERSION: "The uniemox-jax record schema."}
-  MANUAL_DOWNLOAD_INSTRUCTIONS = _SPLIT_TREE
+  MANUAL_DOWNLOAD_INSTRUCTIONS = catalogue.SPLIT_TREE_INSTRUCTIONS
   CLASSES: Sequence[str] = ()
   SOURCE = "split_tree"        # a --source of data_pipelines.convert
   MULTI_LABEL = False
@@ -97,57 +89,24 @@ class EmotionDataset(tfds.core.GeneratorBasedBuilder):
       yield rec.image_id, rec.features()
 
 
-class Emo8(EmotionDataset):
-  """Emo8 (the UniEmoX authors' dataset): 8 Mikels emotions, their 8:1:1 split."""
-  CLASSES = MIKELS
+def _builder(entry: catalogue.Dataset) -> type:
+  """The builder class of one catalogue entry, named as TFDS names it back: "caer_s" ->
+  CaerS -> "caer_s"."""
+  cls_name = "".join(part[:1].upper() + part[1:] for part in entry.name.split("_"))
+  return type(cls_name, (EmotionDataset,), {
+      "__doc__": entry.description, "__module__": __name__, "CLASSES": entry.classes,
+      "SOURCE": entry.source, "MULTI_LABEL": entry.multi_label,
+      "MANUAL_DOWNLOAD_INSTRUCTIONS": entry.manual_instructions})
 
 
-class Fi(EmotionDataset):
-  """FI (Flickr & Instagram): 8 Mikels emotions, the authors' 80/5/15 split."""
-  CLASSES = MIKELS
-
-
-class Emotion6(EmotionDataset):
-  """Emotion6: 6 Ekman emotions, the authors' 70/10/20 split."""
-  CLASSES = ("anger", "disgust", "fear", "joy", "sadness", "surprise")
-
-
-class Ube(EmotionDataset):
-  """UnbiasedEmo: 6 emotions, the authors' 70/10/20 split."""
-  CLASSES = ("anger", "fear", "joy", "love", "sadness", "surprise")
-
-
-class Heco(EmotionDataset):
-  """HECO: 8 emotions, the authors' 70/10/20 split."""
-  CLASSES = ("anger", "disgust", "excitement", "fear", "happiness", "peace", "sadness",
-             "surprise")
-
-
-class CaerS(EmotionDataset):
-  """CAER-S: 7 emotions; train as released, test split 66% test / 34% val by the authors."""
-  CLASSES = ("anger", "disgust", "fear", "happy", "neutral", "sad", "surprise")
-
-
-class Emoset(EmotionDataset):
-  """EmoSet-118K: 8 Mikels emotions in EmoSet's index order, with its attributes."""
-  CLASSES = sources.EMOSET_CLASSES
-  SOURCE = "emoset"
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """Request EmoSet-118K from its authors and unpack it so that
---manual_dir holds train.json, val.json, test.json, image/ and annotation/ (the release's
-layout)."""
-
-
-class Emotic(EmotionDataset):
-  """EMOTIC: one example per annotated person, 26 categories (multi-label), its body box."""
-  CLASSES = sources.EMOTIC_CLASSES
-  SOURCE = "emotic"
-  MULTI_LABEL = True
-  MANUAL_DOWNLOAD_INSTRUCTIONS = """Request EMOTIC from its authors and unpack it so that
---manual_dir holds Annotations/Annotations.mat and the image folders it names
-(emotic/mscoco, emotic/framesdb, emotic/ade20k, emotic/emodb_small)."""
-
-
-BUILDERS = {b.name: b for b in (Emo8, Fi, Emotion6, Ube, Heco, CaerS, Emoset, Emotic)}
+# One builder per catalogue entry, registered with TFDS as the module is imported.
+BUILDERS = {}
+for _entry in catalogue.CATALOGUE.values():
+  _cls = _builder(_entry)
+  if _cls.name != _entry.name:
+    raise RuntimeError(f"TFDS names the builder {_cls.__name__} {_cls.name!r}, not "
+                       f"{_entry.name!r}")
+  BUILDERS[_entry.name] = globals()[_cls.__name__] = _cls
 
 
 def build(name: str, manual_dir: str, data_dir: str, version: Optional[str] = None) -> str:

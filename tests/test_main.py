@@ -84,14 +84,6 @@ def test_every_benchmark_gets_twenty_steps_per_epoch():
     steps = spec["train_images"] // config.batch_size
     assert steps >= finetune.MIN_STEPS_PER_EPOCH, (name, steps)
     assert optim.peak_lr(config) == 1e-3 * config.batch_size / 256
-  # The table in the config's comments says the same.
-  table = {}
-  for line in open(finetune.__file__):
-    parts = line.strip("# \n").split()
-    if len(parts) >= 4 and parts[0] in finetune.DATASETS:
-      table[parts[0]] = (int(parts[1].replace(",", "")), int(parts[2]), int(parts[3]))
-  assert table == {n: (s["train_images"], s["batch_size"], s["train_images"] // s["batch_size"])
-                   for n, s in finetune.DATASETS.items()}
 
 
 def test_evaluation_imports_nothing_of_the_training_loop():

@@ -150,3 +150,22 @@ def test_grain_pipeline_imports_no_tensorflow(synthetic_data):
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_one_catalogue_drives_converter_builders_and_configs():
+  """Each benchmark is described once (data_pipelines/catalogue.py); the split recipes of the
+  converter, the TFDS builders and the fine-tuning configs are read from it."""
+  from configs import finetune as finetune_config
+  from data_pipelines import catalogue
+  from data_pipelines import sources
+  assert set(tfds_builders.BUILDERS) == set(catalogue.CATALOGUE) == set(finetune_config.DATASETS)
+  for name, entry in catalogue.CATALOGUE.items():
+    builder = tfds.builder_cls(name)              # registered with TFDS under its name
+    assert builder is tfds_builders.BUILDERS[name]
+    assert (tuple(builder.CLASSES), builder.SOURCE, builder.MULTI_LABEL) == (
+        entry.classes, entry.source, entry.multi_label)
+    assert builder.MANUAL_DOWNLOAD_INSTRUCTIONS == entry.manual_instructions
+    config = finetune_config.get_config(f"dataset={name}")
+    assert (config.num_classes, config.multi_label, config.batch_size) == (
+        entry.num_classes, entry.multi_label, entry.batch_size)
+    assert sources.RECIPES.get(name) == entry.recipe
