@@ -30,6 +30,7 @@ import numpy as np
 from data_pipelines import records
 from data_pipelines import tfrecord
 from data_pipelines import verify
+from uniemox_jax import storage
 
 DEFAULT_SPLITS = {"train": "*train*", "val": "*val*", "test": "*test*"}
 _NOT_SHARDS = (tfrecord.INDEX_SUFFIX, ".json", ".txt", ".md")
@@ -131,10 +132,7 @@ def index_folder(data_dir: str, name: str, split_patterns: Optional[Dict[str, st
   info = {"format_version": 1, "name": name, "class_names": list(names), "multi_label": multi,
           "features": features, "text_emb_dim": emb_dim, "splits": info_splits,
           "source": "indexed", "split_ids": split_ids}
-  tmp = os.path.join(data_dir, records.INFO_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(info, f, indent=1)
-  os.replace(tmp, os.path.join(data_dir, records.INFO_FILE))
+  storage.write_text(os.path.join(data_dir, records.INFO_FILE), json.dumps(info, indent=1))
   return info
 
 

@@ -90,8 +90,7 @@ def test_storage_module_in_a_bucket(server):
   assert storage.glob(storage.join(d, "*.json")) == [storage.join(d, "a.json")]
   assert json.loads(storage.read_text(storage.join(d, "a.json"))) == {"x": 1}
   assert storage.getsize(storage.join(d, "sub", "b.bin")) == 2
-  storage.append_text(storage.join(d, "log"), "1\n")
-  storage.append_text(storage.join(d, "log"), "2\n")
+  storage.write_text(storage.join(d, "log"), "1\n2\n")
   assert storage.read_text(storage.join(d, "log")) == "1\n2\n"
   storage.remove(storage.join(d, "log"))
   assert not storage.exists(storage.join(d, "log"))

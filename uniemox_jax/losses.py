@@ -6,7 +6,7 @@ logits of L1 span every device's examples, as the method asks.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -50,15 +50,22 @@ def embedding_cosine_loss(g: jax.Array, omega: jax.Array) -> jax.Array:
   return 1.0 - jnp.mean(_row_cosine(g, omega))
 
 
+def patch_statistics(patches: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """(mean, scale) of each patch as norm_pix_loss uses them: the mean and sqrt(unbiased
+  variance + 1e-6) (N - 1, torch's default, as MAE computes it)."""
+  mean = patches.mean(axis=-1, keepdims=True)
+  var = patches.var(axis=-1, keepdims=True, ddof=1)
+  return mean, jnp.sqrt(var + 1e-6)
+
+
 def reconstruction_target(patches: jax.Array, norm_pix_loss: bool) -> jax.Array:
   """MAE's target: the patch pixels, optionally normalized per patch (`norm_pix_loss`) by
-  their mean and unbiased variance (N - 1, torch's default, as MAE computes it)."""
+  their `patch_statistics`."""
   patches = patches.astype(jnp.float32)
   if not norm_pix_loss:
     return patches
-  mean = patches.mean(axis=-1, keepdims=True)
-  var = patches.var(axis=-1, keepdims=True, ddof=1)
-  return (patches - mean) / jnp.sqrt(var + 1e-6)
+  mean, scale = patch_statistics(patches)
+  return (patches - mean) / scale
 
 
 def masked_reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:

@@ -27,9 +27,11 @@ from uniemox_jax import augment
 from uniemox_jax import checkpointing
 from uniemox_jax import errors
 from uniemox_jax import evaluate
+from uniemox_jax import losses
 from uniemox_jax import models
 from uniemox_jax import storage
 from uniemox_jax.models import decoder as decoder_lib
+from uniemox_jax.models import vit
 
 GREY = 128
 
@@ -47,12 +49,13 @@ def fixed_images(data_dir: str, split: str, num: int, image_size: int) -> Dict[s
 
 def reconstruct(model, params: Any, scene: np.ndarray, person: np.ndarray,
                 seed: int = 0) -> Dict[str, np.ndarray]:
-  """{"original", "masked", "reconstruction"}: uint8 [N, S, S, 3] images of one masked pass."""
+  """{"original", "masked", "reconstruction"}: uint8 [N, S, S, 3] images of one masked pass,
+  and "removed": bool [N, S, S], the pixels of the patches the mask removed."""
   if not dict(model.loss_weights).get("l3", 0.0):
     raise errors.UserError("this model has no reconstruction term (L3's weight is 0), so its "
                            "decoder is not trained: nothing to show")
   width = model.decoder_width
-  patch = vit_patch(model)
+  patch = vit.decode_variant(model.variant).patch
 
   @jax.jit
   def run(p, scene_u8, person_u8):
@@ -64,9 +67,8 @@ def reconstruct(model, params: Any, scene: np.ndarray, person: np.ndarray,
     pred = aux["prediction"].astype(jnp.float32)
     patches = decoder_lib.patchify(x, patch)
     if model.norm_pix_loss:     # back to pixels with the true patch's statistics
-      mean = patches.mean(axis=-1, keepdims=True)
-      var = patches.var(axis=-1, keepdims=True, ddof=1)
-      pred = pred * jnp.sqrt(var + 1e-6) + mean
+      mean, scale = losses.patch_statistics(patches)
+      pred = pred * scale + mean
     mask = aux["mask"][..., None].astype(jnp.float32)
     return patches, mask, pred
 
@@ -78,18 +80,12 @@ def reconstruct(model, params: Any, scene: np.ndarray, person: np.ndarray,
     img = np.asarray(decoder_lib.unpatchify(jnp.asarray(p), patch))
     return np.clip(np.round((img * std + mean) * 255.0), 0, 255).astype(np.uint8)
   original = to_uint8(patches)
-  masked = to_uint8(patches * (1 - mask))
   removed = np.asarray(decoder_lib.unpatchify(jnp.asarray(np.broadcast_to(
       mask, patches.shape)), patch)) > 0.5
-  masked = np.where(removed, np.uint8(GREY), masked)
+  masked = np.where(removed, np.uint8(GREY), original)
   reconstruction = to_uint8(patches * (1 - mask) + pred * mask)
   return {"original": original, "masked": masked, "reconstruction": reconstruction,
           "removed": removed[..., 0]}
-
-
-def vit_patch(model) -> int:
-  from uniemox_jax.models import vit  # pylint: disable=g-import-not-at-top
-  return vit.decode_variant(model.variant).patch
 
 
 def grid(panels: Dict[str, np.ndarray], gap: int = 2) -> np.ndarray:

@@ -206,17 +206,6 @@ def write_bytes(path: str, data: bytes) -> None:
   os.replace(tmp, path)
 
 
-def append_text(path: str, text: str) -> None:
-  """Appends to a file. Object stores cannot append, so a remote file is read and rewritten
-  whole: fine for logs of one line per logging step (metrics.jsonl), not for bulk data."""
-  if not is_remote(path):
-    with builtins.open(_local(path), "a") as f:
-      f.write(text)
-    return
-  old = read_text(path) if exists(path) else ""
-  write_text(path, old + text)
-
-
 def remove(path: str) -> None:
   if not is_remote(path):
     os.remove(_local(path))

@@ -458,10 +458,7 @@ class TrainLoop:
       lines = f.readlines()
     keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= start]
     if len(keep) != len(lines):
-      tmp = path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, path)
+      storage.write_text(path, "".join(keep))
 
   def _check(self, step: int, metrics) -> Dict[str, float]:
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
