@@ -102,8 +102,8 @@ def check_model(cpu: bool, batch: int = 16) -> None:
     params = jax.jit(init)(jax.random.key(0), batch)[0]
 
     def loss_fn(p, teacher_params, batch, net=net):
-      return objective.pretrain_losses(net, p, teacher, teacher_params, batch,
-                                       jax.random.key(5))[0]["total"]
+      return train_step.OBJECTIVE(net, p, teacher, teacher_params, batch,
+                                  jax.random.key(5))[0][objective.TOTAL]
     results[impl] = jax.jit(jax.value_and_grad(loss_fn))(params, teacher.params, batch)
   if "cudnn" in results:
     (lx, gx), (lc, gc) = results["xla"], results["cudnn"]

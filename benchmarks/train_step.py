@@ -89,6 +89,10 @@ def _adamw():
   return optax.adamw(1e-4, b1=0.9, b2=0.95, weight_decay=0.05)
 
 
+# The trainer's objective with configs/pretrain.py's loss fields (L1 + L2 + L3, global L1).
+OBJECTIVE = objective.from_config(pretrain.get_config().model)
+
+
 def uniemox_model(variant: str, dtype, attention: str, remat: str, scan: bool,
                   image_size: int = 224):
   """The pretraining model of configs/pretrain.py with these settings."""
@@ -107,16 +111,15 @@ def uniemox_fns(variant: str, dtype, attention: str, remat: str, scan: bool, tea
 
   def init(key, batch):
     # Only shapes matter here (the teacher's weights must not become jit constants).
-    emb = jnp.zeros((2, teacher.embed_dim), jnp.float32)
     params = nn.unbox(model.init({"params": key, "mask": key}, batch["scene"][:2],
-                                 batch["person"][:2], emb, emb, 1.0)["params"])
+                                 batch["person"][:2], decode=OBJECTIVE.reconstructs)["params"])
     return params, tx.init(params)
 
   def step(state, teacher_params, batch, key):
     params, opt_state = state
 
     def loss_fn(p):
-      return objective.pretrain_losses(model, p, teacher, teacher_params, batch, key)[0]["total"]
+      return OBJECTIVE(model, p, teacher, teacher_params, batch, key)[0][objective.TOTAL]
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss

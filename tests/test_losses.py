@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from uniemox_jax import losses
+from uniemox_jax import objective
 
 
 def _rand(seed, *shape):
@@ -66,10 +67,10 @@ def test_l3_matches_numpy(norm_pix):
 
 def test_total_switches_terms_and_rejects_unknown():
   terms = {"l1": jnp.float32(0.5), "l2": jnp.float32(0.25), "l3": jnp.float32(2.0)}
-  assert float(losses.total_loss(terms, {"l1": 1, "l2": 1, "l3": 1})) == 2.75
-  assert float(losses.total_loss(terms, {"l1": 1, "l2": 0, "l3": 0.5})) == 1.5
+  assert float(objective.total_loss(terms, {"l1": 1, "l2": 1, "l3": 1})) == 2.75
+  assert float(objective.total_loss(terms, {"l1": 1, "l2": 0, "l3": 0.5})) == 1.5
   with pytest.raises(ValueError, match="unknown terms"):
-    losses.total_loss(terms, {"l4": 1.0})
+    objective.total_loss(terms, {"l4": 1.0})
 
 
 def test_norm_pix_target_is_maes():
@@ -88,10 +89,9 @@ def test_l1_device_groups_equal_each_devices_own_l1_averaged():
   on each device's rows alone (the reference's per-GPU L1) and averaging."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
-  from uniemox_jax import models
   devices = jax.devices()
   assert len(devices) == 8
-  rows = models.l1_group_size("device", micro_batch=24, devices=len(devices))
+  rows = objective.l1_group_size("device", micro_batch=24, devices=len(devices))
   assert rows == 3
   mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
   shard = NamedSharding(mesh, PartitionSpec("batch"))
@@ -113,10 +113,9 @@ def test_l1_device_groups_equal_each_devices_own_l1_averaged():
 
 
 def test_l1_group_values_are_checked():
-  from uniemox_jax import models
-  assert models.l1_group_size("global", 64, 8) == 0
-  assert models.l1_group_size("16", 64, 8) == 16
+  assert objective.l1_group_size("global", 64, 8) == 0
+  assert objective.l1_group_size("16", 64, 8) == 16
   with pytest.raises(ValueError, match=r"l1_group=24: groups of 24 rows do not divide the 64"):
-    models.l1_group_size("24", 64, 8)
+    objective.l1_group_size("24", 64, 8)
   with pytest.raises(ValueError, match=r"l1_group='gpu': choose global, device or"):
-    models.l1_group_size("gpu")
+    objective.l1_group_size("gpu")

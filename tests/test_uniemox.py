@@ -17,6 +17,9 @@ def _model(**overrides):
   return dataclasses.replace(models.pretrain_model(demo.get_config().model), **overrides)
 
 
+FULL = objective.Objective()
+
+
 def _batch(teacher, batch=8, seed=0):
   rng = np.random.default_rng(seed)
   texts = [f"The overall emotion conveyed is {e}." for e in
@@ -27,11 +30,9 @@ def _batch(teacher, batch=8, seed=0):
           "text_emb": teacher.embed_texts(texts)}
 
 
-def _init(model, teacher, batch):
-  t = objective.teacher_outputs(teacher, teacher.params, batch)
+def _init(model, batch, decode=True):
   variables = model.init({"params": jax.random.key(0), "mask": jax.random.key(1)},
-                         batch["scene"], batch["person"], t["text_emb"], t["image_emb"],
-                         t["logit_scale"])
+                         batch["scene"], batch["person"], decode=decode)
   return nn.unbox(variables["params"])
 
 
@@ -39,8 +40,8 @@ def _init(model, teacher, batch):
 def test_losses_and_aux(tiny_teacher, mask_ratio, kept):
   model = _model(mask_ratio=mask_ratio)
   batch = _batch(tiny_teacher)
-  params = _init(model, tiny_teacher, batch)
-  terms, aux = jax.jit(lambda p, k: objective.pretrain_losses(
+  params = _init(model, batch)
+  terms, aux = jax.jit(lambda p, k: FULL(
       model, p, tiny_teacher, tiny_teacher.params, batch, k))(params, jax.random.key(3))
   assert set(terms) == {"l1", "l2", "l3", "total"}
   np.testing.assert_allclose(terms["total"], terms["l1"] + terms["l2"] + terms["l3"], rtol=1e-6)
@@ -57,12 +58,11 @@ def test_losses_and_aux(tiny_teacher, mask_ratio, kept):
 def test_gradients_reach_every_trainable_param_and_no_teacher_param(tiny_teacher):
   model = _model(drop_path=0.1)
   batch = _batch(tiny_teacher)
-  params = _init(model, tiny_teacher, batch)
+  params = _init(model, batch)
   assert {"encoder", "decoder", "fuse"} <= set(params)
 
   def loss(p, teacher_params):
-    terms, _ = objective.pretrain_losses(model, p, tiny_teacher, teacher_params, batch,
-                                         jax.random.key(4))
+    terms, _ = FULL(model, p, tiny_teacher, teacher_params, batch, jax.random.key(4))
     return terms["total"]
   g_student, g_teacher = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, tiny_teacher.params)
   for path, g in traverse_util.flatten_dict(g_student, sep="/").items():
@@ -72,15 +72,38 @@ def test_gradients_reach_every_trainable_param_and_no_teacher_param(tiny_teacher
 
 def test_loss_switches(tiny_teacher):
   batch = _batch(tiny_teacher)
-  model = _model(loss_weights=(("l1", 1.0), ("l2", 0.0), ("l3", 0.0)), fusion="none")
-  params = _init(model, tiny_teacher, batch)
+  model = _model(fusion="none")
+  only_l1 = objective.Objective(weights=(("l1", 1.0), ("l2", 0.0), ("l3", 0.0)))
+  assert not only_l1.reconstructs
+  params = _init(model, batch, decode=only_l1.reconstructs)
   # Without L3 the decoder's blocks and pixel head never run, so they have no parameters.
   assert not {"transformer", "pred", "norm"} & set(params["decoder"])
-  terms, aux = objective.pretrain_losses(model, params, tiny_teacher, tiny_teacher.params,
-                                         batch, jax.random.key(0))
+  terms, aux = only_l1(model, params, tiny_teacher, tiny_teacher.params, batch,
+                       jax.random.key(0))
   assert "l3" not in terms and "prediction" not in aux
   np.testing.assert_allclose(terms["total"], terms["l1"], rtol=1e-6)
   np.testing.assert_array_equal(aux["gamma"], aux["alpha"])   # fusion off
+  with pytest.raises(ValueError, match=r"loss_weights has unknown terms \['l4'\]"):
+    objective.Objective(weights=(("l4", 1.0),))
+
+
+def test_terms_are_the_losses_of_the_model_outputs(tiny_teacher):
+  """The objective composes the loss functions over what the model returns: nothing else
+  enters the terms."""
+  from uniemox_jax import losses
+  model, batch = _model(), _batch(tiny_teacher)
+  params = _init(model, batch)
+  terms, out = FULL(model, params, tiny_teacher, tiny_teacher.params, batch, jax.random.key(2))
+  t = objective.teacher_outputs(tiny_teacher, tiny_teacher.params, batch)
+  np.testing.assert_allclose(terms["l1"], losses.similarity_distillation_loss(
+      out["gamma"], t["image_emb"], t["text_emb"], t["logit_scale"]), rtol=1e-6)
+  np.testing.assert_allclose(terms["l2"], losses.embedding_cosine_loss(out["gamma"],
+                                                                       t["image_emb"]), rtol=1e-6)
+  np.testing.assert_allclose(terms["l3"], losses.masked_reconstruction_loss(
+      out["prediction"], out["target"], out["mask"]), rtol=1e-6)
+  weighted = objective.Objective(weights=(("l1", 2.0), ("l2", 0.0), ("l3", 0.5)))
+  np.testing.assert_allclose(weighted.terms(out, t)["total"],
+                             2.0 * terms["l1"] + 0.5 * terms["l3"], rtol=1e-6)
 
 
 def test_text_tower_path_equals_precomputed_embeddings(tiny_teacher):
@@ -104,11 +127,10 @@ def test_sharded_step_equals_single_device(tiny_teacher):
   """Under jit over 8 devices, L1 still spans the global batch: same losses as 1 device."""
   model = _model()
   batch = _batch(tiny_teacher)
-  params = _init(model, tiny_teacher, batch)
+  params = _init(model, batch)
 
   def run(p, b):
-    return objective.pretrain_losses(model, p, tiny_teacher, tiny_teacher.params, b,
-                                     jax.random.key(5))[0]
+    return FULL(model, p, tiny_teacher, tiny_teacher.params, b, jax.random.key(5))[0]
   ref = jax.jit(run)(params, batch)
   mesh = sharding.make_mesh()
   sharded = jax.device_put(batch, sharding.batch_sharding(mesh))

@@ -6,7 +6,7 @@ logits of L1 span every device's examples, as the method asks.
 """
 from __future__ import annotations
 
-from typing import Mapping, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -73,20 +73,3 @@ def masked_reconstruction_loss(pred: jax.Array, target: jax.Array, mask: jax.Arr
   per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
   mask = mask.astype(jnp.float32)
   return jnp.sum(per_patch * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-LOSS_NAMES = ("l1", "l2", "l3")
-
-
-def total_loss(terms: Mapping[str, jax.Array], weights: Mapping[str, float]) -> jax.Array:
-  """Weighted sum of the enabled terms. A weight of 0 (or a missing term) switches it off."""
-  unknown = set(weights) - set(LOSS_NAMES)
-  if unknown:
-    raise ValueError(f"config.model.loss_weights has unknown terms {sorted(unknown)}; "
-                     f"the terms are {LOSS_NAMES}")
-  total = jnp.zeros((), jnp.float32)
-  for name in LOSS_NAMES:
-    w = float(weights.get(name, 0.0))
-    if w:
-      total = total + w * terms[name]
-  return total

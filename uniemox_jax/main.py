@@ -31,6 +31,7 @@ from uniemox_jax import finetune  # noqa: E402
 from uniemox_jax import linear_probe  # noqa: E402
 from uniemox_jax import metrics  # noqa: E402
 from uniemox_jax import models  # noqa: E402
+from uniemox_jax import objective  # noqa: E402
 from uniemox_jax import pretrain  # noqa: E402
 from uniemox_jax import storage  # noqa: E402
 
@@ -54,6 +55,7 @@ def check_config(config) -> str:
   with errors.as_user_errors():
     if task == "pretrain":
       models.pretrain_model(config.model)
+      objective.from_config(config.model)
     else:
       models.classification_model(config.model, config.num_classes)
   return task

@@ -1,7 +1,8 @@
 """UniEmoX pretraining (docs/method.md §1-4) on the shared training loop: the main job.
 
 The frozen CLIP teacher's parameters are a step constant, placed once, replicated; only the
-UniEmoX parameters are differentiated (see `uniemox_jax.objective`).
+UniEmoX parameters are differentiated through `uniemox_jax.objective`, which composes the
+losses from the model's outputs.
 """
 from __future__ import annotations
 
@@ -24,14 +25,14 @@ from uniemox_jax.teacher import loading
 
 class PretrainTrainer(trainer.TrainLoop):
   """Everything one pretraining run holds; `run()` trains to the schedule's last step."""
-  LOSS = "total"
+  LOSS = objective.TOTAL
 
   def setup(self):
     config = self.config
     accum = config.optim.get("accum_steps", 1)
-    self.model = models.pretrain_model(config.model, models.l1_group_size(
-        config.model.get("l1_group", "global"), config.batch_size // accum,
-        self.mesh.devices.size))
+    self.model = models.pretrain_model(config.model)
+    self.objective = objective.from_config(config.model, config.batch_size // accum,
+                                           self.mesh.devices.size)
     self.teacher = loading.load_teacher(config, self.workdir)
     objective.check_compatible(self.model, self.teacher)
     tokenize = None
@@ -45,11 +46,10 @@ class PretrainTrainer(trainer.TrainLoop):
         draft_decode=config.data.get("draft_decode", True))
 
   def init_params(self, key):
-    size, width = self.config.model.image_size, self.config.model.decoder.width
+    size = self.config.model.image_size
     img = jnp.zeros((2, size, size, 3), jnp.float32)
-    emb = jnp.zeros((2, width), jnp.float32)
-    return self.model.init({"params": key, "mask": key, "dropout": key},
-                           img, img, emb, emb, jnp.float32(1.0))["params"]
+    return self.model.init({"params": key, "mask": key, "dropout": key}, img, img,
+                           decode=self.objective.reconstructs)["params"]
 
   def constants(self):
     return sharding.host_to_global(self.teacher.params, self.replicated)
@@ -66,9 +66,8 @@ class PretrainTrainer(trainer.TrainLoop):
   def loss_fn(self, params, teacher_params, batch, key):
     batch = dict(batch, scene=augment.normalize(batch["scene"]),
                  person=augment.normalize(batch["person"]))
-    terms, _ = objective.pretrain_losses(self.model, params, self.teacher, teacher_params,
-                                         batch, key, train=True)
-    return terms["total"], terms
+    terms, _ = self.objective(self.model, params, self.teacher, teacher_params, batch, key)
+    return terms[objective.TOTAL], terms
 
   def from_pretrained(self, state):
     template = jax.device_get(state["params"]["encoder"])

@@ -3,9 +3,9 @@
 One encoder (shared weights) sees the masked scene view and the masked person view; the
 decoder's input projection turns their CLS tokens into the student tokens alpha and beta (in
 CLIP's 512-wide space); a fusion makes gamma; the decoder reconstructs the scene's removed
-patches. The frozen CLIP teacher is not part of this module: its outputs (image embedding
-omega, text embeddings lambda, logit scale) come in as arrays, so its parameters can never
-reach the optimizer. See `uniemox_jax.objective` for the function that runs both.
+patches. Neither the frozen CLIP teacher nor the losses are part of this module: it returns
+its outputs, and `uniemox_jax.objective` runs the teacher and composes L1, L2 and L3, so the
+teacher's parameters can never reach the optimizer.
 """
 from __future__ import annotations
 
@@ -40,14 +40,14 @@ def remat_policies(name: "str | bool") -> Tuple[str, str]:
 
 
 class UniEmoX(nn.Module):
-  """`apply(params, scene, person, text_emb, image_emb, logit_scale, train=..., rngs={"mask":
-  k1, "dropout": k2})` -> `(losses, aux)`.
+  """`apply(params, scene, person, train=..., decode=..., rngs={"mask": k1, "dropout": k2})`
+  -> outputs.
 
-  scene, person: [B, H, W, 3] student-normalized views. text_emb, image_emb: [B, D] teacher
-  embeddings (normalized here, so raw CLIP features are fine). losses holds "l1", "l2", "l3"
-  and "total" (the weighted sum of the enabled terms); aux holds alpha, beta, gamma
-  (student tokens), mask [B, N] (scene, 1 = removed), person_mask and, when L3 is on,
-  prediction [B, N, p*p*3] and target (the reconstruction target).
+  scene, person: [B, H, W, 3] student-normalized views. outputs holds alpha, beta, gamma
+  (student tokens, [B, decoder_width], in CLIP's embedding space), mask [B, N] (scene,
+  1 = removed), person_mask and, with `decode`, prediction [B, N, p*p*3] (the decoder's
+  reconstruction of the scene) and target (its reconstruction target, `norm_pix_loss`
+  applied). The losses are not computed here: `uniemox_jax.objective` composes them.
   """
   variant: str = "B/16"
   image_size: int = 224
@@ -59,9 +59,6 @@ class UniEmoX(nn.Module):
   fusion: str = "easy"
   fusion_heads: int = 8
   norm_pix_loss: bool = False
-  l1_group_size: int = 0        # rows per L1 group (0: the whole batch); see models.l1_group_size
-  # ((name, weight), ...): a tuple so the module stays hashable; a weight of 0 disables a term.
-  loss_weights: Tuple[Tuple[str, float], ...] = (("l1", 1.0), ("l2", 1.0), ("l3", 1.0))
   remat: "str | bool" = "none"   # a block policy, or "encoder" / "decoder" (MODEL_REMAT)
   scan: bool = False
   dtype: vit.Dtype = jnp.float32
@@ -83,16 +80,11 @@ class UniEmoX(nn.Module):
     self.fuse = fusion_lib.get_fusion(self.fusion)(
         dtype=self.dtype, param_dtype=self.param_dtype, heads=self.fusion_heads)
 
-  def __call__(self, scene: jax.Array, person: jax.Array, text_emb: jax.Array,
-               image_emb: jax.Array, logit_scale: jax.Array | float = 1.0, *,
-               train: bool = True) -> Tuple[Dict[str, jax.Array], Dict[str, jax.Array]]:
+  def __call__(self, scene: jax.Array, person: jax.Array, *, train: bool = True,
+               decode: bool = True) -> Dict[str, jax.Array]:
     if scene.shape != person.shape:
       raise ValueError(f"scene {scene.shape} and person {person.shape} views differ in shape")
     batch = scene.shape[0]
-    for name, emb in (("text_emb", text_emb), ("image_emb", image_emb)):
-      if emb.shape != (batch, self.decoder_width):
-        raise ValueError(f"{name} must be [batch, {self.decoder_width}] (the teacher's "
-                         f"embedding width = decoder width), got {emb.shape}")
     n = self.encoder.num_patches
     # Both views go through the shared encoder as one batch of 2B, each masked independently.
     views = jnp.concatenate([scene, person], axis=0)
@@ -100,26 +92,14 @@ class UniEmoX(nn.Module):
     tokens, _ = self.encoder(views, m.ids_keep, train=train)
     projected = self.decoder.project(tokens)
     alpha, beta = projected[:batch, 0], projected[batch:, 0]
-    gamma = self.fuse(alpha, beta)
-    scene_mask = m.mask[:batch]
-    aux = {"alpha": alpha, "beta": beta, "gamma": gamma, "mask": scene_mask,
-           "person_mask": m.mask[batch:]}
-    # L1 and L2 are cheap and always reported; a weight of 0 only keeps them out of the total.
-    terms = {
-        "l1": losses.similarity_distillation_loss(gamma, image_emb, text_emb, logit_scale,
-                                                  self.l1_group_size),
-        "l2": losses.embedding_cosine_loss(gamma, image_emb),
-    }
-    weights = dict(self.loss_weights)
-    if weights.get("l3", 0.0):
+    outputs = {"alpha": alpha, "beta": beta, "gamma": self.fuse(alpha, beta),
+               "mask": m.mask[:batch], "person_mask": m.mask[batch:]}
+    if decode:
       # The decoder only runs when reconstruction is part of the objective.
-      aux["prediction"] = self.decoder(projected[:batch], m.ids_restore[:batch])
-      aux["target"] = losses.reconstruction_target(
+      outputs["prediction"] = self.decoder(projected[:batch], m.ids_restore[:batch])
+      outputs["target"] = losses.reconstruction_target(
           decoder_lib.patchify(scene, self.encoder.shape.patch), self.norm_pix_loss)
-      terms["l3"] = losses.masked_reconstruction_loss(aux["prediction"], aux["target"],
-                                                      scene_mask)
-    terms["total"] = losses.total_loss(terms, weights)
-    return terms, aux
+    return outputs
 
   def embed(self, scene: jax.Array, person: jax.Array) -> Dict[str, jax.Array]:
     """The student tokens of unmasked views (inference): alpha, beta and the fused gamma,
