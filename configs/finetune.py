@@ -66,6 +66,10 @@ def get_config(arg=None):
   config.eval_every_epochs = 1             # validation; the best state goes to WORKDIR/best
   config.eval_every_steps = 0              # > 0 overrides eval_every_epochs
   config.test_split = "test"               # evaluated with the best state at the end ("": no)
+  # Evaluators (uniemox_jax.evaluators): period 0 runs them only from the evaluation command
+  # (python -m uniemox_jax.evaluate); a period > 0 also runs them during training.
+  config.evals = dict(classification=dict(type="classification", period=0, data="",
+                                          split="test"))
   config.mesh = dict(data=-1, fsdp=1)
   config.checkpoint = dict(every_steps=1000, keep=2, keep_every=0, asynchronous=True)
   # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.

@@ -87,6 +87,17 @@ def get_config(arg=None):
   # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.
   config.init = dict(checkpoint="", encoder="", encoder_format="")
   config.log_every_steps = 50
+  # Evaluators run on the parameters every `period` steps (0: only from the evaluation
+  # command, python -m uniemox_jax.evaluate); data "" reads the run's data. Representation
+  # monitors, not benchmark numbers: a linear probe fitted on EmoSet's val split and reported
+  # on its test split, zero-shot on the test split, a reconstruction grid.
+  config.eval_batch_size = 1024            # global; the last batch is padded and masked
+  config.evals = dict(
+      zero_shot=dict(type="zero_shot", period=1000, data="", split="test"),
+      linear_probe=dict(type="linear_probe", period=1000, data="", train_split="val",
+                        val_split="", split="test", steps=500, lr=1e-2, weight_decays=(1e-4,)),
+      reconstruction=dict(type="reconstruction", period=1000, data="", split="test", num=8),
+  )
   # Several processes agree on a SIGTERM every this many steps (one all-gather each time).
   config.preemption_poll_steps = 10
   # JAX's persistent cache of compiled programs ("" off): reruns and resumes compile less.

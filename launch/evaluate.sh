@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Evaluate a fine-tuned checkpoint on one split: top-1/top-3, per-class accuracy, macro F1,
-# confusion matrix (JSON + PNG), or mAP for multi-label data; the report goes to
-# WORKDIR/evaluations/<checkpoint dir>-<step>/ beside the checkpoint (or --out_dir OUT).
-#   Usage: launch/evaluate.sh CONFIG CHECKPOINT [SPLIT] [--out_dir OUT] [--config.field=value ...]
+# Evaluate a checkpoint on one split with the evaluators of its config (config.evals; a
+# fine-tuning config: top-1/top-3, per-class accuracy, macro F1, confusion matrix, or mAP);
+# the reports go to WORKDIR/evaluations/<checkpoint dir>-<step>/<evaluator>/ (or --out_dir).
+#   Usage: launch/evaluate.sh CONFIG CHECKPOINT [SPLIT] [--evals a,b] [--out_dir OUT] [--config.field=value ...]
 #   e.g.   launch/evaluate.sh configs/finetune.py:dataset=emo8,data=/data/emo8 /ckpt/emo8/best test
 # On a pod or cluster, start it on every process as the training launchers do; JAX joins them.
 set -euo pipefail

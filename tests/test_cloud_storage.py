@@ -178,7 +178,7 @@ def test_convert_into_a_bucket_resumes_and_rewrites_damage(server, tmp_path):
 
 
 def test_missing_bucket_is_one_line(server, tmp_path):
-  proc = _run(server, tmp_path, "uniemox_jax.main", "--config", "configs/demo.py",
+  proc = _run(server, tmp_path, "uniemox_jax.main", "--config", "configs/demo.py:evals=False",
               "--workdir=gs://no-such-bucket/run", check=False, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
   last = proc.stderr.strip().splitlines()[-1]
@@ -222,7 +222,8 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
   zero-shot evaluation reads the checkpoint from the bucket."""
   from uniemox_jax import storage
   data, _ = bucket_data
-  config = ["--config", "configs/demo.py", f"--config.data.dir={data}", *_OVERRIDES]
+  config = ["--config", "configs/demo.py:evals=False", f"--config.data.dir={data}",
+            *_OVERRIDES]
   # The uninterrupted run, started as README's TPU section starts one: launch/tpu_pod.sh, here
   # with a gcloud that runs the worker command on this machine.
   reference = _gs("runs", "reference")
@@ -234,7 +235,7 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
   (fake_bin / "python3").chmod(0o755)
   env = dict(_env(server, tmp_path / "c0"), REPO_DIR=ROOT,
              PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
-  pod = subprocess.run(["bash", "launch/tpu_pod.sh", "fake-tpu", "fake-zone", "configs/demo.py",
+  pod = subprocess.run(["bash", "launch/tpu_pod.sh", "fake-tpu", "fake-zone", config[1],
                         reference, *config[2:]], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
   assert pod.returncode == 0, pod.stderr[-4000:]
@@ -269,8 +270,9 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
             storage.read_text(storage.join(workdir, "metrics.jsonl")).splitlines()]
   assert logged == list(range(5, STEPS + 1, 5))
   # Zero-shot evaluation of the bucket's checkpoint, its report written beside it.
-  zs = _run(server, tmp_path / "c3", "uniemox_jax.zero_shot", "--config", "configs/demo.py",
-            f"--checkpoint={workdir}/checkpoints", f"--data={data}", "--split=test")
+  zs = _run(server, tmp_path / "c3", "uniemox_jax.evaluate", "--config", "configs/demo.py",
+            f"--checkpoint={workdir}/checkpoints", f"--data={data}", "--split=test",
+            "--evals=zero_shot")
   assert f"wrote: {workdir}/evaluations/" in zs.stdout, zs.stdout[-2000:]
   reports = storage.glob(storage.join(workdir, "evaluations", "*", "zero_shot",
                                       "*_results.json"))
@@ -304,7 +306,7 @@ def test_import_evaluate_predict_and_finetune_from_the_bucket(server, bucket_dat
   ft = ["--config", "configs/demo_finetune.py", f"--config.data.dir={data}"]
   ev = _run(server, tmp_path / "c1", "uniemox_jax.evaluate", *ft, f"--checkpoint={imported}",
             "--split=test")
-  report = _gs("imported", "evaluations", "emo-0", "test_results.json")
+  report = _gs("imported", "evaluations", "emo-0", "classification", "test_results.json")
   assert report in ev.stdout, ev.stdout[-2000:]
   assert json.loads(storage.read_text(report))["num_examples"] == 16
 

@@ -28,9 +28,10 @@ from uniemox_jax import models
 from uniemox_jax import optim
 from uniemox_jax import predict
 from uniemox_jax import pretrain
-from uniemox_jax import reconstruction
 from uniemox_jax import sharding
-from uniemox_jax import zero_shot
+from uniemox_jax.evaluators import linear_probe as probe_lib
+from uniemox_jax.evaluators import reconstruction
+from uniemox_jax.evaluators import zero_shot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -178,7 +179,9 @@ def _finetune_config(pretrained, **overrides):
 @pytest.fixture(scope="module")
 def finetuned(pretrained, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("finetuned"))
-  config = _finetune_config(pretrained, total_epochs=10, eval_every_epochs=2)
+  # Besides validation, a periodic evaluator of config.evals (the test split, every 20 steps).
+  config = _finetune_config(pretrained, total_epochs=10, eval_every_epochs=2,
+                            **{"evals.classification.period": 20})
   result = finetune.finetune(config, workdir)
   return workdir, config, result
 
@@ -191,6 +194,11 @@ def test_finetune_beats_chance_and_keeps_the_best_state(finetuned):
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   val = {m["step"]: m["val_top1"] for m in logged if "val_top1" in m}
   assert len(val) == 5                       # every 2 epochs of 4 steps, 40 steps
+  periodic = {m["step"]: m["classification/top1"] for m in logged
+              if "classification/top1" in m}
+  assert sorted(periodic) == [20, 40]
+  assert periodic[40] == pytest.approx(json.load(open(os.path.join(
+      workdir, "evaluations", "checkpoints-40", "classification", "test_results.json")))["top1"])
   assert best["value"] == max(val.values())
   assert best["step"] == min(s for s, v in val.items() if v == best["value"])
   assert checkpointing.Checkpointer(os.path.join(workdir, "best"), read_only=True
@@ -245,7 +253,8 @@ def test_evaluate_checkpoint_and_its_errors(finetuned, pretrained, tmp_path):
                                        "encoder/pos_embed"):
     evaluate.evaluate_checkpoint(other, os.path.join(workdir, "best"), "val", str(tmp_path))
   with pytest.raises(ValueError, match="not a UniEmoX pretraining checkpoint"):
-    zero_shot.zero_shot(demo.get_config(), os.path.join(workdir, "best"), config.data.dir)
+    evaluate.evaluate_with(demo.get_config(), os.path.join(workdir, "best"), ["zero_shot"],
+                           data=config.data.dir)
 
 
 def test_wrong_class_count_in_config_is_named(pretrained, tmp_path):
@@ -267,15 +276,83 @@ def test_linear_probe_end_to_end(pretrained, tmp_path):
   assert os.path.exists(tmp_path / "linear_probe" / "test_results.json")
 
 
-def test_zero_shot_end_to_end(pretrained, tmp_path):
+def test_demo_pretraining_logs_its_evaluators(pretrained, tmp_path):
+  """The demo config evaluates zero-shot, a linear probe and a reconstruction grid during
+  pretraining (here at its last step, 60): scalars in metrics.jsonl and TensorBoard, the grid
+  as a TensorBoard image, the reports beside the step; the evaluation command on the same
+  checkpoint gives the same numbers."""
+  from tensorboard.backend.event_processing import event_accumulator
+  logged = [json.loads(line) for line in open(os.path.join(pretrained, "metrics.jsonl"))]
+  assert [m["step"] for m in logged] == sorted({m["step"] for m in logged})   # a line a step
+  last = logged[-1]
+  assert last["step"] == 60 and "total" in last
+  for key in ("zero_shot/top1", "zero_shot/macro_f1", "linear_probe/top1",
+              "reconstruction/pixel_error"):
+    assert key in last, sorted(last)
+  assert 0 <= last["zero_shot/top1"] <= 1 and last["linear_probe/top1"] > 1 / 8
+  assert 0 < last["reconstruction/pixel_error"] < 255
+  events = event_accumulator.EventAccumulator(pretrained, size_guidance={"tensors": 0})
+  events.Reload()
+  # TF2 summaries are tensors, each tagged with its TensorBoard plugin.
+  assert "reconstruction/reconstruction" in events.PluginTagToContent("images")
+  assert "zero_shot/top1" in events.PluginTagToContent("scalars")
+  (image,) = events.Tensors("reconstruction/reconstruction")
+  assert image.step == 60
+  out = os.path.join(pretrained, "evaluations", "checkpoints-60")
+  for path in ("zero_shot/test_results.json", "linear_probe/test_results.json",
+               "reconstruction/reconstruction_test.png"):
+    assert os.path.getsize(os.path.join(out, path)) > 0, path
+  # The one evaluation command, any evaluator, on the checkpoint of that step.
+  results = evaluate.evaluate_with(demo.get_config(), os.path.join(pretrained, "checkpoints"),
+                                   out_dir=str(tmp_path), progress=False)
+  assert set(results) == {"zero_shot", "linear_probe", "reconstruction"}
+  for name, result in results.items():
+    for key, value in result["scalars"].items():
+      assert value == pytest.approx(last[f"{name}/{key}"], abs=1e-6), (name, key)
+  zs = results["zero_shot"]
+  assert zs["num_examples"] == 32 and sum(map(sum, zs["confusion_matrix"])) == 32
+  assert str(tmp_path / "zero_shot" / "test_confusion.png") in zs["files"]
+
+
+def test_evaluator_configs_are_checked_before_anything_runs(pretrained, tmp_path):
+  from uniemox_jax import evaluators
+  from uniemox_jax import errors
+  mesh = sharding.make_mesh(-1, 1)
+
+  def build(**evals):
+    config = demo.get_config()
+    config.evals = evals
+    return evaluators.build(config, pretrained, mesh, reads=evaluators.base.PRETRAIN)
+  with pytest.raises(errors.UserError, match=r"config.evals.x.type='knn': choose one of"):
+    build(x={"type": "knn"})
+  with pytest.raises(errors.UserError, match=r"config.evals.x: unknown fields \['splt'\]"):
+    build(x={"type": "zero_shot", "splt": "val"})
+  with pytest.raises(errors.UserError, match=r"config.evals.x: the split 'dev' is not in"):
+    build(x={"type": "linear_probe", "train_split": "dev"})
+  with pytest.raises(errors.UserError, match=r"config.evals.x.data: .*missing holds no"):
+    build(x={"type": "zero_shot", "data": str(tmp_path / "missing")})
+  with pytest.raises(errors.UserError, match=r"type classification scores a classifier model; "
+                                             r"this run trains a pretrain model"):
+    build(x={"type": "classification"})
   config = demo.get_config()
-  result = zero_shot.zero_shot(config, os.path.join(pretrained, "checkpoints"),
-                               os.path.join(pretrained, "synthetic"), "test", str(tmp_path),
-                               progress=False)
-  assert result["num_examples"] == 32
-  assert sum(map(sum, result["confusion_matrix"])) == 32
-  assert os.path.exists(tmp_path / "test_confusion.png")
-  assert str(tmp_path / "test_results.json") in result["files"]
+  config.model.loss_weights.l3 = 0.0
+  with pytest.raises(errors.UserError, match=r"config.model.loss_weights.l3 is 0"):
+    evaluators.build(config, pretrained, mesh, ["reconstruction"])
+  with pytest.raises(errors.UserError, match=r"--evals knn: not in config.evals"):
+    evaluators.build(demo.get_config(), pretrained, mesh, ["knn"])
+  # A type of one's own joins the registry.
+  class Constant(evaluators.Evaluator):
+    def run(self, params):
+      return evaluators.Result({"one": 1.0}, {})
+  evaluators.register("constant", Constant)
+  try:
+    config = demo.get_config()
+    config.evals = {"c": {"type": "constant", "period": 5}}
+    (c,) = evaluators.build(config, pretrained, mesh).values()
+    assert [s for s in range(1, 13) if c.due(s, 12)] == [5, 10, 12]
+    assert c.run(None).scalars == {"one": 1.0}
+  finally:
+    del evaluators.REGISTRY["constant"]
 
 
 def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
@@ -296,20 +373,21 @@ def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
   assert (panels["masked"][removed] == reconstruction.GREY).all()
   # The trained decoder predicts the removed patches better than an untrained one.
   key, img = jax.random.key(1), jnp.zeros((2, size, size, 3))
-  emb = jnp.zeros((2, config.model.decoder.width))
-  fresh = model.init({"params": key, "mask": key, "dropout": key}, img, img, emb, emb,
-                     jnp.float32(1.0))["params"]
+  fresh = model.init({"params": key, "mask": key, "dropout": key}, img, img)["params"]
   untrained = reconstruction.reconstruct(model, fresh, images["image"], images["person"])
   err = lambda p: np.abs(p["reconstruction"][removed].astype(int) - orig[removed]).mean()  # noqa: E731
   assert err(panels) < err(untrained), (err(panels), err(untrained))
-  # The command line, for any checkpoint: the grid beside the checkpoint's evaluations.
-  proc = subprocess.run([sys.executable, "-m", "uniemox_jax.reconstruction", "--config",
+  # The evaluation command, for any checkpoint: the grid beside the checkpoint's evaluations.
+  proc = subprocess.run([sys.executable, "-m", "uniemox_jax.evaluate", "--config",
                          "configs/demo.py", f"--checkpoint={step_dir}", f"--data={data}",
-                         "--num=2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         "--evals=reconstruction", "--config.evals.reconstruction.num=2"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  out = os.path.join(evaluate.default_out_dir(step_dir), "reconstruction_test.png")
+  out = os.path.join(evaluate.default_out_dir(step_dir), "reconstruction",
+                     "reconstruction_test.png")
   assert f"wrote: {out}" in proc.stdout
+  assert "read_only" not in proc.stderr and "read only" not in proc.stderr   # logs like main
   assert np.asarray(Image.open(out)).shape == (2 * size + 2, 3 * size + 4, 3)
 
 
@@ -397,8 +475,8 @@ def test_linear_probe_pools_as_the_fine_tuning_head(odd_data):
                                           "bias": jnp.ones(width)})         # probe must drop
   mesh = sharding.make_mesh(-1, 1)
   config.eval_batch_size = 8
-  out = linear_probe.encoder_features(config, encoder, ["test"], mesh, odd_data,
-                                      progress=False)["test"]
+  out = probe_lib.encoder_features(config, encoder, ["test"], mesh, odd_data,
+                                   progress=False)["test"]
   images = np.stack([ip.EvalTransform(32).map(ip.ShardSource(odd_data, "test")[i])["image"]
                      for i in range(13)])
   from uniemox_jax import augment

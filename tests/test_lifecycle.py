@@ -40,7 +40,7 @@ def _free_port():
 
 
 def _main(workdir, data, *extra):
-  return [sys.executable, "-m", "uniemox_jax.main", "--config", "configs/demo.py",
+  return [sys.executable, "-m", "uniemox_jax.main", "--config", "configs/demo.py:evals=False",
           f"--workdir={workdir}", f"--config.data.dir={data}", *_OVERRIDES, *extra]
 
 
@@ -157,7 +157,7 @@ def test_long_one_time_work_on_one_process_does_not_trip_the_others(tmp_path):
   assert all("passed" in o for o, _ in outs)
 
 
-def _one(workdir, *extra, env=None, config="configs/demo.py"):
+def _one(workdir, *extra, env=None, config="configs/demo.py:evals=False"):
   return subprocess.Popen([sys.executable, "-m", "uniemox_jax.main", "--config", config,
                            f"--workdir={workdir}", *extra], cwd=ROOT, env=env or _env(1),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -17,7 +17,7 @@ def _run(*args):
 
 def test_demo_command_trains_and_writes_its_workdir(tmp_path):
   """The README's main job (shortened: the full demo's loss curve is test_trainer's)."""
-  proc = _run("--config", "configs/demo.py", f"--workdir={tmp_path}",
+  proc = _run("--config", "configs/demo.py:evals=False", f"--workdir={tmp_path}",
               "--config.total_steps=10", "--config.data.synthetic_per_class=6,2,2",
               "--config.log_every_steps=5")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,10 +87,11 @@ def test_every_benchmark_gets_twenty_steps_per_epoch():
 
 
 def test_evaluation_imports_nothing_of_the_training_loop():
-  """Evaluation, zero-shot, linear probe and prediction read encoders, teachers and data
-  through modules of their own (importers, teacher/loading, datasets), not the trainer."""
+  """The evaluation command, every evaluator, the linear-probe task and prediction read
+  encoders, teachers and data through modules of their own (importers, teacher/loading,
+  datasets), not the trainer."""
   code = ("import sys\n"
-          "import uniemox_jax.evaluate, uniemox_jax.zero_shot, uniemox_jax.linear_probe, "
+          "import uniemox_jax.evaluate, uniemox_jax.evaluators, uniemox_jax.linear_probe, "
           "uniemox_jax.predict\n"
           "print(sorted(m for m in sys.modules if m in ('uniemox_jax.trainer', "
           "'uniemox_jax.finetune', 'uniemox_jax.pretrain', 'uniemox_jax.optim', "

@@ -44,7 +44,7 @@ def _env(devices=8):
 
 
 def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "uniemox_jax.main", "--config", "configs/demo.py",
+  return [sys.executable, "-m", "uniemox_jax.main", "--config", "configs/demo.py:evals=False",
           f"--workdir={workdir}", *_OVERRIDES, *extra]
 
 
@@ -156,7 +156,7 @@ import json, sys
 import jax, numpy as np
 from configs import demo
 from uniemox_jax import pretrain
-config = demo.get_config()
+config = demo.get_config("evals=False")
 config.unlock()
 config.update_from_flattened_dict({"total_steps": 30,
                                    "data.synthetic_per_class": "6,2,2",
@@ -183,7 +183,7 @@ def test_restore_on_fewer_devices(reference, devices):
 
 
 def test_demo_loss_falls(tmp_path):
-  config = demo.get_config()
+  config = demo.get_config("evals=False")
   t = pretrain.PretrainTrainer(config, str(tmp_path))
   t.run()
   t.checkpointer.close()
@@ -195,7 +195,7 @@ def test_demo_loss_falls(tmp_path):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  config = demo.get_config()
+  config = demo.get_config("evals=False")
   config.unlock()
   config.update_from_flattened_dict({"total_steps": 40, "optim.base_lr": 1e30,
                                      "optim.warmup_steps": 0, "checkpoint.every_steps": 1,
@@ -238,7 +238,7 @@ def test_two_processes_match_one(reference, tmp_path):
 
 def test_gradient_accumulation_averages_device_local_micro_batches(tmp_path, synthetic_data):
   _, data = synthetic_data
-  config = demo.get_config()
+  config = demo.get_config("evals=False")
   config.unlock()
   config.update_from_flattened_dict({"optim.accum_steps": 2, "data.dir": data,
                                      "data.synthetic": False})
@@ -269,7 +269,7 @@ def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_p
                "data.synthetic_image_size": 48, "mesh.fsdp": 4}
 
   def make(workdir, **init):
-    config = demo.get_config()
+    config = demo.get_config("evals=False")
     config.unlock()
     config.update_from_flattened_dict(dict(overrides, **{f"init.{k}": v for k, v in
                                                          init.items()}))
@@ -306,7 +306,7 @@ def test_host_stays_ahead_metrics_are_fetched_at_log_and_checkpoint_steps_only(
   on the device; metrics come to the host only at log steps (one step late) and before a
   checkpoint is written; every loss is still checked."""
   _, data = synthetic_data
-  config = demo.get_config()
+  config = demo.get_config("evals=False")
   config.unlock()
   config.update_from_flattened_dict({"total_steps": 12, "log_every_steps": 5,
                                      "checkpoint.every_steps": 8, "data.dir": data,
@@ -353,12 +353,12 @@ def test_preemption_is_polled_every_n_steps_with_several_processes(monkeypatch):
   assert [s for s, a in zip(range(1, 31), answers) if a] == [10, 20, 30]
 
 
-def test_l1_group_device_reaches_the_model(tmp_path):
-  config = demo.get_config()
+def test_l1_group_device_reaches_the_objective(tmp_path):
+  config = demo.get_config("evals=False")
   config.unlock()
   config.update_from_flattened_dict({"model.l1_group": "device", "optim.accum_steps": 2,
                                      "data.synthetic_per_class": "6,2,2", "total_steps": 1})
   t = pretrain.PretrainTrainer(config, str(tmp_path))
   # 32 rows a step, 2 micro-batches of 16, 8 devices: groups of 2 rows.
-  assert t.model.l1_group_size == config.batch_size // 2 // 8
+  assert t.objective.l1_group_size == config.batch_size // 2 // 8
   t.checkpointer.close()

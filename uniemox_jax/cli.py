@@ -50,6 +50,8 @@ _QUIET_WARNINGS = (
     "TensorFlow and JAX classes are deprecated",          # transformers 4.57 on its Flax code
     "Couldn't find sharding info under RestoreArgs",      # orbax, restoring into our shardings
     "Sharding info not provided when restoring",
+    "CheckpointManagerOptions.read_only=True",            # orbax, reading a checkpoint we
+    "Given directory is read only",                       # opened read-only on purpose
 )
 
 

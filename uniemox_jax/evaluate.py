@@ -1,17 +1,19 @@
-r"""Evaluation of a classifier checkpoint on one split, and the report every downstream path
-writes (fine-tuning's per-epoch validation, linear probe, zero-shot).
+r"""The evaluation command (any checkpoint, any evaluator of `config.evals`), and what every
+evaluator shares: exact split gathering, the classification report and its files.
 
   python -m uniemox_jax.evaluate --config configs/finetune.py:dataset=emo8,data=/data/emo8 \
-      --checkpoint WORKDIR/best --split test [--workdir OUT]
+      --checkpoint WORKDIR/best [--evals classification] [--split test] [--out_dir OUT]
+  python -m uniemox_jax.evaluate --config configs/demo.py --checkpoint workdirs/demo/checkpoints \
+      [--evals zero_shot,linear_probe,reconstruction] [--data DIR]
 
 Every example of the split is counted exactly once on any number of devices and processes:
 the eval pipeline pads the last batch and marks padding with `mask` False and `index` -1; the
 scores of every process are gathered, padding dropped, and the rest put back in record order
 (`gather_split`). The report: top-1 / top-3 accuracy, per-class accuracy, macro F1 and the
 confusion matrix (JSON and PNG with the class names), or mAP and per-class AP for
-multi-label data, written to OUT/<split>_results.json and printed as a table. OUT defaults
-to WORKDIR/evaluations/<checkpoint dir>-<step>/ beside the evaluated checkpoint, so it never
-overwrites the training run's own reports.
+multi-label data, written to OUT/<evaluator>/<split>_results.json and printed as a table. OUT
+defaults to WORKDIR/evaluations/<checkpoint dir>-<step>/ beside the evaluated checkpoint, so
+it never overwrites the training run's own reports.
 """
 from __future__ import annotations
 
@@ -261,6 +263,34 @@ def evaluate_checkpoint(config, checkpoint: str, split: str, out_dir: Optional[s
   return result
 
 
+def evaluate_with(config, checkpoint: str, names: Optional[Sequence[str]] = None,
+                  split: str = "", data: str = "", out_dir: Optional[str] = None,
+                  progress: bool = True) -> Dict[str, Dict[str, Any]]:
+  """Runs the evaluators of `config.evals` (only `names`, when given; `split` and `data`
+  override their fields) on a checkpoint; each writes its report under OUT/<name>/. Returns
+  {name: report with "scalars" and "files"}."""
+  from uniemox_jax import evaluators  # pylint: disable=g-import-not-at-top
+  with errors.as_user_errors():
+    step_dir = checkpointing.resolve_step_dir(checkpoint)
+    workdir = storage.dirname(storage.dirname(step_dir))   # the checkpoint's workdir
+    out_dir = out_dir or default_out_dir(step_dir)
+    tree = checkpointing.state_metadata(step_dir)
+    if "head" in tree.get("params", {}):
+      config = with_checkpoint_pool(config, step_dir)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    chosen = evaluators.build(config, workdir, mesh, names, progress=progress,
+                              overrides={"split": split, "data": data})
+    for evaluator in chosen.values():
+      evaluator.check_checkpoint(step_dir, tree)
+    params = checkpointing.read_subtree(step_dir, ("params",))
+  results = {}
+  for name, evaluator in chosen.items():
+    result = evaluator.run(params)
+    results[name] = dict(result.report, checkpoint=step_dir, split=evaluator.split,
+                         scalars=result.scalars, files=evaluator.write(result, out_dir))
+  return results
+
+
 _CONFIG = None
 
 
@@ -268,21 +298,35 @@ def main(argv):
   del argv
   from uniemox_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.initialize(None, None, None)
-  result = evaluate_checkpoint(_CONFIG.value, flags.FLAGS.checkpoint, flags.FLAGS.split,
-                               flags.FLAGS.out_dir)
+  f = flags.FLAGS
+  names = [n for n in (f.evals or "").split(",") if n]
+  results = evaluate_with(_CONFIG.value, f.checkpoint, names, f.split or "", f.data or "",
+                          f.out_dir)
   if jax.process_index() == 0:
-    print(metrics.format_table(result, f"{flags.FLAGS.split}: {result['checkpoint']}"))
-    print("wrote: " + ", ".join(result["files"]), flush=True)
+    for name, result in results.items():
+      title = f"{name}, {result['split']}: {result['checkpoint']}"
+      if "num_examples" in result:
+        print(metrics.format_table(result, title))
+      else:
+        print(title + ": " + ", ".join(f"{k} {v:.4g}" for k, v in result["scalars"].items()))
+      print("wrote: " + ", ".join(result["files"]), flush=True)
 
 
 if __name__ == "__main__":
   from uniemox_jax import cli  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Fine-tuning config (its data, "
-                                            "model and eval batch size).", lock_config=False)
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "The config the checkpoint was "
+                                            "trained with (model, data, teacher, evals).",
+                                            lock_config=False)
   flags.DEFINE_string("checkpoint", None, "A checkpoint directory (<dir> or <dir>/<step>).")
-  flags.DEFINE_string("split", "test", "The split to evaluate.")
-  flags.DEFINE_string("out_dir", None, "Where the report goes (default: "
-                      "WORKDIR/evaluations/<checkpoint dir>-<step>, beside the checkpoint).")
+  flags.DEFINE_string("evals", None, "Comma-separated names of config.evals to run (default: "
+                      "all of them).")
+  flags.DEFINE_string("split", None, "The split every chosen evaluator reports on (default: "
+                      "each one's config.evals.<name>.split).")
+  flags.DEFINE_string("data", None, "A converted dataset directory for every chosen "
+                      "evaluator (default: each one's data, else the config's).")
+  flags.DEFINE_string("out_dir", None, "Where the reports go, one folder per evaluator "
+                      "(default: WORKDIR/evaluations/<checkpoint dir>-<step>, beside the "
+                      "checkpoint).")
   flags.mark_flags_as_required(["config", "checkpoint"])
   cli.run(main)

@@ -22,6 +22,7 @@ from uniemox_jax import augment
 from uniemox_jax import checkpointing
 from uniemox_jax import datasets
 from uniemox_jax import evaluate
+from uniemox_jax import evaluators
 from uniemox_jax import importers
 from uniemox_jax import metrics
 from uniemox_jax import models
@@ -59,6 +60,7 @@ def classification_loss(model, aug, num_classes: int, multi_label: bool, params,
 class FinetuneTrainer(trainer.TrainLoop):
   """One fine-tuning run; `run()` trains, validating and keeping the best state."""
   LOSS = "loss"
+  reads = evaluators.base.CLASSIFIER
 
   def setup(self):
     config = self.config
@@ -72,8 +74,10 @@ class FinetuneTrainer(trainer.TrainLoop):
         seed=config.seed, process_index=jax.process_index(),
         process_count=jax.process_count(),
         draft_decode=config.data.get("draft_decode", True))
-    evaluate.check_batch(config.eval_batch_size, self.mesh)
-    self.scorer = evaluate.classifier_scorer(self.model, self.multi_label)
+    # Validation: the classification evaluator on config.data.eval_split.
+    self.validator = evaluators.Classification(
+        "validation", {"type": "classification", "split": config.data.eval_split,
+                       "data": self.data_dir}, config, self.workdir, self.mesh)
     self.eval_every = config.get("eval_every_steps", 0) or max(
         1, int(round(config.eval_every_epochs * self.schedule.steps_per_epoch)))
     self.best = checkpointing.Checkpointer(storage.join(self.workdir, BEST_DIR), keep=1,
@@ -136,9 +140,7 @@ class FinetuneTrainer(trainer.TrainLoop):
     if step % self.eval_every and step != self.schedule.total_steps:
       return {}
     split = self.config.data.eval_split
-    result = evaluate.evaluate_classifier(self.config, state["params"], split, self.mesh,
-                                          self.info, self.data_dir, progress=False,
-                                          scorer=self.scorer)
+    result = self.validator.run(state["params"]).report
     value = metrics.headline(result)
     best = self._best
     if value > best["value"]:

@@ -31,9 +31,11 @@ from uniemox_jax import checkpointing
 from uniemox_jax import datasets
 from uniemox_jax import distributed
 from uniemox_jax import errors
+from uniemox_jax import evaluators
 from uniemox_jax import optim
 from uniemox_jax import sharding
 from uniemox_jax import storage
+from uniemox_jax.evaluators import base as evaluators_base
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -100,8 +102,12 @@ class TrainLoop:
     batch_keys(host_batch)      -> the host batch's entries that go to the devices
     from_pretrained(state)      -> the fresh state with config.init.encoder loaded into it
   and may override lr_multipliers(params), after_step(step, state), checkpoint_meta().
+  Every evaluator of config.evals (`uniemox_jax.evaluators`) runs on the parameters every
+  `period` steps and at the last step; its scalars are logged as "<name>/<metric>", its images
+  go to TensorBoard, its reports to WORKDIR/evaluations/checkpoints-<step>/<name>/.
   """
   LOSS = "total"
+  reads = evaluators_base.PRETRAIN     # the parameters config.evals is given
 
   def __init__(self, config, workdir: str):
     # Everything here checks the user's inputs (config, data, teacher, checkpoints) before
@@ -131,6 +137,9 @@ class TrainLoop:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     self.replicated = sharding.replicated(self.mesh)
     self.setup()
+    # config.evals: built (data and splits checked) before any step.
+    self.evaluators = evaluators.build(config, workdir, self.mesh, reads=self.reads,
+                                       teacher=getattr(self, "teacher", None))
     self._build_state_fns()
     self.checkpointer = checkpointing.Checkpointer(
         storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
@@ -322,7 +331,7 @@ class TrainLoop:
     preemption = Preemption(cfg.get("preemption_poll_steps", 10))
     self.preemption = preemption
     kill_at = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
-    self._window, self._last = [], {}
+    self._window, self._last, self._pending = [], {}, {}
     self._clock = (time.perf_counter(), start)      # (time, step) of the last logged window
     log_due, stopped_at = None, None
     self._trim_metrics_log(start)
@@ -343,13 +352,18 @@ class TrainLoop:
         self._window.append((step + 1, metrics))
         for hook in hooks:
           hook(step + 1)
-        paused = time.perf_counter()
-        extra = self.after_step(step + 1, state)
-        if extra:
-          self._log(writer, step + 1, extra)
-          self._clock = (self._clock[0] + time.perf_counter() - paused, self._clock[1])
         preempted = preemption.reached(step + 1) or step + 1 == stop_after
         done = step + 1 == total
+        paused = time.perf_counter()
+        extra = dict(self.after_step(step + 1, state))
+        extra.update(self._evaluate(writer, step + 1, total, state["params"]))
+        if extra:
+          # One line per step: a step whose training metrics are logged carries these too.
+          if (step + 1) % cfg.log_every_steps == 0 or preempted or done:
+            self._pending[step + 1] = extra
+          else:
+            self._log(writer, step + 1, extra)
+          self._clock = (self._clock[0] + time.perf_counter() - paused, self._clock[1])
         if preempted or done or (step + 1) % cfg.checkpoint.every_steps == 0:
           # Never checkpoint a non-finite step; the last step is always logged.
           self._fetch(writer, step + 1, final=preempted or done)
@@ -387,6 +401,20 @@ class TrainLoop:
       raise errors.Preempted(stopped_at)
     return self._last
 
+  def _evaluate(self, writer, step: int, total: int, params) -> Dict[str, float]:
+    """The evaluators due at `step`: their scalars (to log), images and reports."""
+    scalars = {}
+    for name, evaluator in self.evaluators.items():
+      if not evaluator.due(step, total):
+        continue
+      result = evaluator.run(params)
+      evaluator.write(result, storage.join(self.workdir, "evaluations",
+                                           f"checkpoints-{step}"))
+      scalars.update({f"{name}/{k}": v for k, v in result.scalars.items()})
+      if result.images:
+        writer.write_images(step, {f"{name}/{k}": v[None] for k, v in result.images.items()})
+    return scalars
+
   def _next_batch(self, iterator, step: int) -> Dict[str, jax.Array]:
     """The batch of `step` (1-based), read from the pipeline and placed on the devices."""
     host_batch = next(iterator)
@@ -417,6 +445,7 @@ class TrainLoop:
         values["images_per_sec"] = (s - since_step) * self.config.batch_size / max(
             now - since, 1e-9)
         self._clock = (now, s)
+        values.update(self._pending.pop(s, {}))
         self._log(writer, s, values)
         logged[s] = values
     self._last = logged.get(ready[-1][0]) or self._check(*ready[-1])

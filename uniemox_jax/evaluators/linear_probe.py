@@ -1,18 +1,20 @@
-"""Linear probe: a frozen pretrained encoder's features, computed once, and a linear classifier
-trained on them (configs/linear_probe.py).
+"""Linear probe: a frozen encoder's features, computed once per run, and a linear classifier
+trained on them.
 
 Features: pooled exactly as the fine-tuning head pools (the encoder without its final norm,
 the mean of the patch tokens, fc_norm as initialized: unit scale, zero bias), for every record of the train, validation and test splits exactly once
 (eval transform, no augmentation), standardized with the train statistics (a BatchNorm
 without affine terms, as MAE's probe). The classifier: full-batch AdamW on device for
-`config.probe.steps`, once per weight decay in `config.probe.weight_decays`; the one with the
-best validation headline (top-1, or mAP) is reported on the test split. Reports go to
-WORKDIR/linear_probe/.
+`steps`, once per weight decay in `weight_decays`; with a `val_split`, the one with the best
+validation headline (top-1, or mAP) is reported on `split`, otherwise the best on `split`
+itself (a monitor during pretraining, not a benchmark number). The task
+(`uniemox_jax.linear_probe`, configs/linear_probe.py) runs this evaluator on an imported
+encoder.
 """
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -22,26 +24,19 @@ import optax
 
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
-from uniemox_jax import datasets
 from uniemox_jax import evaluate
-from uniemox_jax import importers
 from uniemox_jax import metrics
 from uniemox_jax import sharding
-from uniemox_jax import storage
+from uniemox_jax.evaluators import base
 from uniemox_jax.models import vit
 
 
-def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_dir: str,
-                     progress: bool = True) -> Dict[str, Dict[str, np.ndarray]]:
-  """For each split: {"features" [N, D], "label" (and "labels")} of every record, in order.
-  The encoder is placed and compiled once for all of them."""
+def feature_fn(config):
+  """A jitted (encoder params, batch) -> {"features"}: pooled as the fine-tuning head pools:
+  the encoder without its final norm, the mean of the patch tokens, then fc_norm as the head
+  starts (a LayerNorm with unit scale, zero bias)."""
   m = config.model
-  # Pooled as the fine-tuning head pools: the encoder without its final norm, the mean of the
-  # patch tokens, then fc_norm as the head starts (a LayerNorm with unit scale, zero bias).
   encoder = vit.Encoder(m.variant, m.image_size, final_norm=False)
-  encoder_params = {k: v for k, v in encoder_params.items() if k != "norm"}
-  params = sharding.host_to_global(encoder_params, sharding.replicated(mesh))
-  batch_size = evaluate.check_batch(config.eval_batch_size, mesh)
 
   @jax.jit
   def fn(p, batch):
@@ -50,12 +45,24 @@ def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_d
     mean = pooled.mean(axis=-1, keepdims=True)
     var = pooled.var(axis=-1, keepdims=True)
     return {"features": (pooled - mean) / jnp.sqrt(var + vit.LN_EPS)}
+  return fn
+
+
+def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_dir: str,
+                     progress: bool = True, fn=None) -> Dict[str, Dict[str, np.ndarray]]:
+  """For each split: {"features" [N, D], "label" (and "labels")} of every record, in order,
+  through `fn` (a `feature_fn`). The encoder is placed and compiled once for all of them."""
+  fn = fn or feature_fn(config)
+  encoder_params = {k: v for k, v in encoder_params.items() if k != "norm"}
+  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(encoder_params)):
+    encoder_params = sharding.host_to_global(encoder_params, sharding.replicated(mesh))
+  batch_size = evaluate.check_batch(config.get("eval_batch_size", config.batch_size), mesh)
   out = {}
   for split in splits:
     dataset = input_pipeline.eval_dataset(
-        data_dir, split, batch_size=batch_size, image_size=m.image_size,
+        data_dir, split, batch_size=batch_size, image_size=config.model.image_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    out[split] = evaluate.gather_split(functools.partial(fn, params), dataset, mesh,
+    out[split] = evaluate.gather_split(functools.partial(fn, encoder_params), dataset, mesh,
                                        progress=progress, description=f"features {split}")
   return out
 
@@ -94,47 +101,51 @@ def _scores(features, w, b, multi_label):
   return np.asarray(jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits))
 
 
-def linear_probe(config, workdir: str) -> Dict[str, Any]:
-  """Features once, a classifier per weight decay, the best on validation reported on test."""
-  data_dir = datasets.resolve_data_dir(config, workdir)
-  info = input_pipeline.load_info(data_dir)
-  datasets.check_dataset(config, info)
-  multi = bool(info.get("multi_label"))
-  if not config.init.encoder:
-    raise ValueError("config.init.encoder is empty: a linear probe needs a pretrained encoder")
-  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  encoder = importers.import_encoder(config, None)
-  splits = [config.data.split, config.data.eval_split] + (
-      [config.test_split] if config.get("test_split") else [])
-  feats = encoder_features(config, encoder, splits, mesh, data_dir)
-  train = feats[config.data.split]
-  mean = train["features"].mean(axis=0)
-  std = train["features"].std(axis=0) + 1e-6
-  for s in splits:
-    feats[s]["features"] = (feats[s]["features"] - mean) / std
-  num_classes = len(info["class_names"])
-  targets = train["labels"] if multi else np.eye(num_classes)[train["label"]]
-  out_dir = storage.join(workdir, "linear_probe")
-  best = None
-  for wd in config.probe.weight_decays:
-    w, b = train_linear(train["features"], targets, multi, config.probe.steps, config.probe.lr,
-                        wd, config.seed)
-    val = feats[config.data.eval_split]
-    result = evaluate.report(_scores(val["features"], w, b, multi), val, info)
-    logging.info("linear probe weight decay %g: validation %s %.4f", wd,
-                 "mAP" if multi else "top-1", metrics.headline(result))
-    if best is None or metrics.headline(result) > metrics.headline(best[2]):
-      best = (w, b, result, wd)
-  w, b, val_result, wd = best
-  val_result["weight_decay"] = wd
-  summary = {"best_weight_decay": wd, "val": metrics.headline(val_result)}
-  if jax.process_index() == 0:
-    evaluate.write_report(val_result, out_dir, config.data.eval_split)
-  if config.get("test_split"):
-    test = feats[config.test_split]
-    result = evaluate.report(_scores(test["features"], w, b, multi), test, info)
-    result.update(weight_decay=wd, checkpoint=config.init.encoder, split=config.test_split)
-    if jax.process_index() == 0:
-      evaluate.write_report(result, out_dir, config.test_split)
-    summary["test"] = result
-  return summary
+class LinearProbe(base.Evaluator):
+  reads = base.ENCODER
+  defaults = {"train_split": "train", "val_split": "", "steps": 500, "lr": 1e-2,
+              "weight_decays": (0.0, 1e-4, 1e-3, 1e-2)}
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.fn = feature_fn(self.config)
+    self.multi = bool(self.info.get("multi_label"))
+
+  def splits(self) -> List[str]:
+    return list(dict.fromkeys(
+        [self.spec["train_split"]] + ([self.spec["val_split"]] if self.spec["val_split"]
+                                      else []) + [self.split]))
+
+  def run(self, params) -> base.Result:
+    spec = self.spec
+    feats = encoder_features(self.config, params["encoder"], self.splits(), self.mesh,
+                             self.data_dir, self.progress, self.fn)
+    train = feats[spec["train_split"]]
+    mean = train["features"].mean(axis=0)
+    std = train["features"].std(axis=0) + 1e-6
+    for f in feats.values():
+      f["features"] = (f["features"] - mean) / std
+    num_classes = len(self.info["class_names"])
+    targets = train["labels"] if self.multi else np.eye(num_classes)[train["label"]]
+    select = feats[spec["val_split"] or self.split]
+    best = None
+    for wd in spec["weight_decays"]:
+      w, b = train_linear(train["features"], targets, self.multi, int(spec["steps"]),
+                          float(spec["lr"]), float(wd), self.config.seed)
+      result = evaluate.report(_scores(select["features"], w, b, self.multi), select,
+                               self.info)
+      logging.info("%s: weight decay %g: %s %s %.4f", self.field, wd,
+                   spec["val_split"] or self.split, "mAP" if self.multi else "top-1",
+                   metrics.headline(result))
+      if best is None or metrics.headline(result) > metrics.headline(best[2]):
+        best = (w, b, result, wd)
+    w, b, selected, wd = best
+    test = feats[self.split]
+    report = evaluate.report(_scores(test["features"], w, b, self.multi), test, self.info)
+    report.update(weight_decay=float(wd), split=self.split,
+                  selected_on=spec["val_split"] or self.split)
+    scalars = base.float_scalars(report)
+    del scalars["weight_decay"]
+    if spec["val_split"]:
+      report["val"] = scalars["val"] = metrics.headline(selected)
+    return base.Result(scalars, report)

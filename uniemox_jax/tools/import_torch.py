@@ -29,8 +29,8 @@ shapes are checked. Anything unexpected, missing or mis-shaped stops the import 
 
 The output directory is a checkpoint of this codebase (`<out>/0/`, state {"step", "params"}
 plus a `meta` record of the kind, source and class count), which `--config.init.encoder=<out>`
-(format `uniemox_jax`), `uniemox_jax.evaluate --checkpoint <out>` (fine-tuned kinds) and
-`uniemox_jax.zero_shot` (uniemox_pretrain) read directly. The trainer can also read a .pth
+(format `uniemox_jax`) and `uniemox_jax.evaluate --checkpoint <out>` (classification for the
+fine-tuned kinds; zero-shot, linear probe, reconstruction for uniemox_pretrain) read directly. The trainer can also read a .pth
 directly: --config.init.encoder=FILE.pth --config.init.encoder_format=torch_mae (or torch_vit,
 torch_uniemox_pretrain, torch_uniemox_finetune).
 

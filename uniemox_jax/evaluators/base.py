@@ -1,0 +1,139 @@
+"""The interface every evaluator has, and what they share.
+
+An evaluator is built once from the run's config and its entry `config.evals.<name>` (which
+names its `type`, its `period` and its own fields), checks before anything runs that its data
+and splits exist, and then scores parameters any number of times: `run(params)` -> `Result`
+(scalars to log, a JSON report, images), `write(result, out_dir)` -> the files it wrote.
+The same object runs every `period` steps inside a training run (`uniemox_jax.trainer`) and
+once from the evaluation command (`python -m uniemox_jax.evaluate`) on a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List
+
+import jax
+import numpy as np
+
+from data_pipelines import input_pipeline
+from uniemox_jax import datasets
+from uniemox_jax import errors
+from uniemox_jax import sharding
+from uniemox_jax import storage
+
+# What parameters an evaluator reads: a pretraining model's (encoder, decoder, fuse), a
+# classifier's (encoder, fc_norm, head), or either (only params["encoder"]).
+PRETRAIN, CLASSIFIER, ENCODER = "pretrain", "classifier", "encoder"
+
+
+@dataclasses.dataclass
+class Result:
+  scalars: Dict[str, float]                      # logged as "<name>/<key>"
+  report: Dict[str, Any]                         # JSON-able, written as <split>_results.json
+  images: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)   # uint8 [H, W, 3]
+
+
+class Evaluator:
+  """Subclasses set `reads` (PRETRAIN, CLASSIFIER or ENCODER) and `defaults` (their fields of
+  config.evals.<name> beyond type, period, data and split), and implement `run`."""
+  reads = ENCODER
+  defaults: Dict[str, Any] = {}
+
+  def __init__(self, name: str, spec, config, workdir: str, mesh, teacher=None,
+               progress: bool = False):
+    self.name, self.config, self.workdir, self.mesh = name, config, workdir, mesh
+    self.field = f"config.evals.{name}"
+    known = {"type", "period", "data", "split"} | set(self.defaults)
+    unknown = sorted(set(spec) - known)
+    if unknown:
+      raise errors.UserError(f"{self.field}: unknown fields {unknown} for type "
+                             f"{spec['type']!r} (it has {sorted(known)})")
+    self.spec = {"data": "", "split": "test", "period": 0, **self.defaults, **dict(spec)}
+    self.period = int(self.spec["period"])
+    self.split = self.spec["split"]
+    self._teacher = teacher
+    self.progress = progress
+    self.data_dir = self.spec["data"] or datasets.resolve_data_dir(config, workdir)
+    if not storage.exists(storage.join(self.data_dir, input_pipeline.INFO_FILE)):
+      raise errors.UserError(f"{self.field}.data: {self.data_dir} holds no converted dataset "
+                             f"({input_pipeline.INFO_FILE} missing)")
+    self.info = input_pipeline.load_info(self.data_dir)
+    self.batch_size      # checks the eval batch divides over the devices and processes
+    for split in self.splits():
+      if split not in self.info["splits"]:
+        raise errors.UserError(f"{self.field}: the split {split!r} is not in {self.data_dir} "
+                               f"(it has {', '.join(sorted(self.info['splits']))})")
+
+  def splits(self) -> List[str]:
+    """Every split the evaluator reads (checked when it is built)."""
+    return [self.split]
+
+  def due(self, step: int, total: int) -> bool:
+    """Whether a training run evaluates after `step` of `total`: every `period` steps and at
+    the last step; never with a period of 0 (then only the evaluation command runs it)."""
+    return self.period > 0 and (step % self.period == 0 or step == total)
+
+  @property
+  def teacher(self):
+    if self._teacher is None:
+      from uniemox_jax.teacher import loading  # pylint: disable=g-import-not-at-top
+      self._teacher = loading.load_teacher(self.config, self.workdir)
+    return self._teacher
+
+  @property
+  def batch_size(self) -> int:
+    """This process's share of the eval batch (config.eval_batch_size, else batch_size)."""
+    from uniemox_jax import evaluate  # pylint: disable=g-import-not-at-top
+    return evaluate.check_batch(self.config.get("eval_batch_size", self.config.batch_size),
+                                self.mesh)
+
+  def check_checkpoint(self, step_dir: str, tree: Dict[str, Any]) -> None:
+    """Fails, naming the checkpoint, when `tree` (its state's metadata) cannot be scored."""
+    params = tree.get("params", {})
+    if self.reads == PRETRAIN and "decoder" not in params:
+      raise errors.UserError(f"{step_dir} is not a UniEmoX pretraining checkpoint (no "
+                             f"params/decoder): {self.field} ({self.spec['type']}) needs one")
+    if self.reads == CLASSIFIER and "head" not in params:
+      raise errors.UserError(f"{step_dir} has no classification head (params/head): "
+                             f"{self.field} ({self.spec['type']}) needs a fine-tuned checkpoint")
+    if "encoder" not in params:
+      raise errors.UserError(f"{step_dir} has no params/encoder: nothing to evaluate")
+
+  def place(self, params):
+    """Parameters as global arrays: host trees (a checkpoint read by the command) are
+    replicated; a training run's arrays are used where they are."""
+    if all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+      return params
+    return sharding.host_to_global(params, sharding.replicated(self.mesh))
+
+  def run(self, params) -> Result:
+    raise NotImplementedError
+
+  def write(self, result: Result, out_dir: str) -> List[str]:
+    """OUT/<name>/: the report (as `evaluate.write_report` writes it) and each image as PNG.
+    Process 0 writes; returns the paths."""
+    if jax.process_index() != 0:
+      return []
+    from uniemox_jax import evaluate  # pylint: disable=g-import-not-at-top
+    folder = storage.join(out_dir, self.name)
+    files = list(evaluate.write_report(result.report, folder, self.split).values()) \
+        if result.report else []
+    for key, image in result.images.items():
+      path = storage.join(folder, f"{key}_{self.split}.png")
+      storage.makedirs(folder)
+      storage.write_bytes(path, png_bytes(image))
+      files.append(path)
+    return sorted(files)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def float_scalars(report: Dict[str, Any]) -> Dict[str, float]:
+  """The report's float entries (top-1, macro F1, mAP...): what a run logs."""
+  return {k: float(v) for k, v in report.items() if isinstance(v, float)}
