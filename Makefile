@@ -26,6 +26,7 @@ $(TEST_STAMP): $(DEMO_STAMP)
 # generated data and teacher are reused).
 demo: $(DEMO_STAMP)
 	rm -rf workdirs/demo/checkpoints workdirs/demo/metrics.jsonl workdirs/demo/events.out.* \
+	  workdirs/demo/evaluations \
 	  workdirs/demo/finetune
 	JAX_PLATFORMS=cpu $(VENV)/bin/python -m uniemox_jax.demo --workdir workdirs/demo
 
