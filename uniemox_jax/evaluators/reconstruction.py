@@ -11,6 +11,7 @@ training run, a TensorBoard image; the logged scalar is `pixel_error`, the mean 
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Dict
 
 import jax
@@ -22,6 +23,7 @@ from uniemox_jax import augment
 from uniemox_jax import errors
 from uniemox_jax import losses
 from uniemox_jax import models
+from uniemox_jax import sharding
 from uniemox_jax.evaluators import base
 from uniemox_jax.models import decoder as decoder_lib
 from uniemox_jax.models import vit
@@ -40,15 +42,18 @@ def fixed_images(data_dir: str, split: str, num: int, image_size: int) -> Dict[s
   return {k: np.stack([e[k] for e in examples]) for k in ("image", "person")}
 
 
-def reconstructor(model, seed: int = 0) -> Callable[..., Dict[str, np.ndarray]]:
+def reconstructor(model, seed: int = 0, mesh=None) -> Callable[..., Dict[str, np.ndarray]]:
   """(params, scene, person) -> {"original", "masked", "reconstruction"}: uint8 [N, S, S, 3]
   images of one masked pass, and "removed": bool [N, S, S], the pixels of the patches the mask
-  removed. Compiled once: call it every period."""
+  removed. Compiled once: call it every period. With a `mesh` the images are replicated over
+  it and so are the outputs, so every process of a multi-process run can read them."""
   patch = vit.decode_variant(model.variant).patch
   mean = np.asarray(augment.IMAGENET_MEAN, np.float32)
   std = np.asarray(augment.IMAGENET_STD, np.float32)
 
-  @jax.jit
+  replicated = sharding.replicated(mesh) if mesh is not None else None
+
+  @functools.partial(jax.jit, out_shardings=replicated)
   def run(p, scene_u8, person_u8):
     x = augment.normalize(scene_u8)
     key = jax.random.key(seed)
@@ -67,6 +72,8 @@ def reconstructor(model, seed: int = 0) -> Callable[..., Dict[str, np.ndarray]]:
     return np.clip(np.round((img * std + mean) * 255.0), 0, 255).astype(np.uint8)
 
   def apply(params, scene: np.ndarray, person: np.ndarray) -> Dict[str, np.ndarray]:
+    if replicated is not None:
+      scene, person = sharding.host_to_global((scene, person), replicated)
     patches, mask, pred = (np.asarray(a) for a in jax.device_get(run(params, scene, person)))
     original = to_uint8(patches)
     removed = np.asarray(decoder_lib.unpatchify(jnp.asarray(np.broadcast_to(
@@ -107,7 +114,7 @@ class Reconstruction(base.Evaluator):
     self.model = models.pretrain_model(self.config.model)
     self.images = fixed_images(self.data_dir, self.split, int(self.spec["num"]),
                                self.config.model.image_size)
-    self.apply = reconstructor(self.model, self.config.seed)
+    self.apply = reconstructor(self.model, self.config.seed, self.mesh)
 
   def check_checkpoint(self, step_dir: str, tree: Dict[str, Any]) -> None:
     super().check_checkpoint(step_dir, tree)
