@@ -51,7 +51,7 @@ def _env(server, cache, devices=8):
   env = dict(os.environ, **server.env, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              UNIEMOX_CACHE_DIR=str(cache), JAX_COMPILATION_CACHE_DIR=_JAX_CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return env
 
 

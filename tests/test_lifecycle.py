@@ -26,7 +26,7 @@ _OVERRIDES = ["--config.total_steps=400", "--config.checkpoint.every_steps=5",
 def _env(devices=4, **extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+             JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop(trainer.KILL_DURING_SAVE_ENV, None)
   env.pop(trainer.FAIL_BEFORE_STEP_ENV, None)
   env.update(extra)

@@ -38,7 +38,7 @@ def _env(devices=8):
   # The runs share a compilation cache: the train step compiles once for the whole module.
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+             JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   env.pop(trainer.KILL_DURING_SAVE_ENV, None)
   return env
 

@@ -67,7 +67,9 @@ def use_compilation_cache(config) -> None:
   path = config.get("compilation_cache_dir", "")
   if path and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):    # the environment wins
     jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # Every program, the small ones too: the first checkpoint save compiles one slice per
+    # array shape (~150 for the demo, 7 s on a CPU), which a threshold would never keep.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def run_task(config, workdir: str):

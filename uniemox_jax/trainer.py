@@ -139,7 +139,7 @@ class TrainLoop:
     self.setup()
     # config.evals: built (data and splits checked) before any step.
     self.evaluators = evaluators.build(config, workdir, self.mesh, reads=self.reads,
-                                       teacher=getattr(self, "teacher", None))
+                                       teacher=getattr(self, "teacher", None), training=True)
     self._build_state_fns()
     self.checkpointer = checkpointing.Checkpointer(
         storage.join(workdir, "checkpoints"), keep=config.checkpoint.keep,

@@ -32,12 +32,17 @@ def register(type_name: str, cls) -> None:
 
 def build(config, workdir: str, mesh, names: Optional[Sequence[str]] = None, *,
           reads: Optional[str] = None, teacher=None, progress: bool = False,
-          overrides: Optional[Dict[str, str]] = None) -> Dict[str, base.Evaluator]:
-  """The evaluators of `config.evals` (only `names`, when given), built and checked. `reads`:
+          overrides: Optional[Dict[str, str]] = None,
+          training: bool = False) -> Dict[str, base.Evaluator]:
+  """The evaluators of `config.evals` (only `names`, when given; with `training`, those with a
+  period), built and checked. `reads`:
   the run's parameters (base.PRETRAIN or base.CLASSIFIER), refusing evaluators that cannot
   score them; `overrides`: fields set on every chosen entry (the command's --split, --data)."""
   evals = dict(config.get("evals") or {})
-  chosen = list(names) if names else list(evals)
+  if training:     # only those a training run will run: a period of 0 is the command's
+    chosen = [n for n, spec in evals.items() if int(spec.get("period", 0)) > 0]
+  else:
+    chosen = list(names) if names else list(evals)
   missing = [n for n in chosen if n not in evals]
   if missing:
     raise errors.UserError(f"--evals {','.join(missing)}: not in config.evals (it has "

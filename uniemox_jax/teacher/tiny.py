@@ -96,5 +96,11 @@ def make_tiny_clip(directory: str, *, embed_dim: int = 64, width: int = 32, laye
                          num_hidden_layers=layers, num_attention_heads=heads,
                          image_size=image_size, patch_size=patch),
       projection_dim=embed_dim)
-  FlaxCLIPModel(config, seed=seed).save_pretrained(directory)
+  # Initialized under one jit: eagerly, each of the ~300 initializer ops compiles on its own
+  # (15 s on a CPU, in every test that starts a run).
+  import jax  # pylint: disable=g-import-not-at-top
+  model = FlaxCLIPModel(config, _do_init=False)
+  shape = ((1, 1), (1, image_size, image_size, 3))
+  params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(seed), shape)
+  model.save_pretrained(directory, params=params)
   return directory
