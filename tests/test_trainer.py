@@ -219,9 +219,9 @@ def _free_port():
 def test_two_processes_match_one(reference, tmp_path):
   workdir = str(tmp_path)
   port = _free_port()
-  # With the demo's evaluators on (at the last step): each gathers its split over both.
-  evals = [f"--config.evals.{name}.period=100" for name in
-           ("zero_shot", "linear_probe", "reconstruction")]
+  # With two of the demo's evaluators on (at the last step): zero-shot gathers its split over
+  # both processes (as the linear probe's features do), the grid reads replicated outputs.
+  evals = [f"--config.evals.{name}.period=100" for name in ("zero_shot", "reconstruction")]
   procs = [subprocess.Popen(
       _cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
            f"--process_id={i}", *evals), cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL,
@@ -237,7 +237,7 @@ def test_two_processes_match_one(reference, tmp_path):
   for a, b in zip(two, one):
     for k in ("l1", "l2", "l3", "total"):
       np.testing.assert_allclose(a[k], b[k], rtol=2e-4, atol=1e-6)
-  assert {"zero_shot/top1", "linear_probe/top1", "reconstruction/pixel_error"} <= set(two[-1])
+  assert {"zero_shot/top1", "reconstruction/pixel_error"} <= set(two[-1])
   out = os.path.join(workdir, "evaluations", f"checkpoints-{STEPS}")
   assert json.load(open(os.path.join(out, "zero_shot", "test_results.json")))[
       "num_examples"] == 16                  # every test image once (6,2,2 per class: 2 x 8)
