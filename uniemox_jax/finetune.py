@@ -140,7 +140,8 @@ class FinetuneTrainer(trainer.TrainLoop):
     if step % self.eval_every and step != self.schedule.total_steps:
       return {}
     split = self.config.data.eval_split
-    result = self.validator.run(state["params"]).report
+    evaluation = self.validator.run(state["params"])
+    result = evaluation.report
     value = metrics.headline(result)
     best = self._best
     if value > best["value"]:
@@ -150,7 +151,7 @@ class FinetuneTrainer(trainer.TrainLoop):
       best = self._best = {"step": step, "value": value, "split": split, "report": result}
       if jax.process_index() == 0:
         storage.write_text(storage.join(self.workdir, BEST_FILE), json.dumps(best, indent=2))
-    scalars = {f"{split}_{k}": v for k, v in result.items() if isinstance(v, float)}
+    scalars = {f"{split}_{k}": v for k, v in evaluation.scalars.items()}
     scalars[f"best_{split}"] = best["value"]
     return scalars
 

@@ -31,6 +31,7 @@ from uniemox_jax import checkpointing
 from uniemox_jax import datasets
 from uniemox_jax import distributed
 from uniemox_jax import errors
+from uniemox_jax import evaluate
 from uniemox_jax import evaluators
 from uniemox_jax import optim
 from uniemox_jax import sharding
@@ -408,8 +409,9 @@ class TrainLoop:
       if not evaluator.due(step, total):
         continue
       result = evaluator.run(params)
-      evaluator.write(result, storage.join(self.workdir, "evaluations",
-                                           f"checkpoints-{step}"))
+      # Where the evaluation command puts the reports of checkpoints/<step>.
+      evaluator.write(result, evaluate.default_out_dir(
+          storage.join(self.checkpointer.directory, str(step))))
       scalars.update({f"{name}/{k}": v for k, v in result.scalars.items()})
       if result.images:
         writer.write_images(step, {f"{name}/{k}": v[None] for k, v in result.images.items()})

@@ -100,11 +100,7 @@ class Evaluator:
       raise errors.UserError(f"{step_dir} has no params/encoder: nothing to evaluate")
 
   def place(self, params):
-    """Parameters as global arrays: host trees (a checkpoint read by the command) are
-    replicated; a training run's arrays are used where they are."""
-    if all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
-      return params
-    return sharding.host_to_global(params, sharding.replicated(self.mesh))
+    return place(params, self.mesh)
 
   def run(self, params) -> Result:
     raise NotImplementedError
@@ -124,6 +120,14 @@ class Evaluator:
       storage.write_bytes(path, png_bytes(image))
       files.append(path)
     return sorted(files)
+
+
+def place(params, mesh):
+  """Parameters as global arrays: host trees (a checkpoint read by the command) are
+  replicated over `mesh`; a training run's arrays are used where they are."""
+  if all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+    return params
+  return sharding.host_to_global(params, sharding.replicated(mesh))
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -26,7 +26,6 @@ from data_pipelines import input_pipeline
 from uniemox_jax import augment
 from uniemox_jax import evaluate
 from uniemox_jax import metrics
-from uniemox_jax import sharding
 from uniemox_jax.evaluators import base
 from uniemox_jax.models import vit
 
@@ -53,9 +52,7 @@ def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_d
   """For each split: {"features" [N, D], "label" (and "labels")} of every record, in order,
   through `fn` (a `feature_fn`). The encoder is placed and compiled once for all of them."""
   fn = fn or feature_fn(config)
-  encoder_params = {k: v for k, v in encoder_params.items() if k != "norm"}
-  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(encoder_params)):
-    encoder_params = sharding.host_to_global(encoder_params, sharding.replicated(mesh))
+  encoder_params = base.place({k: v for k, v in encoder_params.items() if k != "norm"}, mesh)
   batch_size = evaluate.check_batch(config.get("eval_batch_size", config.batch_size), mesh)
   out = {}
   for split in splits:
