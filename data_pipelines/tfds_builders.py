@@ -111,6 +111,14 @@ for _entry in catalogue.CATALOGUE.values():
 
 def build(name: str, manual_dir: str, data_dir: str, version: Optional[str] = None) -> str:
   """`tfds build` in Python: prepares <data_dir>/<name>/<version>/; returns that folder."""
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    # TFDS writes its shards with TensorFlow; our converter does not need it.
+    raise ImportError(
+        f"building {name!r} with TFDS needs TensorFlow ({e}): pip install -e '.[tfds]', or "
+        f"convert without it: python -m data_pipelines.convert --source split_tree "
+        f"--root {manual_dir} --name {name} --out <folder>") from e
   builder = BUILDERS[name](data_dir=data_dir, version=version)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
       manual_dir=manual_dir))

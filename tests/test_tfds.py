@@ -169,3 +169,28 @@ def test_one_catalogue_drives_converter_builders_and_configs():
     assert (config.num_classes, config.multi_label, config.batch_size) == (
         entry.num_classes, entry.multi_label, entry.batch_size)
     assert sources.RECIPES.get(name) == entry.recipe
+
+
+_BUILD_WITHOUT_TF = r"""
+import sys
+from data_pipelines import tfds_builders
+try:
+  tfds_builders.build("emo8", sys.argv[1], sys.argv[2])
+except ImportError as e:
+  print(e)
+"""
+
+
+def test_builders_without_tensorflow_say_what_to_install(manual_dir, tmp_path):
+  """TensorFlow is the `tfds` extra's, not the trainer's: a builder run without it says so."""
+  blocker = tmp_path / "blocker" / "tensorflow"
+  blocker.mkdir(parents=True)
+  (blocker / "__init__.py").write_text("raise ImportError('No module named tensorflow')\n")
+  env = dict(os.environ, PYTHONPATH=f"{blocker.parent}{os.pathsep}{ROOT}")
+  proc = subprocess.run([sys.executable, "-c", _BUILD_WITHOUT_TF, manual_dir,
+                         str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "building 'emo8' with TFDS needs TensorFlow" in proc.stdout, proc.stdout
+  assert "pip install -e '.[tfds]'" in proc.stdout and "data_pipelines.convert" in proc.stdout
+  assert not (tmp_path / "out").exists()

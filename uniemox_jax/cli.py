@@ -44,7 +44,7 @@ from uniemox_jax import errors  # noqa: E402
 TRACEBACK_ENV = "UNIEMOX_TRACEBACK"
 
 # Libraries whose INFO lines are noise in a training log (warnings and errors still show).
-_QUIET_LIBRARIES = ("orbax", "grain", "absl/logging", "jax/_src", "etils", "clu", "tensorflow")
+_QUIET_LIBRARIES = ("orbax", "grain", "absl/logging", "jax/_src", "etils", "tensorflow")
 # Warnings that say nothing a user can act on.
 _QUIET_WARNINGS = (
     "TensorFlow and JAX classes are deprecated",          # transformers 4.57 on its Flax code

@@ -1,5 +1,5 @@
 """The training loop that pretraining and fine-tuning share: one jitted, sharded step over a
-device mesh, orbax checkpoints with exact resume, preemption, clu metrics.
+device mesh, orbax checkpoints with exact resume, preemption, TensorBoard summaries.
 
 `TrainLoop` holds the mesh, the optimizer, the sharded state, the checkpoints and the loop;
 a task (`uniemox_jax.pretrain.PretrainTrainer`, `uniemox_jax.finetune.FinetuneTrainer`)
@@ -36,6 +36,7 @@ from uniemox_jax import evaluators
 from uniemox_jax import optim
 from uniemox_jax import sharding
 from uniemox_jax import storage
+from uniemox_jax import summaries
 from uniemox_jax.evaluators import base as evaluators_base
 
 METRICS_FILE = "metrics.jsonl"
@@ -307,8 +308,6 @@ class TrainLoop:
     and placed while it runs; metrics stay on the device until a log step (fetched one step
     late) or a checkpoint (every loss since the last fetch is checked finite before saving).
     """
-    from clu import metric_writers  # pylint: disable=g-import-not-at-top
-    from clu import periodic_actions  # pylint: disable=g-import-not-at-top
     cfg = self.config
     iterator = input_pipeline.make_iterator(self.dataset, workers=cfg.data.workers)
     state = self.initial_state(iterator)
@@ -317,16 +316,12 @@ class TrainLoop:
     consts = self.constants()
     base_key = jax.random.key(cfg.seed + 1)
     # TensorBoard events from process 0; the log gets one progress line per log step.
-    self.writer = writer = metric_writers.AsyncWriter(
-        metric_writers.SummaryWriter(self.logs.local)) if jax.process_index() == 0 else \
-        metric_writers.MultiWriter([])
+    writer = summaries.SummaryWriter(self.logs.local) if jax.process_index() == 0 else \
+        summaries.NullWriter()
     self._run_start = (time.perf_counter(), start, total)
-    hooks = []
-    if jax.process_index() == 0:
-      if cfg.profile.num_steps > 0:
-        hooks.append(periodic_actions.Profile(logdir=self.logs.local,
-                                              first_profile=start + cfg.profile.first_step,
-                                              num_profile_steps=cfg.profile.num_steps))
+    profile = summaries.ProfileWindow(self.logs.local, start + cfg.profile.first_step,
+                                      cfg.profile.num_steps) \
+        if jax.process_index() == 0 and cfg.profile.num_steps > 0 else None
     self._hashes = open(self.logs.pull("batch_hashes.jsonl"), "a") if \
         cfg.get("log_batch_hashes", False) else None
     preemption = Preemption(cfg.get("preemption_poll_steps", 10))
@@ -351,8 +346,8 @@ class TrainLoop:
       for step in range(start, total):
         state, metrics = train_step(state, consts, batch, base_key)
         self._window.append((step + 1, metrics))
-        for hook in hooks:
-          hook(step + 1)
+        if profile is not None:
+          profile(step + 1, metrics)
         preempted = preemption.reached(step + 1) or step + 1 == stop_after
         done = step + 1 == total
         paused = time.perf_counter()
@@ -388,7 +383,9 @@ class TrainLoop:
           log_due = step + 1
     finally:
       self.checkpointer.wait()
-      writer.flush()
+      writer.close()
+      if profile is not None:
+        profile.close()
       preemption.restore()
       if self._hashes is not None:
         self._hashes.close()
@@ -453,7 +450,7 @@ class TrainLoop:
     self._last = logged.get(ready[-1][0]) or self._check(*ready[-1])
 
   def _log(self, writer, step: int, values: Dict[str, float]) -> None:
-    """TensorBoard through clu, one JSON line per log step and a progress line (process 0)."""
+    """TensorBoard, one JSON line per log step and a progress line (process 0)."""
     self.history.append((step, values))
     writer.write_scalars(step, values)
     if jax.process_index() == 0:

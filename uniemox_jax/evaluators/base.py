@@ -20,6 +20,7 @@ from uniemox_jax import datasets
 from uniemox_jax import errors
 from uniemox_jax import sharding
 from uniemox_jax import storage
+from uniemox_jax import summaries
 
 # What parameters an evaluator reads: a pretraining model's (encoder, decoder, fuse), a
 # classifier's (encoder, fc_norm, head), or either (only params["encoder"]).
@@ -117,7 +118,7 @@ class Evaluator:
     for key, image in result.images.items():
       path = storage.join(folder, f"{key}_{self.split}.png")
       storage.makedirs(folder)
-      storage.write_bytes(path, png_bytes(image))
+      storage.write_bytes(path, summaries.png(image))
       files.append(path)
     return sorted(files)
 
@@ -128,14 +129,6 @@ def place(params, mesh):
   if all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
     return params
   return sharding.host_to_global(params, sharding.replicated(mesh))
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-  import io  # pylint: disable=g-import-not-at-top
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format="PNG")
-  return buf.getvalue()
 
 
 def float_scalars(report: Dict[str, Any]) -> Dict[str, float]:
