@@ -8,11 +8,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from tests import environment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(script, *args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=environment.QUICK_COMPILE)
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

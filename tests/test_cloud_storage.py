@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import environment
 from tests import gcs_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +23,6 @@ STEPS = 20
 _OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=5",
               "--config.checkpoint.keep=10", "--config.log_every_steps=5",
               "--config.log_batch_hashes=True"]
-_JAX_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"uniemox_test_jax_cache_{os.getuid()}")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +48,7 @@ def server(tmp_path_factory):
 
 
 def _env(server, cache, devices=8):
-  env = dict(os.environ, **server.env, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             UNIEMOX_CACHE_DIR=str(cache), JAX_COMPILATION_CACHE_DIR=_JAX_CACHE,
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return env
+  return environment.subprocess_env(devices, **server.env, UNIEMOX_CACHE_DIR=str(cache))
 
 
 def _run(server, cache, *cmd, check=True, timeout=900):

@@ -30,6 +30,7 @@ from uniemox_jax import predict
 from uniemox_jax import pretrain
 from uniemox_jax import sharding
 from uniemox_jax.evaluators import linear_probe as probe_lib
+from tests import environment
 from uniemox_jax.evaluators import reconstruction
 from uniemox_jax.evaluators import zero_shot
 
@@ -138,8 +139,7 @@ def _free_port():
 
 def test_exactly_once_on_two_processes(odd_data):
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = environment.subprocess_env(4)
   procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, odd_data,
                              f"127.0.0.1:{port}", str(i)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -164,9 +164,18 @@ def pretrained(tmp_path_factory):
   config = demo.get_config()
   config.unlock()
   config.update_from_flattened_dict({"total_steps": 60, "data.synthetic_per_class": "16,4,4",
-                                     "checkpoint.every_steps": 60})
+                                     "checkpoint.every_steps": 60, "log_every_steps": 5})
   pretrain.pretrain(config, str(workdir))
   return str(workdir)
+
+
+def test_demo_pretraining_loss_falls(pretrained):
+  logged = [json.loads(line) for line in open(os.path.join(pretrained, "metrics.jsonl"))]
+  assert [m["step"] for m in logged] == list(range(5, 61, 5))
+  for m in logged:
+    assert {"l1", "l2", "l3", "total", "grad_norm", "learning_rate"} <= set(m)
+  totals = [m["total"] for m in logged]
+  assert np.mean(totals[-3:]) < 0.6 * totals[0], totals      # 3.12 -> 1.46 when written
 
 
 def _finetune_config(pretrained, **overrides):

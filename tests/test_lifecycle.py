@@ -15,18 +15,16 @@ import pytest
 from data_pipelines import tfrecord
 from uniemox_jax import errors
 from uniemox_jax import trainer
+from tests import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"uniemox_test_jax_cache_{os.getuid()}")
 # A short pretraining on already-converted data (each process: 4 CPU devices).
 _OVERRIDES = ["--config.total_steps=400", "--config.checkpoint.every_steps=5",
               "--config.log_every_steps=5", "--config.data.synthetic=False"]
 
 
 def _env(devices=4, **extra):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = environment.subprocess_env(devices)
   env.pop(trainer.KILL_DURING_SAVE_ENV, None)
   env.pop(trainer.FAIL_BEFORE_STEP_ENV, None)
   env.update(extra)
