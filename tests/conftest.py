@@ -38,3 +38,16 @@ def synthetic_data(tmp_path_factory):
                 "--root", str(root / "raw"), "--per_class", "6,2,2", "--image_size", "48",
                 "--workers", "1", "--shard_size", "20", "--no_progress"])
   return str(root / "raw"), str(out)
+
+
+# The files that take longest (worker seconds on the 2-core dev machine), started first: each
+# file runs on one xdist worker (--dist loadfile), and a long file started last leaves the
+# other worker idle at the end. pytest.ini turns off xdist's own order (most tests first).
+_LONGEST_FIRST = ("test_trainer.py", "test_finetune.py", "test_cloud_storage.py",
+                  "test_benchmarks.py", "test_lifecycle.py", "test_attention.py",
+                  "test_datasets.py", "test_main.py", "test_teacher.py", "test_uniemox.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable within a file

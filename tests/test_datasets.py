@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -438,37 +439,47 @@ def _foreign_records(n, split, labels=("calm", "angry")):
   return out
 
 
-_TF_WRITE = """
-import sys, tensorflow as tf
-out, kind = sys.argv[1], sys.argv[2]
-data, pos, records = sys.stdin.buffer.read(), 0, []
-while pos < len(data):      # each record preceded by its length, 8 bytes little-endian
-  n = int.from_bytes(data[pos:pos + 8], "little")
-  records.append(data[pos + 8:pos + 8 + n])
-  pos += 8 + n
-opts = tf.io.TFRecordOptions(compression_type=kind) if kind != "NONE" else None
-with tf.io.TFRecordWriter(out, opts) as w:
-  for r in records:
-    w.write(r)
+# Serves write requests (path, compression, records) from stdin, one "ok" line each.
+_TF_WRITER = """
+import pickle, sys, tensorflow as tf
+while True:
+  size = sys.stdin.buffer.read(8)
+  if not size:
+    break
+  out, kind, records = pickle.loads(sys.stdin.buffer.read(int.from_bytes(size, "little")))
+  opts = tf.io.TFRecordOptions(compression_type=kind) if kind != "NONE" else None
+  with tf.io.TFRecordWriter(out, opts) as w:
+    for r in records:
+      w.write(r)
+  print("ok", flush=True)
 """
 
 
-def _tf_write(path, recs, kind="NONE"):
-  """Writes records with TensorFlow's own tf.io.TFRecordWriter (in a subprocess)."""
-  data = b"".join(len(b).to_bytes(8, "little") + b for b in (r.serialize() for r in recs))
-  proc = subprocess.run([sys.executable, "-c", _TF_WRITE, str(path), kind], input=data,
-                        capture_output=True, timeout=300, cwd=ROOT,
-                        env=dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2"))
-  assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.fixture(scope="module")
+def tf_write():
+  """Writes records with TensorFlow's own tf.io.TFRecordWriter, in one subprocess for the
+  module (TensorFlow takes ~10 s to import)."""
+  proc = subprocess.Popen([sys.executable, "-c", _TF_WRITER], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2"))
+
+  def write(path, recs, kind="NONE"):
+    request = pickle.dumps((str(path), kind, [r.serialize() for r in recs]))
+    proc.stdin.write(len(request).to_bytes(8, "little") + request)
+    proc.stdin.flush()
+    assert proc.stdout.readline() == b"ok\n", proc.stderr.read()[-3000:]
+  yield write
+  proc.stdin.close()
+  assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
 
 
-def test_plain_tfrecords_become_readable_with_one_command(tmp_path):
+def test_plain_tfrecords_become_readable_with_one_command(tmp_path, tf_write):
   folder = tmp_path / "theirs"
   os.makedirs(folder)
   for split, files, n in (("train", 2, 5), ("validation", 1, 3)):
     recs = _foreign_records(n * files, "val" if split == "validation" else split)
     for f in range(files):
-      _tf_write(folder / f"{split}-{f:03d}.tfrecord", recs[f * n:(f + 1) * n])
+      tf_write(folder / f"{split}-{f:03d}.tfrecord", recs[f * n:(f + 1) * n])
   cmd = [sys.executable, "-m", "data_pipelines.index_tfrecords", str(folder), "--name", "t",
          "--splits", "train=train-*,val=validation-*"]
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -485,13 +496,13 @@ def test_plain_tfrecords_become_readable_with_one_command(tmp_path):
   assert again.returncode == 2 and "already a dataset folder" in again.stderr
 
 
-def test_indexed_records_whose_ids_carry_no_split_are_read(tmp_path):
+def test_indexed_records_whose_ids_carry_no_split_are_read(tmp_path, tf_write):
   folder = tmp_path / "plain_ids"
   os.makedirs(folder)
   recs = _foreign_records(4, "train")
   for r in recs:
     r.image_id = r.source_path               # "img0.jpg": no "train/" in front
-  _tf_write(folder / "train-000.tfrecord", recs)
+  tf_write(folder / "train-000.tfrecord", recs)
   info = index_tfrecords.index_folder(str(folder), "p")
   assert info["split_ids"] is False
   source = ip.ShardSource(str(folder), "train")
@@ -500,10 +511,10 @@ def test_indexed_records_whose_ids_carry_no_split_are_read(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["GZIP", "ZLIB"])
-def test_compressed_tfrecords_are_named(tmp_path, kind):
+def test_compressed_tfrecords_are_named(tmp_path, kind, tf_write):
   folder = tmp_path / "zipped"
   os.makedirs(folder)
-  _tf_write(folder / "train.tfrecord", _foreign_records(3, "train"), kind)
+  tf_write(folder / "train.tfrecord", _foreign_records(3, "train"), kind)
   if kind == "GZIP":
     assert gzip.decompress(open(folder / "train.tfrecord", "rb").read())
   with pytest.raises(tfrecord.CorruptRecordError, match=rf"train.tfrecord is a {kind}-"
