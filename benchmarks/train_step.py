@@ -39,14 +39,20 @@ from uniemox_jax.models import vit  # noqa: E402
 from uniemox_jax.teacher import clip  # noqa: E402
 from uniemox_jax.teacher import clip_vision  # noqa: E402
 
-def make_teacher(variant: str, impl: str, dtype, attention: str) -> clip.ClipTeacher:
+def make_teacher(variant: str, impl: str, dtype, attention: str,
+                 abstract: bool = False) -> clip.ClipTeacher:
+  """`abstract`: the weights as shapes only (ShapeDtypeStructs), for lowering without running:
+  a B/16 tower's 86M random weights take seconds to draw on a CPU."""
   small = vit.decode_variant(variant).width < 768
   if impl == "fused":
     config = flops_lib.teacher_config(variant)
     tower = clip_vision.ClipVisionTower(config)
     pixels = jnp.zeros((1, config.image_size, config.image_size, 3))
-    params = jax.jit(tower.init)(jax.random.key(0), pixels)["params"]
+    init = (lambda *a: jax.eval_shape(tower.init, *a)) if abstract else jax.jit(tower.init)
+    params = init(jax.random.key(0), pixels)["params"]
     return clip.ClipTeacher.from_vision_tower(config, params, dtype=dtype, attention=attention)
+  if abstract:
+    raise ValueError("abstract weights: the fused teacher only")
   from transformers import CLIPConfig, FlaxCLIPModel  # pylint: disable=g-import-not-at-top
   if small:
     config = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64,
@@ -103,10 +109,10 @@ def uniemox_model(variant: str, dtype, attention: str, remat: str, scan: bool,
 
 
 def uniemox_fns(variant: str, dtype, attention: str, remat: str, scan: bool, teacher_impl: str,
-                image_size: int = 224):
+                image_size: int = 224, abstract_teacher: bool = False):
   """(init, step, teacher) of the UniEmoX step the trainer runs (same objective)."""
   model = uniemox_model(variant, dtype, attention, remat, scan, image_size)
-  teacher = make_teacher(variant, teacher_impl, dtype, attention)
+  teacher = make_teacher(variant, teacher_impl, dtype, attention, abstract_teacher)
   tx = _adamw()
 
   def init(key, batch):

@@ -211,9 +211,10 @@ def test_two_processes_match_one(reference, tmp_path):
   # With two of the demo's evaluators on (at the last step): zero-shot gathers its split over
   # both processes (as the linear probe's features do), the grid reads replicated outputs.
   evals = [f"--config.evals.{name}.period=100" for name in ("zero_shot", "reconstruction")]
+  # One checkpoint, the last (the saves of steps 10 and 20 change no number compared here).
   procs = [subprocess.Popen(
       _cmd(workdir, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-           f"--process_id={i}", *evals), cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL,
+           f"--process_id={i}", "--config.checkpoint.every_steps=30", *evals), cwd=ROOT, env=_env(4), stdout=subprocess.DEVNULL,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
   for p in procs:
     _, err = p.communicate(timeout=900)
