@@ -253,9 +253,9 @@ def test_gradient_accumulation_averages_device_local_micro_batches(tmp_path, syn
   # By hand: device d holds rows 4d..4d+3; micro-batch i takes rows 4d+2i, 4d+2i+1 of each.
   rows = [[4 * d + 2 * i + j for d in range(8) for j in range(2)] for i in range(2)]
   config.optim.accum_steps = 1
-  parts = [jax.jit(t._gradients)(state["params"], teacher_params,
-                                 {k: v[r] for k, v in batch.items()}, jax.random.fold_in(key, i))
-           for i, r in enumerate(rows)]
+  single = jax.jit(t._gradients)     # traced afresh (it reads accum_steps), then once for both
+  parts = [single(state["params"], teacher_params, {k: v[r] for k, v in batch.items()},
+                  jax.random.fold_in(key, i)) for i, r in enumerate(rows)]
   expect = jax.tree.map(lambda a, b: (a + b) / 2, parts[0], parts[1])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                (grads, terms), expect)
