@@ -18,7 +18,7 @@ import io
 import os
 import socket
 import time
-from typing import Mapping, Optional
+from typing import Mapping
 
 import jax
 import numpy as np
@@ -64,10 +64,12 @@ class SummaryWriter:
     self.path = os.path.join(logdir, name)
     self._file = open(self.path, "ab")
     self._write(self._event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
-    self.flush()
 
   def _write(self, event) -> None:
+    # Flushed at once (one event per log step): the workdir's mirror uploads this file at each
+    # checkpoint, and a killed run keeps every event written before it.
     self._file.write(tfrecord.frame(event.SerializeToString()))
+    self._file.flush()
 
   def _summary(self, step: int, values) -> None:
     summary = self._summary_pb2.Summary(value=values)
@@ -107,7 +109,6 @@ class SummaryWriter:
 
 class NullWriter:
   """The writer of processes other than 0: takes every call, writes nothing."""
-  path: Optional[str] = None
 
   def write_scalars(self, step, scalars) -> None:
     del step, scalars
