@@ -30,9 +30,9 @@ from uniemox_jax import predict
 from uniemox_jax import pretrain
 from uniemox_jax import sharding
 from uniemox_jax.evaluators import linear_probe as probe_lib
-from tests import environment
 from uniemox_jax.evaluators import reconstruction
 from uniemox_jax.evaluators import zero_shot
+from tests import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -16,7 +16,8 @@ def _run(*args, python_flags=()):
 
 
 def test_demo_command_trains_and_writes_its_workdir(tmp_path):
-  """The README's main job (shortened: the full demo's loss curve is test_trainer's)."""
+  """The README's main job (shortened: the loss curve is checked on test_finetune's
+  pretraining fixture)."""
   proc = _run("--config", "configs/demo.py:evals=False", f"--workdir={tmp_path}",
               "--config.total_steps=10", "--config.data.synthetic_per_class=6,2,2",
               "--config.log_every_steps=5", python_flags=("-X", "importtime"))
