@@ -13,6 +13,9 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_threefry_partitionable", True)
+# The tests' own trainers share the compilation cache with the processes they start.
+jax.config.update("jax_compilation_cache_dir", environment.CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,9 @@ from tests import gcs_server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "uniemox-test"
-STEPS = 20
-_OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=5",
+# The tests' short pretraining (test_trainer's runs compile the same programs).
+STEPS = environment.SHORT_RUN_STEPS
+_OVERRIDES = [*environment.SHORT_RUN, "--config.checkpoint.every_steps=10",
               "--config.checkpoint.keep=10", "--config.log_every_steps=5",
               "--config.log_batch_hashes=True"]
 
@@ -218,8 +219,7 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
   zero-shot evaluation reads the checkpoint from the bucket."""
   from uniemox_jax import storage
   data, _ = bucket_data
-  config = ["--config", "configs/demo.py:evals=False", f"--config.data.dir={data}",
-            *_OVERRIDES]
+  config = [*_OVERRIDES, f"--config.data.dir={data}"]
   # The uninterrupted run, started as README's TPU section starts one: launch/tpu_pod.sh, here
   # with a gcloud that runs the worker command on this machine.
   reference = _gs("runs", "reference")
@@ -241,8 +241,8 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
                            f"--workdir={workdir}"], cwd=ROOT, env=_env(server, tmp_path / "c1"),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 600
-  while not storage.exists(storage.join(workdir, "checkpoints", "5", "commit_success.txt")) \
-      and not storage.exists(storage.join(workdir, "checkpoints", "10")):
+  while not storage.exists(storage.join(workdir, "checkpoints", "10", "commit_success.txt")) \
+      and not storage.exists(storage.join(workdir, "checkpoints", "20")):
     assert proc.poll() is None, proc.communicate()[1][-3000:]
     assert time.time() < deadline
     time.sleep(0.1)

@@ -18,8 +18,9 @@ from uniemox_jax import trainer
 from tests import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A short pretraining on already-converted data (each process: 4 CPU devices).
-_OVERRIDES = ["--config.total_steps=400", "--config.checkpoint.every_steps=5",
+# The tests' short pretraining (test_trainer's two-process run compiles the same programs), on
+# already-converted data; each process has 4 CPU devices.
+_OVERRIDES = [*environment.SHORT_RUN, "--config.checkpoint.every_steps=5",
               "--config.log_every_steps=5", "--config.data.synthetic=False"]
 
 
@@ -38,8 +39,8 @@ def _free_port():
 
 
 def _main(workdir, data, *extra):
-  return [sys.executable, "-m", "uniemox_jax.main", "--config", "configs/demo.py:evals=False",
-          f"--workdir={workdir}", f"--config.data.dir={data}", *_OVERRIDES, *extra]
+  return [sys.executable, "-m", "uniemox_jax.main", f"--workdir={workdir}", *_OVERRIDES,
+          f"--config.data.dir={data}", *extra]
 
 
 def _start_two(workdir, data, port, env=None, *extra):

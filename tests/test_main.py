@@ -6,11 +6,14 @@ import sys
 
 import pytest
 
+from tests import environment
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args, python_flags=()):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  # The tests' compilation cache, not the demo config's workdirs/jax_cache in the checkout.
+  env = environment.subprocess_env(8)
   return subprocess.run([sys.executable, *python_flags, "-m", "uniemox_jax.main", *args],
                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

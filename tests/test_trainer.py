@@ -23,13 +23,12 @@ from uniemox_jax import pretrain
 from tests import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 30
+STEPS = environment.SHORT_RUN_STEPS
 
-# A short run with frequent checkpoints, recording each step's batch fingerprint.
-_OVERRIDES = [f"--config.total_steps={STEPS}", "--config.checkpoint.every_steps=10",
-              "--config.checkpoint.keep=20", "--config.log_every_steps=5",
-              "--config.log_batch_hashes=True", "--config.mesh.fsdp=4",
-              "--config.data.synthetic_per_class=6,2,2", "--config.data.synthetic_image_size=48"]
+# The tests' short run, with frequent checkpoints, recording each step's batch fingerprint.
+_OVERRIDES = [*environment.SHORT_RUN, *environment.SYNTHETIC_DATA,
+              "--config.checkpoint.every_steps=10", "--config.checkpoint.keep=20",
+              "--config.log_every_steps=5", "--config.log_batch_hashes=True"]
 
 
 def _env(devices=8):
@@ -40,8 +39,7 @@ def _env(devices=8):
 
 
 def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "uniemox_jax.main", "--config", "configs/demo.py:evals=False",
-          f"--workdir={workdir}", *_OVERRIDES, *extra]
+  return [sys.executable, "-m", "uniemox_jax.main", f"--workdir={workdir}", *_OVERRIDES, *extra]
 
 
 def _run(workdir, *extra, env=None, check=True):
