@@ -15,6 +15,8 @@ x1 for the teacher, no recomputation) per second over --peak_tflops; XLA's own c
 compiled step is printed beside it. Images/s is the median of --windows timed windows of
 --steps steps (min-max beside it); compile time is lowering + compilation. --find_max_batch
 doubles the per-device batch until memory runs out and times the largest that fits.
+--decoder_depth sets both models' decoder depth (the recipe's decoder: 8 blocks of width 512;
+MAE's ablation goes down to 1, and so do the quick CPU runs of the tests).
 """
 import argparse
 import os
@@ -76,6 +78,7 @@ class Mae(nn.Module):
   attention: str = "xla"
   remat: str = "none"
   image_size: int = 224
+  decoder_depth: int = 8
 
   @nn.compact
   def __call__(self, images):
@@ -84,8 +87,9 @@ class Mae(nn.Module):
     m = masking.random_masking(self.make_rng("mask"), images.shape[0], enc.num_patches,
                                self.mask_ratio)
     tokens, _ = enc(images, m.ids_keep, train=True)
-    dec = decoder_lib.MaskDecoder(enc.num_patches, enc.shape.patch, dtype=self.dtype,
-                                  attention=self.attention, remat=self.remat, name="decoder")
+    dec = decoder_lib.MaskDecoder(enc.num_patches, enc.shape.patch, depth=self.decoder_depth,
+                                  dtype=self.dtype, attention=self.attention, remat=self.remat,
+                                  name="decoder")
     pred = dec(dec.project(tokens), m.ids_restore)
     target = losses.reconstruction_target(decoder_lib.patchify(images, enc.shape.patch), False)
     return losses.masked_reconstruction_loss(pred, target, m.mask)
@@ -100,18 +104,19 @@ OBJECTIVE = objective.from_config(pretrain.get_config().model)
 
 
 def uniemox_model(variant: str, dtype, attention: str, remat: str, scan: bool,
-                  image_size: int = 224):
+                  image_size: int = 224, decoder_depth: int = 8):
   """The pretraining model of configs/pretrain.py with these settings."""
   cfg = pretrain.get_config(f"vit={variant}").model
   cfg.update(dtype="bfloat16" if dtype == jnp.bfloat16 else "float32", attention=attention,
              remat=remat, scan=scan, image_size=image_size)
+  cfg.decoder.depth = decoder_depth
   return models.pretrain_model(cfg)
 
 
 def uniemox_fns(variant: str, dtype, attention: str, remat: str, scan: bool, teacher_impl: str,
-                image_size: int = 224, abstract_teacher: bool = False):
+                image_size: int = 224, abstract_teacher: bool = False, decoder_depth: int = 8):
   """(init, step, teacher) of the UniEmoX step the trainer runs (same objective)."""
-  model = uniemox_model(variant, dtype, attention, remat, scan, image_size)
+  model = uniemox_model(variant, dtype, attention, remat, scan, image_size, decoder_depth)
   teacher = make_teacher(variant, teacher_impl, dtype, attention, abstract_teacher)
   tx = _adamw()
 
@@ -132,8 +137,10 @@ def uniemox_fns(variant: str, dtype, attention: str, remat: str, scan: bool, tea
   return init, step, teacher
 
 
-def mae_fns(variant: str, dtype, attention: str, remat: str, image_size: int = 224):
-  mae = Mae(variant, dtype=dtype, attention=attention, remat=remat, image_size=image_size)
+def mae_fns(variant: str, dtype, attention: str, remat: str, image_size: int = 224,
+            decoder_depth: int = 8):
+  mae = Mae(variant, dtype=dtype, attention=attention, remat=remat, image_size=image_size,
+            decoder_depth=decoder_depth)
   tx = _adamw()
 
   def init(key, batch):
@@ -174,7 +181,10 @@ def main():
   p.add_argument("--no_baseline", action="store_true",
                  help="skip the naive MAE rows (ratios are then to the first row)")
   p.add_argument("--models", default="mae,uniemox", help="which steps: mae, uniemox")
+  p.add_argument("--decoder_depth", type=int, default=8,
+                 help="decoder blocks of both models (the recipe: 8; 1 for quick CPU runs)")
   args = p.parse_args()
+  depth = args.decoder_depth
   dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
   size = args.image_size
   device = jax.devices()[0]
@@ -182,37 +192,41 @@ def main():
   if jax.device_count() > 1:
     print("note: measuring on one device (the first); run per chip", file=sys.stderr)
   print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; "
-        f"{args.dtype}; mask 0.75; remat {args.remat}; scan {args.scan}", flush=True)
+        f"{args.dtype}; mask 0.75; remat {args.remat}; scan {args.scan}; "
+        f"decoder depth {depth}", flush=True)
   print(timing.HEADER, flush=True)
   for variant in args.vit.split(","):
     baseline = None
     if not args.no_baseline:
-      t = measure(mae_fns(variant, dtype, "xla", "none", size), args.batch, args.steps,
+      t = measure(mae_fns(variant, dtype, "xla", "none", size, depth), args.batch, args.steps,
                   args.windows, dtype, size)
       baseline = args.batch / t.median
       print(timing.format_row(f"mae-naive {variant} xla", args.batch, t,
-                              flops_lib.per_image("mae", variant, image_size=size),
+                              flops_lib.per_image("mae", variant, image_size=size,
+                                                  decoder_depth=depth),
                               args.peak_tflops,
                               on_accelerator, baseline), flush=True)
     models_ = args.models.split(",")
     for attention in args.attention.split(","):
       same_as_baseline = attention == "xla" and args.remat == "none" and baseline
       if "mae" in models_ and not same_as_baseline:
-        t = measure(mae_fns(variant, dtype, attention, args.remat, size), args.batch,
+        t = measure(mae_fns(variant, dtype, attention, args.remat, size, depth), args.batch,
                     args.steps, args.windows, dtype, size)
         baseline = baseline or args.batch / t.median
         print(timing.format_row(f"mae {variant} {attention}", args.batch, t,
-                                flops_lib.per_image("mae", variant, image_size=size),
+                                flops_lib.per_image("mae", variant, image_size=size,
+                                                  decoder_depth=depth),
                                 args.peak_tflops,
                                 on_accelerator, baseline), flush=True)
       if "uniemox" not in models_:
         continue
       for teacher_impl in args.teacher.split(","):
-        fns = uniemox_fns(variant, dtype, attention, args.remat, args.scan, teacher_impl, size)
+        fns = uniemox_fns(variant, dtype, attention, args.remat, args.scan, teacher_impl, size,
+                          decoder_depth=depth)
         model_flops = flops_lib.per_image("uniemox", variant, global_batch=args.batch,
                                           teacher_cls_only=teacher_impl == "fused",
                                           teacher=flops_lib.teacher_config(variant),
-                                          image_size=size)
+                                          image_size=size, decoder_depth=depth)
         name = f"uniemox {variant} {attention} t={teacher_impl}"
         t = measure(fns, args.batch, args.steps, args.windows, dtype, size)
         baseline = baseline or args.batch / t.median
@@ -227,7 +241,7 @@ def main():
           model_flops = flops_lib.per_image("uniemox", variant, global_batch=largest,
                                             teacher_cls_only=teacher_impl == "fused",
                                             teacher=flops_lib.teacher_config(variant),
-                                            image_size=size)
+                                            image_size=size, decoder_depth=depth)
           t = measure(fns, largest, args.steps, args.windows, dtype, size)
           print(timing.format_row(name + " max", largest, t, model_flops, args.peak_tflops,
                                   on_accelerator, baseline), flush=True)

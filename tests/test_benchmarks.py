@@ -29,7 +29,8 @@ def test_train_step_benchmark_tiny():
   # float32 at 32 px: bfloat16 is emulated on a CPU (the FLOP checks below lower bf16 steps).
   out = _run("train_step.py", "--vit", "mu/16", "--batch", "2", "--steps", "1",
              "--windows", "2", "--attention", "xla", "--image_size", "32", "--scan",
-             "--dtype", "float32")
+             "--dtype", "float32", "--decoder_depth", "1")
+  assert "decoder depth 1" in out
   rows = _rows(out, "mae", "uniemox")
   assert [r[0] for r in rows] == ["mae-naive", "uniemox"]
   for r in rows:
@@ -84,3 +85,8 @@ def test_analytic_flops_of_the_published_census():
   assert round(flops.per_image("uniemox", "B/16", teacher_cls_only=False) / 1e9, 1) == 119.9
   assert round(flops.per_image("uniemox", "L/16") / 1e9, 1) == 249.0
   assert round(flops.per_image("mae", "L/16") / 1e9, 1) == 124.2
+  # --decoder_depth 1 removes 7 decoder blocks (width 512, MLP 2048, all 196 patches + CLS),
+  # each counted three times (forward and both gradients).
+  for model in ("mae", "uniemox"):
+    removed = flops.per_image(model, "B/16") - flops.per_image(model, "B/16", decoder_depth=1)
+    assert removed == pytest.approx(3 * 7 * flops.block(197, 512, 2048))
