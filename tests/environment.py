@@ -1,5 +1,5 @@
-"""What the test processes run with: fake CPU devices, one shared compilation cache, and
-quick compiles.
+"""What the test processes run with: fake CPU devices, one shared compilation cache, quick
+compiles, the short training run's shape; and `read_until`, to follow a started run's log.
 
 The suite is mostly compiles of tiny models. Two XLA flags make them cheaper: LLVM's
 optimization level 0 (`--xla_backend_optimization_level=0`) and XLA:CPU's older loop emitters
@@ -10,6 +10,7 @@ and differ from the default build in the last bits, which no test compares acros
 pytest processes and every process they start compile alike.
 """
 import os
+import re
 
 CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"uniemox_test_jax_cache_{os.getuid()}")
 QUICK_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
@@ -37,3 +38,16 @@ def subprocess_env(devices: int = 8, **extra: str) -> dict:
   return dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS=xla_flags(devices),
               JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
               **extra)
+
+
+def read_until(proc, pattern: str) -> str:
+  """Reads a started run's log (its stderr pipe) line by line until a line matches `pattern`;
+  returns what was read. Raises with the log's tail when the process ends first."""
+  seen = []
+  for line in proc.stderr:
+    seen.append(line)
+    if re.search(pattern, line):
+      return "".join(seen)
+  proc.wait()
+  raise AssertionError(f"exited {proc.returncode} before a line matched {pattern!r}:\n"
+                       + "".join(seen)[-3000:])

@@ -96,13 +96,7 @@ def test_a_killed_or_frozen_process_ends_the_other_within_60_seconds(data, tmp_p
   coordination service's timeout (distributed.HEARTBEAT_TIMEOUT_S) ends the survivor."""
   procs = _start_two(str(tmp_path / "w"), data, _free_port())
   # Mid-run: once step 5 is logged (each step is a collective of both), with 25 steps to go.
-  seen = []
-  for line in procs[0].stderr:
-    seen.append(line)
-    if f"step 5/{environment.SHORT_RUN_STEPS}" in line:
-      break
-  else:
-    raise AssertionError("".join(seen)[-3000:])
+  environment.read_until(procs[0], rf"step 5/{environment.SHORT_RUN_STEPS}\b")
   procs[1].send_signal(sig)
   start = time.time()
   try:

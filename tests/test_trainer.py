@@ -88,18 +88,6 @@ def _start(workdir, env=None):
                           stderr=subprocess.PIPE, text=True)
 
 
-def _read_until(proc, pattern):
-  """Reads the run's log (stderr) line by line until a line matches; returns what was read."""
-  seen = []
-  for line in proc.stderr:
-    seen.append(line)
-    if re.search(pattern, line):
-      return "".join(seen)
-  proc.wait()
-  raise AssertionError(f"exited {proc.returncode} before a line matched {pattern!r}:\n"
-                       + "".join(seen)[-3000:])
-
-
 def _checkpoints(workdir):
   return checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     read_only=True).all_steps()
@@ -121,7 +109,7 @@ def test_interrupted_three_ways_resumes_bitwise(reference, tmp_path):
 
   # 2. Killed at a random step, somewhere after step 15 was logged.
   proc = _start(workdir)
-  log = _read_until(proc, r"step 15/30")
+  log = environment.read_until(proc, r"step 15/30")
   assert re.search(r"Resuming from .*checkpoints/10\b", log), log[-3000:]
   time.sleep(random.uniform(0.0, 0.5))
   assert proc.poll() is None, "the run ended before it could be killed"
@@ -131,7 +119,7 @@ def test_interrupted_three_ways_resumes_bitwise(reference, tmp_path):
   # 3. Preempted at the first logged step after resuming.
   resumed_at = max(_checkpoints(workdir))
   proc = _start(workdir)
-  _read_until(proc, rf"step {resumed_at + 5}/30")
+  environment.read_until(proc, rf"step {resumed_at + 5}/30")
   proc.send_signal(signal.SIGTERM)
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 75, err[-3000:]       # uniemox_jax.errors.EXIT_PREEMPTED
