@@ -523,7 +523,10 @@ def parse_args(argv=None):
   p.add_argument("--allow_empty_classes", action="store_true",
                  help="convert although a class folder holds no image")
   p.add_argument("--strict", action="store_true",
-                 help="exit 1 when any file was skipped (unreadable, not an image)")
+                 help="exit 2 when any file was skipped (unreadable, not an image). The folder "
+                      "is still written, complete and verified without those files (the "
+                      "report lists them): fix or remove them and rerun (finished shards are "
+                      "kept), or use the folder as it is")
   p.add_argument("--overwrite", action="store_true",
                  help="remove --out first (it may hold another dataset)")
   p.add_argument("--no_tfds_metadata", action="store_true",
@@ -557,8 +560,9 @@ def main(argv=None) -> int:
     return 1
   if args.strict and report["num_skipped"]:
     print(f"error: --strict: {report['num_skipped']} file(s) were not converted (listed "
-          "above)", file=sys.stderr)
-    return 1
+          f"above and in {storage.join(args.out, REPORT_FILE)}); the folder holds the rest",
+          file=sys.stderr)
+    return 2
   return 0
 
 

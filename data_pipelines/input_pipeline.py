@@ -13,6 +13,7 @@ what happens on device. TensorFlow is never imported.
 from __future__ import annotations
 
 import json
+import signal
 from typing import Any, Callable, Dict, List, Optional
 
 from absl import flags
@@ -30,16 +31,20 @@ INFO_FILE = records.INFO_FILE
 PERSON_VIEWS = ("box", "second_view")
 
 
-def load_info(data_dir: str) -> Dict[str, Any]:
+def load_info(data_dir: str, field: str = "") -> Dict[str, Any]:
   """The dataset info of a folder written by `data_pipelines.convert`, or derived from the
-  TFDS metadata of one built by `tfds build` (see data_pipelines/tfds_builders.py)."""
+  TFDS metadata of one built by `tfds build` (see data_pipelines/tfds_builders.py). `field`
+  names where the folder came from (a flag or config field), for the error messages."""
   path = storage.join(data_dir, INFO_FILE)
   if not storage.exists(path):
     if tfds_format.is_tfds_dir(data_dir):
       return tfds_format.info_from_tfds(data_dir)
-    raise FileNotFoundError(f"{path} does not exist: config.data.dir must be a folder written "
-                            "by `python -m data_pipelines.convert` (or a TFDS dataset folder "
-                            "with dataset_info.json)")
+    where = f"{field} {data_dir}" if field else data_dir
+    what = "does not exist" if not storage.exists(data_dir) else \
+        f"holds no converted dataset ({INFO_FILE} missing)"
+    raise FileNotFoundError(f"{where} {what}: it must be a folder written by `python -m "
+                            "data_pipelines.convert` (or a TFDS dataset folder with "
+                            "dataset_info.json)")
   try:
     info = json.loads(storage.read_text(path))
   except json.JSONDecodeError as e:
@@ -292,5 +297,13 @@ def make_iterator(ds: grain.MapDataset, workers: int = 0, prefetch_per_worker: i
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=prefetch_per_worker))
+        num_workers=workers, per_worker_buffer_size=prefetch_per_worker),
+                              worker_init_fn=_ignore_interrupts)
   return iter(it_ds)
+
+
+def _ignore_interrupts(worker_index: int, worker_count: int) -> None:
+  """In each worker process: Ctrl-C reaches the whole process group, and the training process
+  decides what it means (save and stop); a worker that died of it would end the run first."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -2,13 +2,21 @@
 
 A checkpoint step directory appears under its final name only once completely written
 (orbax writes to a temporary directory and renames it), so a process killed mid-save leaves
-nothing that a restart could mistake for a checkpoint. Restore goes into an abstract tree that
-carries the current mesh's shardings: a checkpoint saved on 8 devices restores on 4 or 1.
+nothing that a restart could mistake for a checkpoint; the next start removes such leftovers,
+saying so. A save that fails (no space, a read-only disk, a refused request) raises
+`SaveFailed`, naming the directory, the cause and the last good checkpoint, which stays: an
+asynchronous save's failure is raised by the next `check()` after it happened (the training
+loop checks every step). Restore goes into an abstract tree that carries the current mesh's
+shardings: a checkpoint saved on 8 devices restores on 4 or 1.
 """
 from __future__ import annotations
 
+import errno
 import json
+import re
 from typing import Any, Dict, Optional, Sequence
+
+from absl import logging
 
 from etils import epath
 import grain
@@ -16,9 +24,33 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from uniemox_jax import errors
 from uniemox_jax import storage
 
 STATE, DATA, META = "state", "data", "meta"
+# What orbax names a step's directory while it is being written.
+TMP_MARK = ".orbax-checkpoint-tmp"
+
+
+class SaveFailed(errors.UserError):
+  """A checkpoint could not be written. The run's environment, not a bug: exit 2."""
+
+
+def failure_cause(e: BaseException):
+  """(cause in words, errno or None) of a failed write: OSErrors as they are, and the errors
+  orbax and TensorStore raise for them (a ValueError whose text carries os_error_code, or a
+  status such as PERMISSION_DENIED for a bucket)."""
+  code = e.errno if isinstance(e, OSError) and e.errno else None
+  text = str(e)
+  found = re.search(r"os_error_code='?(\d+)", text)
+  if code is None and found:
+    code = int(found.group(1))
+  if code is not None:
+    import os  # pylint: disable=g-import-not-at-top
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})", code
+  status = re.match(r"([A-Z_]{6,}):", text)
+  first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+  return (status.group(1) if status else first[:300]), None
 
 
 class Checkpointer:
@@ -35,8 +67,22 @@ class Checkpointer:
     # them orbax warns, on each resume, that items "could not be restored").
     handlers = {STATE: ocp.StandardCheckpointHandler(), DATA: grain.checkpoint.CheckpointHandler(),
                 META: ocp.JsonCheckpointHandler()}
+    if not read_only:
+      self._remove_leftovers()
     self._manager = ocp.CheckpointManager(epath.Path(self.directory), options=options,
                                           item_handlers=handlers)
+    self._pending: Optional[int] = None      # the step an asynchronous save is writing
+
+  def _remove_leftovers(self) -> None:
+    """Removes the temporary directories of saves that failed or were killed (process 0),
+    saying so: they hold no usable checkpoint and may fill the disk."""
+    if jax.process_index() != 0 or not storage.isdir(self.directory):
+      return
+    for name in storage.listdir(self.directory):
+      if TMP_MARK in name:
+        storage.rmtree(storage.join(self.directory, name))
+        logging.warning("Removed %s: an unfinished checkpoint save (it failed or was killed)",
+                        storage.join(self.directory, name))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -46,13 +92,43 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iterator=None,
            meta: Optional[Dict[str, Any]] = None) -> None:
-    """`meta`: a JSON-able dict kept with the step (the task, the class names)."""
+    """`meta`: a JSON-able dict kept with the step (the task, the class names). Raises
+    `SaveFailed` for this save (or the previous asynchronous one)."""
+    self.check()
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
     if meta is not None:
       items[META] = ocp.args.JsonSave(meta)
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._pending = step
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._failed(e) from e
+    if not self._manager.is_saving_in_progress():
+      self.wait()       # a synchronous save, or one already done: its errors now
+
+  def check(self) -> None:
+    """Raises `SaveFailed` if the asynchronous save in flight has failed; never waits."""
+    if self._pending is not None and not self._manager.is_saving_in_progress():
+      self.wait()
+
+  def _failed(self, e: BaseException) -> SaveFailed:
+    """`e` in one line; the failed save's temporary directory removed (it may fill a disk)."""
+    step, self._pending = self._pending, None
+    cause, code = failure_cause(e)
+    if jax.process_index() == 0:
+      for name in storage.listdir(self.directory) if storage.isdir(self.directory) else ():
+        if name.startswith(f"{step}{TMP_MARK}"):
+          try:
+            storage.rmtree(storage.join(self.directory, name))
+          except OSError:
+            pass
+    last = self._manager.latest_step()
+    kept = f"the last good checkpoint, step {last}, is kept" if last is not None else \
+        "no earlier checkpoint exists"
+    return SaveFailed(f"could not save checkpoint {step} in {self.directory}: {cause}; {kept}; "
+                      f"{errors.remedy(code)}, then rerun the same command to resume")
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """The state at `step`, placed as `abstract_state`'s shardings say; the iterator (if
@@ -69,7 +145,14 @@ class Checkpointer:
         step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))[STATE]
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight is written; raises `SaveFailed` if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      if self._pending is None:
+        raise
+      raise self._failed(e) from e
+    self._pending = None
 
   def close(self) -> None:
     self._manager.close()
@@ -104,6 +187,15 @@ def open_for_restore(path: str, flag: str = "config.init.checkpoint"):
     raise FileNotFoundError(f"checkpoint step {step} is not in {directory}; it has "
                             f"{sorted(ckpt.all_steps())} ({flag})")
   return ckpt, step
+
+
+def latest_finished_step(directory: str) -> Optional[int]:
+  """The latest finished step under `directory` (None: none), read-only."""
+  ckpt = Checkpointer(directory, read_only=True, asynchronous=False)
+  try:
+    return ckpt.latest_step()
+  finally:
+    ckpt.close()
 
 
 def resolve_step_dir(path: str, flag: str = "--checkpoint") -> str:

@@ -4,11 +4,15 @@ the preemption exit code, and processes that fail together.
   cli.run(main)      instead of absl's app.run(main)
 
 - A user's mistake (a bad flag or config field, a missing path or split, a checkpoint that
-  does not fit, corrupt data) prints one line `error: ...` naming it and exits 2, without a
-  traceback; UNIEMOX_TRACEBACK=1 shows the traceback too. Anything else is a bug: traceback,
-  exit 1.
+  does not fit, corrupt data) or a problem of the environment (no space left, a read-only or
+  forbidden location, an unreachable bucket) prints one line `error: ...` naming it (one line
+  per problem, when the checks before the first step found several) and exits 2, without a
+  traceback; UNIEMOX_TRACEBACK=1 shows the traceback too. A usage mistake says so and points
+  to --help. Anything else is a bug: traceback, exit 1.
 - A preempted run exits with `errors.EXIT_PREEMPTED` (75) after its last line "preempted at
-  step N; rerun the same command to resume".
+  step N; rerun the same command to resume"; a first Ctrl-C saves and stops the same way with
+  "interrupted at step N; ..." and `errors.EXIT_INTERRUPTED` (130); a second Ctrl-C stops at
+  once, without saving (130).
 - With several processes, a failing process tells the others (`distributed.report_failure`)
   and exits at once, so that no process waits on a collective that cannot complete.
 """
@@ -25,6 +29,12 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 # USE_TORCH=1 (model.safetensors loads either way).
 os.environ.setdefault("USE_TORCH", "0")
 os.environ.setdefault("USE_TF", "0")
+# The input pipeline's worker processes hand batches over in shared memory; the batches still
+# prefetched when a run ends are freed by multiprocessing's resource tracker, a process of its
+# own that then warns about each ("leaked shared_memory objects") after the run's last line.
+# It inherits this environment, not our warning filters.
+os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [
+    os.environ.get("PYTHONWARNINGS"), "ignore:resource_tracker:UserWarning"]))
 
 import difflib  # noqa: E402
 import json  # noqa: E402
@@ -44,7 +54,7 @@ from uniemox_jax import errors  # noqa: E402
 TRACEBACK_ENV = "UNIEMOX_TRACEBACK"
 
 # Libraries whose INFO lines are noise in a training log (warnings and errors still show).
-_QUIET_LIBRARIES = ("orbax", "grain", "absl/logging", "jax/_src", "etils", "tensorflow")
+_QUIET_LIBRARIES = ("orbax", "grain", "absl/logging", "jax/_src", "etils", "tensorflow", "gcsfs")
 # Warnings that say nothing a user can act on.
 _QUIET_WARNINGS = (
     "TensorFlow and JAX classes are deprecated",          # transformers 4.57 on its Flax code
@@ -53,6 +63,14 @@ _QUIET_WARNINGS = (
     "CheckpointManagerOptions.read_only=True",            # orbax, reading a checkpoint we
     "Given directory is read only",                       # opened read-only on purpose
 )
+# orbax's tracebacks of a failed save, logged from its threads: the run ends with one line
+# that names the checkpoint, the cause and what to do (checkpointing.SaveFailed).
+_SAID_BETTER = (
+    "_SignalingThread.run() raised an exception",
+    "Handler Commit operations or the Commit callback in background save thread",
+    "[wait_until_finished] Save Finalize thread",
+    "out of retries on exception",                        # gcsfs, before our one line
+)
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -60,6 +78,11 @@ class _QuietLibraries(pylogging.Filter):
   def filter(self, record):
     text = record.getMessage()
     if any(w in text for w in _QUIET_WARNINGS):
+      return False
+    if not os.environ.get(TRACEBACK_ENV) and (
+        any(w in text for w in _SAID_BETTER) or
+        # orbax's writer tasks that failed with it, reported by asyncio when collected
+        ("Task exception was never retrieved" in text and "/orbax/" in text)):
       return False
     if record.levelno >= pylogging.WARNING:
       return True
@@ -71,7 +94,8 @@ def quiet() -> None:
   for text in _QUIET_WARNINGS:
     warnings.filterwarnings("ignore", message=f".*{re.escape(text)}.*")
   warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-  for name in ("orbax", "absl", "jax", "grain", "transformers", "tensorflow"):
+  for name in ("orbax", "absl", "jax", "grain", "transformers", "tensorflow", "gcsfs",
+               "asyncio"):
     pylogging.getLogger(name).addFilter(_QuietLibraries())
   logging.get_absl_handler().addFilter(_QuietLibraries())
 
@@ -80,7 +104,8 @@ def _is_user_error(e: BaseException) -> bool:
   from data_pipelines import tfrecord  # pylint: disable=g-import-not-at-top
   return isinstance(e, (errors.UserError, tfrecord.CorruptRecordError, FileNotFoundError,
                         NotADirectoryError, IsADirectoryError, PermissionError,
-                        json.JSONDecodeError))
+                        ConnectionError, json.JSONDecodeError)) or (
+                            isinstance(e, OSError) and e.errno in errors.ENVIRONMENT_ERRNOS)
 
 
 def _exit_now(code: int) -> None:
@@ -105,21 +130,45 @@ def guarded(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], 
     import jax  # pylint: disable=g-import-not-at-top
     try:
       main(argv)
-    except errors.Preempted as e:
+    except errors.Preempted as e:          # and errors.Interrupted
       print(str(e), file=sys.stderr, flush=True)
-      _exit_now(errors.EXIT_PREEMPTED) if _several(jax) else sys.exit(errors.EXIT_PREEMPTED)
-    except app.UsageError:
-      raise
+      _last_words()
+      _exit_now(e.exit_code) if _several(jax) else sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+      print("\ninterrupted again: stopped at once, without saving; rerun the same command to "
+            "resume from the last checkpoint", file=sys.stderr, flush=True)
+      _stop_children()
+      _exit_now(errors.EXIT_INTERRUPTED)
+    except app.UsageError as e:
+      print(f"error: {e}; see --help", file=sys.stderr, flush=True)
+      sys.exit(errors.EXIT_USER_ERROR)
     except Exception as e:  # pylint: disable=broad-except
       several = _several(jax)
       if _is_user_error(e):
         if os.environ.get(TRACEBACK_ENV):
           traceback.print_exc()
-        print(f"error: {_one_line(e)}", file=sys.stderr, flush=True)
+        for problem in getattr(e, "problems", None) or [e]:
+          print(f"error: {_one_line(problem)}", file=sys.stderr, flush=True)
+        _last_words()
         _fail(str(e), errors.EXIT_USER_ERROR, several)
       traceback.print_exc()
       _fail(f"{type(e).__name__}: {e}", 1, several)
   return wrapped
+
+
+def _last_words() -> None:
+  """The line just printed is the run's last: what libraries log while the process ends
+  (threads winding down, tasks collected) is not shown (UNIEMOX_TRACEBACK=1 shows it)."""
+  if not os.environ.get(TRACEBACK_ENV):
+    pylogging.disable(pylogging.CRITICAL)
+    warnings.simplefilter("ignore")
+
+
+def _stop_children() -> None:
+  """Ends the input pipeline's worker processes (they ignore Ctrl-C: the run decides)."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  for child in multiprocessing.active_children():
+    child.terminate()
 
 
 def _several(jax) -> bool:
@@ -129,9 +178,8 @@ def _several(jax) -> bool:
     return False
 
 
-def _one_line(e: BaseException) -> str:
-  text = str(e) if not isinstance(e, FileNotFoundError) or not e.filename else \
-      f"{e.strerror}: {e.filename}"
+def _one_line(e) -> str:
+  text = e if isinstance(e, str) else errors.message(e)
   return " | ".join(line.strip() for line in text.strip().splitlines() if line.strip())
 
 

@@ -7,12 +7,31 @@ it); anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import errno
+from typing import Optional
 
 EXIT_USER_ERROR = 2
 # A preempted run saved its state and stopped early: rerun the same command to resume.
 # (EX_TEMPFAIL of sysexits.h; launch/slurm_gpu.sbatch requeues on it, launch/tpu_pod.sh
 # restarts.)
 EXIT_PREEMPTED = 75
+# Stopped by Ctrl-C (128 + SIGINT, as shells report it), after saving.
+EXIT_INTERRUPTED = 130
+
+
+# What to do about a write the machine refused, by errno.
+_REMEDIES = {
+    errno.ENOSPC: "free space on that disk, or write elsewhere",
+    errno.EDQUOT: "free space within your quota, or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "this user may not write there: fix the permissions or write elsewhere",
+    errno.EPERM: "this user may not write there: fix the permissions or write elsewhere",
+}
+ENVIRONMENT_ERRNOS = tuple(_REMEDIES)
+
+
+def remedy(code: Optional[int]) -> str:
+  return _REMEDIES.get(code, "check that the location is writable")
 
 
 class UserError(ValueError):
@@ -22,10 +41,18 @@ class UserError(ValueError):
 
 class Preempted(Exception):
   """The run was preempted (SIGTERM) after saving `step`; nothing after training ran."""
+  exit_code = EXIT_PREEMPTED
+  what = "preempted"
 
   def __init__(self, step: int):
-    super().__init__(f"preempted at step {step}; rerun the same command to resume")
+    super().__init__(f"{self.what} at step {step}; rerun the same command to resume")
     self.step = step
+
+
+class Interrupted(Preempted):
+  """Stopped by Ctrl-C after saving `step`; nothing after training ran."""
+  exit_code = EXIT_INTERRUPTED
+  what = "interrupted"
 
 
 @contextlib.contextmanager
@@ -39,5 +66,53 @@ def as_user_errors():
           PermissionError):
     raise      # already user errors, kept as they are
   except (ValueError, KeyError, OSError) as e:
-    message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    raise UserError(str(message)) from e
+    text = e.args[0] if isinstance(e, KeyError) and e.args else message(e)
+    raise UserError(str(text)) from e
+
+
+class Problems(UserError):
+  """Several user errors found at once (the checks before a run's first step): the command
+  line prints one `error:` line for each."""
+
+  def __init__(self, problems):
+    super().__init__("\n".join(problems))
+    self.problems = list(problems)
+
+
+class Checks:
+  """Runs independent checks and reports every failure at once:
+
+    checks = Checks()
+    with checks.check():
+      ...               # a UserError (or ValueError, KeyError, OSError) is kept
+    checks.raise_any()  # UserError for one problem, Problems for several
+  """
+
+  def __init__(self):
+    self.problems = []
+
+  @contextlib.contextmanager
+  def check(self):
+    try:
+      with as_user_errors():
+        yield
+    except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as e:
+      self.problems.extend(getattr(e, "problems", None) or [message(e)])
+
+  def raise_any(self) -> None:
+    if len(self.problems) == 1:
+      raise UserError(self.problems[0])
+    if self.problems:
+      raise Problems(self.problems)
+
+
+def message(e: BaseException) -> str:
+  """An exception in words; an OSError as "<reason>: <path>", with what to do when the
+  machine refused a write (no space, read-only, permissions)."""
+  if isinstance(e, OSError) and e.filename and e.strerror:
+    text = f"{e.strerror}: {e.filename}"
+    if e.errno in ENVIRONMENT_ERRNOS:
+      text += f" ({remedy(e.errno)})"
+    return text
+  return str(e)

@@ -62,9 +62,11 @@ class FinetuneTrainer(trainer.TrainLoop):
   LOSS = "loss"
   reads = evaluators.base.CLASSIFIER
 
+  def check_data(self) -> None:
+    datasets.check_dataset(self.config, self.info)
+
   def setup(self):
     config = self.config
-    datasets.check_dataset(config, self.info)
     self.class_names = list(self.info["class_names"])
     self.multi_label = bool(self.info.get("multi_label"))
     self.model = models.classification_model(config.model, len(self.class_names))

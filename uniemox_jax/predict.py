@@ -130,6 +130,8 @@ def main(argv):
   f = flags.FLAGS
   if not f.out.endswith((".csv", ".json")):
     raise app.UsageError(f"--out {f.out}: write .csv or .json")
+  with errors.as_user_errors():
+    storage.check_writable(storage.dirname(storage.absolute(f.out)))   # before any work
   result = predict(_CONFIG.value, f.checkpoint, list_images(f.images), f.top_k, f.classes,
                    f.batch_size)
   write(result, f.out, f.images, f.top_k)

@@ -67,14 +67,71 @@ def basename(path: str) -> str:
 
 
 def filesystem(path: str):
-  """The fsspec filesystem of a URL (one client per protocol, cached by fsspec)."""
+  """The fsspec filesystem of a URL (one client per protocol, cached by fsspec). For gs://,
+  the storage service is checked reachable first (`check_reachable`)."""
   import fsspec  # pylint: disable=g-import-not-at-top
   protocol = path.split("://", 1)[0]
+  if protocol in ("gs", "gcs"):
+    check_reachable(path)
   try:
     return fsspec.filesystem(protocol)
   except ImportError as e:
     raise ImportError(f"{path}: reading {protocol}:// needs an fsspec backend ({e}); "
                       "for gs:// `pip install gcsfs`") from None
+
+
+# How long a command tries to reach the storage service before it gives up (seconds). gcsfs
+# retries each request 6 times with backoff (about 33 s) and a command makes several, so an
+# unreachable service took over a minute and a hundred lines of tracebacks to report.
+CONNECT_BUDGET_ENV = "UNIEMOX_STORAGE_CONNECT_S"
+CONNECT_BUDGET_S = 10.0
+_reachable: dict = {}
+
+
+def _gcs_endpoint():
+  """(host, port, how it was chosen) of what a gs:// request connects to first: the
+  emulator, an HTTPS proxy, or Google's storage service."""
+  import urllib.parse  # pylint: disable=g-import-not-at-top
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+  proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+  if emulator:
+    url, why = (emulator if "://" in emulator else f"http://{emulator}"), "STORAGE_EMULATOR_HOST"
+  elif proxy:
+    url, why = (proxy if "://" in proxy else f"http://{proxy}"), "HTTPS_PROXY"
+  else:
+    url, why = "https://storage.googleapis.com", "Google Cloud Storage"
+  parts = urllib.parse.urlsplit(url)
+  return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), why
+
+
+def check_reachable(path: str) -> None:
+  """Fails within CONNECT_BUDGET_S (environment: UNIEMOX_STORAGE_CONNECT_S) when no TCP
+  connection to the storage service can be made, naming `path`, what was tried and what to
+  check. Checked once per endpoint and process."""
+  import socket  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  host, port, why = _gcs_endpoint()
+  if _reachable.get((host, port)):
+    return
+  budget = float(os.environ.get(CONNECT_BUDGET_ENV) or CONNECT_BUDGET_S)
+  deadline, tries, last = time.monotonic() + budget, 0, None
+  while True:
+    tries += 1
+    try:
+      timeout = max(0.5, min(5.0, deadline - time.monotonic()))
+      socket.create_connection((host, port), timeout=timeout).close()
+      _reachable[(host, port)] = True
+      return
+    except OSError as e:
+      last = e
+    if time.monotonic() + 1.0 > deadline:
+      break
+    time.sleep(1.0)
+  raise ConnectionError(
+      f"{path}: cannot reach the storage service at {host}:{port} ({why}; {tries} "
+      f"connection attempts over {budget:.0f} s, last: {last}); check this machine's network, "
+      f"DNS and proxy settings (or STORAGE_EMULATOR_HOST); {CONNECT_BUDGET_ENV}=SECONDS waits "
+      "longer on a slow network")
 
 
 def _bucket(path: str) -> str:
@@ -176,6 +233,18 @@ def makedirs(path: str) -> None:
                               f"it first, e.g. `gcloud storage buckets create {bucket}`)")
 
 
+def check_writable(path: str) -> None:
+  """Creates the folder `path` and checks a file can be written in it (locally: a probe file,
+  removed again), so that a read-only or forbidden location fails before any work is done."""
+  makedirs(path)
+  if is_remote(path):
+    return         # a bucket refuses with the first write, which names the path
+  probe = os.path.join(_local(path), f".uniemox-write-check-{os.getpid()}")
+  with naming(path, probe):
+    builtins.open(probe, "wb").close()
+  os.remove(probe)
+
+
 def open(path: str, mode: str = "r", **kwargs) -> IO:  # pylint: disable=redefined-builtin
   if not is_remote(path):
     return builtins.open(_local(path), mode, **kwargs)
@@ -194,6 +263,18 @@ def write_text(path: str, text: str) -> None:
   write_bytes(path, text.encode("utf-8"))
 
 
+@contextlib.contextmanager
+def naming(path: str, temporary: Optional[str] = None) -> Iterator[None]:
+  """An OSError raised inside without a file name (a write() that found the disk full), or
+  naming the `temporary` file that stands for `path`, names `path` instead."""
+  try:
+    yield
+  except OSError as e:
+    if e.filename not in (None, temporary) or not e.errno:
+      raise
+    raise OSError(e.errno, e.strerror, path) from e
+
+
 def write_bytes(path: str, data: bytes) -> None:
   if is_remote(path):
     with _remote(path):
@@ -201,9 +282,66 @@ def write_bytes(path: str, data: bytes) -> None:
     return
   path = _local(path)
   tmp = f"{path}.tmp-{os.getpid()}"
-  with builtins.open(tmp, "wb") as f:
+  try:
+    with naming(path, tmp), builtins.open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)       # a failed write leaves no partial file behind
+
+
+def create_exclusive(path: str, data: bytes) -> bool:
+  """Writes `path` only if it does not exist, atomically: False (nothing written) if it does.
+  Locally O_EXCL; in a bucket an upload with the precondition "no live generation" (GCS's
+  ifGenerationMatch=0), so of two hosts racing for one name exactly one wins."""
+  if is_remote(path):
+    with _remote(path):
+      try:
+        filesystem(path).pipe_file(path, data, mode="create")
+      except FileExistsError:
+        return False
+    return True
+  try:
+    fd = os.open(_local(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+  except FileExistsError:
+    return False
+  with builtins.open(fd, "wb") as f:
     f.write(data)
-  os.replace(tmp, path)
+  return True
+
+
+def generation(path: str) -> Optional[str]:
+  """The bucket's generation of the object at `path` (None for local files)."""
+  if not is_remote(path):
+    return None
+  with _remote(path):
+    fs = filesystem(path)
+    fs.invalidate_cache(path)
+    value = fs.info(path).get("generation")
+  return None if value is None else str(value)
+
+
+def remove_generation(path: str, generation_: Optional[str]) -> bool:
+  """Deletes the object at `path` only while it is still at `generation_` (GCS's
+  ifGenerationMatch): False when another writer replaced or removed it first. Local files
+  (generation None) are removed unconditionally."""
+  if not is_remote(path) or generation_ is None:
+    try:
+      remove(path)
+    except FileNotFoundError:
+      return False
+    return True
+  fs = filesystem(path)
+  bucket, key = path.split("://", 1)[1].split("/", 1)
+  try:
+    with _remote(path):
+      fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=generation_)
+  except (FileNotFoundError, FileExistsError):    # gone, or precondition failed (412)
+    return False
+  finally:
+    fs.invalidate_cache(path)
+  return True
 
 
 def remove(path: str) -> None:
@@ -226,8 +364,13 @@ def upload(local_path: str, path: str) -> None:
   """Copies a local file to `path` (local: a rename-into-place copy; remote: one upload)."""
   if not is_remote(path):
     tmp = f"{_local(path)}.tmp-{os.getpid()}"
-    shutil.copyfile(local_path, tmp)
-    os.replace(tmp, _local(path))
+    try:
+      with naming(path, tmp):
+        shutil.copyfile(local_path, tmp)
+      os.replace(tmp, _local(path))
+    finally:
+      if os.path.exists(tmp):
+        os.remove(tmp)
     return
   with _remote(path):
     filesystem(path).put_file(local_path, path)

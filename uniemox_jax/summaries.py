@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from data_pipelines import tfrecord
+from uniemox_jax import storage
 
 
 def _protos():
@@ -68,8 +69,9 @@ class SummaryWriter:
   def _write(self, event) -> None:
     # Flushed at once (one event per log step): the workdir's mirror uploads this file at each
     # checkpoint, and a killed run keeps every event written before it.
-    self._file.write(tfrecord.frame(event.SerializeToString()))
-    self._file.flush()
+    with storage.naming(self.path):
+      self._file.write(tfrecord.frame(event.SerializeToString()))
+      self._file.flush()
 
   def _summary(self, step: int, values) -> None:
     summary = self._summary_pb2.Summary(value=values)

@@ -48,34 +48,45 @@ KILL_DURING_SAVE_ENV = "UNIEMOX_FAULT_KILL_DURING_SAVE"
 FAIL_BEFORE_STEP_ENV = "UNIEMOX_FAULT_FAIL_BEFORE_STEP"
 
 
-class Preemption:
-  """SIGTERM -> save and exit cleanly. With several processes they agree on the step: every
-  `poll_every` steps one all-gather of the flags (a collective every step would stall the
-  host on the device), so a preempted run stops within `poll_every` steps."""
+class StopSignals:
+  """SIGTERM (a preemption) or a first Ctrl-C (SIGINT) -> save and stop at the next step; a
+  second Ctrl-C raises KeyboardInterrupt at once (the command line stops without saving).
+  With several processes they agree on the step and the reason: every `poll_every` steps one
+  all-gather of the flags (a collective every step would stall the host on the device), so a
+  stop lands within `poll_every` steps."""
+  NONE, PREEMPTED, INTERRUPTED = 0, 1, 2
 
   def __init__(self, poll_every: int = 10):
-    self.requested = False
+    self.requested = self.NONE
     self.poll_every = max(1, poll_every)
     self.polls = 0     # all-gathers made (tests count them)
-    self._previous = signal.signal(signal.SIGTERM, self._handler)
+    self._previous = {sig: signal.signal(sig, self._handler)
+                      for sig in (signal.SIGTERM, signal.SIGINT)}
 
   def _handler(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: will save a checkpoint and stop")
-    self.requested = True
+    del frame
+    if signum == signal.SIGINT:
+      logging.warning("Ctrl-C: will save a checkpoint and stop (Ctrl-C again: stop at once, "
+                      "without saving)")
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      self.requested = max(self.requested, self.INTERRUPTED)
+    else:
+      logging.warning("SIGTERM received: will save a checkpoint and stop")
+      self.requested = max(self.requested, self.PREEMPTED)
 
-  def reached(self, step: int) -> bool:
-    """Whether to stop after `step`; the same answer on every process."""
+  def reached(self, step: int) -> int:
+    """Why to stop after `step` (NONE: go on); the same answer on every process."""
     if jax.process_count() == 1:
       return self.requested
     if step % self.poll_every:
-      return False
+      return self.NONE
     self.polls += 1
-    flags = multihost_utils.process_allgather(np.asarray(self.requested))
-    return bool(np.any(flags))
+    flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+    return int(np.max(flags))
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
 
 def _duration(seconds: float) -> str:
@@ -125,14 +136,27 @@ class TrainLoop:
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     num_devices, procs = self.mesh.devices.size, jax.process_count()
     accum = config.optim.get("accum_steps", 1)
-    if accum < 1 or config.batch_size % (num_devices * accum) or config.batch_size % procs:
-      raise ValueError(f"config.batch_size={config.batch_size} must divide evenly over "
-                       f"{num_devices} devices x config.optim.accum_steps={accum} "
-                       f"micro-batches and {procs} processes")
+    # The checks before the first step report every problem they find at once.
+    checks = errors.Checks()
+    with checks.check():
+      if accum < 1 or config.batch_size % (num_devices * accum) or config.batch_size % procs:
+        raise ValueError(f"config.batch_size={config.batch_size} must divide evenly over "
+                         f"{num_devices} devices x config.optim.accum_steps={accum} "
+                         f"micro-batches and {procs} processes")
     self.local_batch = config.batch_size // procs
-    self.data_dir = datasets.resolve_data_dir(config, workdir)
-    self.info = input_pipeline.load_info(self.data_dir)
-    self.check_splits()
+    self.info = None
+    with checks.check():
+      self.data_dir = datasets.resolve_data_dir(config, workdir)
+      self.info = input_pipeline.load_info(self.data_dir, "config.data.dir")
+    if self.info is None:    # nothing else can be checked without the data
+      checks.raise_any()
+    with checks.check():
+      self.check_splits()
+    with checks.check():
+      self.check_data()
+    with checks.check():
+      self._check_restore_source()
+    checks.raise_any()
     self.schedule = optim.resolve_schedule(
         config, datasets.num_examples(self.info, config.data.split))
     self.lr = optim.learning_rate(config, self.schedule)
@@ -148,6 +172,19 @@ class TrainLoop:
         keep_every=config.checkpoint.keep_every,
         asynchronous=config.checkpoint.asynchronous)
 
+  def _check_restore_source(self) -> None:
+    """The checkpoint a run will restore (the workdir's latest, else config.init.checkpoint)
+    must fit its data (`check_checkpoint`)."""
+    own = storage.join(self.workdir, "checkpoints")
+    if storage.isdir(own):
+      latest = checkpointing.latest_finished_step(own)
+      if latest is not None:
+        self.check_checkpoint(storage.join(own, str(latest)))
+        return
+    if self.config.init.checkpoint:
+      self.check_checkpoint(checkpointing.resolve_step_dir(self.config.init.checkpoint,
+                                                           "config.init.checkpoint"))
+
   # --- what a task provides ---------------------------------------------------------------
 
   def setup(self) -> None:
@@ -160,6 +197,9 @@ class TrainLoop:
   def check_checkpoint(self, step_dir: str) -> None:
     """Fails, naming both, when a checkpoint to restore does not fit this run's data."""
     del step_dir
+
+  def check_data(self) -> None:
+    """Fails, naming the field, when the data does not fit the task (its classes)."""
 
   def check_splits(self) -> None:
     have = sorted(self.info["splits"])
@@ -235,15 +275,12 @@ class TrainLoop:
     checked against this run first (`check_checkpoint`)."""
     cfg = self.config.init
     latest = self.checkpointer.latest_step()
-    if latest is not None:
+    if latest is not None:      # checked against this run before the first step
       logging.info("Resuming from %s/%d", self.checkpointer.directory, latest)
-      with errors.as_user_errors():
-        self.check_checkpoint(storage.join(self.checkpointer.directory, str(latest)))
       return self.checkpointer.restore(latest, self.abstract_state, iterator)
     if cfg.checkpoint:
       with errors.as_user_errors():
         ckpt, step = checkpointing.open_for_restore(cfg.checkpoint)
-        self.check_checkpoint(storage.join(ckpt.directory, str(step)))
       logging.info("Starting from checkpoint %s/%d", ckpt.directory, step)
       state = ckpt.restore(step, self.abstract_state, iterator)
       ckpt.close()
@@ -324,12 +361,11 @@ class TrainLoop:
         if jax.process_index() == 0 and cfg.profile.num_steps > 0 else None
     self._hashes = open(self.logs.pull("batch_hashes.jsonl"), "a") if \
         cfg.get("log_batch_hashes", False) else None
-    preemption = Preemption(cfg.get("preemption_poll_steps", 10))
-    self.preemption = preemption
+    stops = StopSignals(cfg.get("preemption_poll_steps", 10))
     kill_at = int(os.environ.get(KILL_DURING_SAVE_ENV, "-1"))
     self._window, self._last, self._pending = [], {}, {}
     self._clock = (time.perf_counter(), start)      # (time, step) of the last logged window
-    log_due, stopped_at = None, None
+    log_due, stopped = None, None
     self._trim_metrics_log(start)
     if start >= total:
       logging.info("Nothing to do: %s already holds the final step %d", self.workdir, total)
@@ -346,9 +382,12 @@ class TrainLoop:
       for step in range(start, total):
         state, metrics = train_step(state, consts, batch, base_key)
         self._window.append((step + 1, metrics))
+        self.checkpointer.check()      # an asynchronous save's failure ends the run here
         if profile is not None:
           profile(step + 1, metrics)
-        preempted = preemption.reached(step + 1) or step + 1 == stop_after
+        reason = stops.reached(step + 1) or (
+            StopSignals.PREEMPTED if step + 1 == stop_after else StopSignals.NONE)
+        preempted = reason != StopSignals.NONE
         done = step + 1 == total
         paused = time.perf_counter()
         extra = dict(self.after_step(step + 1, state))
@@ -371,8 +410,9 @@ class TrainLoop:
           if step + 1 == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
           if preempted:
-            logging.warning("Preempted: saved step %d, stopping", step + 1)
-            stopped_at = step + 1
+            self.checkpointer.wait()
+            logging.warning("Saved step %d, stopping", step + 1)
+            stopped = (step + 1, reason)
             break
         if not done:
           batch = self._next_batch(iterator, step + 2)
@@ -381,12 +421,22 @@ class TrainLoop:
           log_due = None
         if (step + 1) % cfg.log_every_steps == 0:
           log_due = step + 1
-    finally:
+    except KeyboardInterrupt:
+      raise               # a second Ctrl-C: stop at once, without waiting for anything
+    except BaseException:
+      # The run fails with its own error; a save still in flight ends as it can.
+      try:
+        self.checkpointer.wait()
+      except checkpointing.SaveFailed as e:
+        logging.error("%s", e)
+      raise
+    else:
       self.checkpointer.wait()
+    finally:
       writer.close()
       if profile is not None:
         profile.close()
-      preemption.restore()
+      stops.restore()
       if self._hashes is not None:
         self._hashes.close()
       if jax.process_index() == 0:
@@ -394,9 +444,10 @@ class TrainLoop:
       if hasattr(iterator, "close"):
         iterator.close()
     self.final_state = state
-    if stopped_at is not None and stopped_at != stop_after:
-      # A real preemption: nothing after training (final evaluations) may run.
-      raise errors.Preempted(stopped_at)
+    if stopped is not None and stopped[0] != stop_after:
+      # A real preemption or Ctrl-C: nothing after training (final evaluations) may run.
+      raise (errors.Interrupted if stopped[1] == StopSignals.INTERRUPTED else
+             errors.Preempted)(stopped[0])
     return self._last
 
   def _evaluate(self, writer, step: int, total: int, params) -> Dict[str, float]:
@@ -454,7 +505,8 @@ class TrainLoop:
     self.history.append((step, values))
     writer.write_scalars(step, values)
     if jax.process_index() == 0:
-      with open(self.logs.path(METRICS_FILE), "a") as f:
+      path = self.logs.path(METRICS_FILE)
+      with storage.naming(path), open(path, "a") as f:
         f.write(json.dumps({"step": step, **values}) + "\n")
       self.logs.push()
       logging.info("%s", self._progress_line(step, values))
