@@ -11,9 +11,10 @@ the eval pipeline pads the last batch and marks padding with `mask` False and `i
 scores of every process are gathered, padding dropped, and the rest put back in record order
 (`gather_split`). The report: top-1 / top-3 accuracy, per-class accuracy, macro F1 and the
 confusion matrix (JSON and PNG with the class names), or mAP and per-class AP for
-multi-label data, written to OUT/<evaluator>/<split>_results.json and printed as a table. OUT
-defaults to WORKDIR/evaluations/<checkpoint dir>-<step>/ beside the evaluated checkpoint, so
-it never overwrites the training run's own reports.
+multi-label data, written to OUT/<evaluator>-<dataset>-<split>-<fingerprint>/ (with the
+settings.json the fingerprint stands for) and printed as a table. OUT defaults to
+WORKDIR/evaluations/<checkpoint dir>-<step>/ beside the evaluated checkpoint; a training
+run's own reports are OUT/<evaluator>/, which the command never writes.
 """
 from __future__ import annotations
 
@@ -267,13 +268,24 @@ def evaluate_with(config, checkpoint: str, names: Optional[Sequence[str]] = None
                   split: str = "", data: str = "", out_dir: Optional[str] = None,
                   progress: bool = True) -> Dict[str, Dict[str, Any]]:
   """Runs the evaluators of `config.evals` (only `names`, when given; `split` and `data`
-  override their fields) on a checkpoint; each writes its report under OUT/<name>/. Returns
-  {name: report with "scalars" and "files"}."""
+  override their fields) on a checkpoint; each writes its report under
+  OUT/<name>-<dataset>-<split>-<fingerprint>/ (`base.Evaluator.setting_folder`): another
+  dataset, split or setting gets another folder, and none is the training run's
+  OUT/<name>/. Returns {name: report with "scalars" and "files"}."""
   from uniemox_jax import evaluators  # pylint: disable=g-import-not-at-top
-  with errors.as_user_errors():
+  checks = errors.Checks()          # both problems at once, before any work
+  if out_dir and jax.process_index() == 0:
+    with checks.check():
+      storage.check_writable(out_dir)
+  with checks.check():
     step_dir = checkpointing.resolve_step_dir(checkpoint)
+  checks.raise_any()
+  with errors.as_user_errors():
     workdir = storage.dirname(storage.dirname(step_dir))   # the checkpoint's workdir
-    out_dir = out_dir or default_out_dir(step_dir)
+    if not out_dir:
+      out_dir = default_out_dir(step_dir)
+      if jax.process_index() == 0:
+        storage.check_writable(out_dir)
     tree = checkpointing.state_metadata(step_dir)
     if "head" in tree.get("params", {}):
       config = with_checkpoint_pool(config, step_dir)
@@ -286,8 +298,9 @@ def evaluate_with(config, checkpoint: str, names: Optional[Sequence[str]] = None
   results = {}
   for name, evaluator in chosen.items():
     result = evaluator.run(params)
+    files = evaluator.write(result, out_dir, folder=evaluator.setting_folder())
     results[name] = dict(result.report, checkpoint=step_dir, split=evaluator.split,
-                         scalars=result.scalars, files=evaluator.write(result, out_dir))
+                         scalars=result.scalars, files=files)
   return results
 
 

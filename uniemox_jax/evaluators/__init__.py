@@ -37,7 +37,8 @@ def build(config, workdir: str, mesh, names: Optional[Sequence[str]] = None, *,
   """The evaluators of `config.evals` (only `names`, when given; with `training`, those with a
   period), built and checked. `reads`:
   the run's parameters (base.PRETRAIN or base.CLASSIFIER), refusing evaluators that cannot
-  score them; `overrides`: fields set on every chosen entry (the command's --split, --data)."""
+  score them; `overrides`: fields set on every chosen entry by the command's flags (--split,
+  --data), which its messages then name."""
   evals = dict(config.get("evals") or {})
   if training:     # only those a training run will run: a period of 0 is the command's
     chosen = [n for n, spec in evals.items() if int(spec.get("period", 0)) > 0]
@@ -59,6 +60,8 @@ def build(config, workdir: str, mesh, names: Optional[Sequence[str]] = None, *,
     if reads and cls.reads not in (reads, base.ENCODER):
       raise errors.UserError(f"config.evals.{name}: type {kind} scores a {cls.reads} model; "
                              f"this run trains a {reads} model")
+    origins = {k: f"--{k}" for k, v in (overrides or {}).items() if v}
     with errors.as_user_errors():
-      out[name] = cls(name, spec, config, workdir, mesh, teacher=teacher, progress=progress)
+      out[name] = cls(name, spec, config, workdir, mesh, teacher=teacher, progress=progress,
+                      origins=origins)
   return out

@@ -10,7 +10,10 @@ once from the evaluation command (`python -m uniemox_jax.evaluate`) on a checkpo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List
+import hashlib
+import json
+import re
+from typing import Any, Dict, List, Optional
 
 import jax
 import numpy as np
@@ -41,9 +44,13 @@ class Evaluator:
   defaults: Dict[str, Any] = {}
 
   def __init__(self, name: str, spec, config, workdir: str, mesh, teacher=None,
-               progress: bool = False):
+               progress: bool = False, origins: Optional[Dict[str, str]] = None):
     self.name, self.config, self.workdir, self.mesh = name, config, workdir, mesh
     self.field = f"config.evals.{name}"
+    # Where each field's value came from, for the messages: the command's flag that set it
+    # (--data, --split), else the config field.
+    self.origin = {key: f"{self.field}.{key}" for key in ("data", "split")}
+    self.origin.update(origins or {})
     known = {"type", "period", "data", "split"} | set(self.defaults)
     unknown = sorted(set(spec) - known)
     if unknown:
@@ -55,14 +62,13 @@ class Evaluator:
     self._teacher = teacher
     self.progress = progress
     self.data_dir = self.spec["data"] or datasets.resolve_data_dir(config, workdir)
-    if not storage.exists(storage.join(self.data_dir, input_pipeline.INFO_FILE)):
-      raise errors.UserError(f"{self.field}.data: {self.data_dir} holds no converted dataset "
-                             f"({input_pipeline.INFO_FILE} missing)")
-    self.info = input_pipeline.load_info(self.data_dir)
+    self.info = input_pipeline.load_info(
+        self.data_dir, self.origin["data"] if self.spec["data"] else "config.data.dir")
     self.batch_size      # checks the eval batch divides over the devices and processes
     for split in self.splits():
       if split not in self.info["splits"]:
-        raise errors.UserError(f"{self.field}: the split {split!r} is not in {self.data_dir} "
+        where = self.origin["split"] if split == self.split else self.field
+        raise errors.UserError(f"{where}: the split {split!r} is not in {self.data_dir} "
                                f"(it has {', '.join(sorted(self.info['splits']))})")
 
   def splits(self) -> List[str]:
@@ -106,19 +112,44 @@ class Evaluator:
   def run(self, params) -> Result:
     raise NotImplementedError
 
-  def write(self, result: Result, out_dir: str) -> List[str]:
-    """OUT/<name>/: the report (as `evaluate.write_report` writes it) and each image as PNG.
-    Process 0 writes; returns the paths."""
+  def settings(self) -> Dict[str, Any]:
+    """Everything the result depends on besides the parameters: this evaluator's resolved
+    fields (its data as an absolute path) and the config's model and teacher."""
+    spec = dict(self.spec, data=storage.absolute(self.data_dir), split=self.split)
+    spec.pop("period", None)
+    return {"evaluator": self.name, **spec, "model": self.config.model.to_dict(),
+            "teacher": self.config.teacher.to_dict() if "teacher" in self.config else None}
+
+  def setting_folder(self) -> str:
+    """<name>-<dataset>-<split>-<fingerprint of settings()>: the evaluation command's folder
+    for this evaluation, so that evaluations of different data, splits or settings never share
+    a path (and never a training run's <name>/)."""
+    text = json.dumps(self.settings(), sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    dataset = re.sub(r"[^A-Za-z0-9_.]+", "_", str(self.info.get("name") or "data"))
+    return f"{self.name}-{dataset}-{self.split}-{digest}"
+
+  def write(self, result: Result, out_dir: str, folder: Optional[str] = None) -> List[str]:
+    """OUT/<folder>/ (default: OUT/<name>/, a training run's): the report (as
+    `evaluate.write_report` writes it) and each image as PNG; with a `folder`, also
+    settings.json (what `setting_folder`'s fingerprint stands for). Process 0 writes; returns
+    the paths."""
     if jax.process_index() != 0:
       return []
     from uniemox_jax import evaluate  # pylint: disable=g-import-not-at-top
-    folder = storage.join(out_dir, self.name)
+    folder = storage.join(out_dir, folder or self.name)
     files = list(evaluate.write_report(result.report, folder, self.split).values()) \
         if result.report else []
     for key, image in result.images.items():
       path = storage.join(folder, f"{key}_{self.split}.png")
       storage.makedirs(folder)
       storage.write_bytes(path, summaries.png(image))
+      files.append(path)
+    if folder != storage.join(out_dir, self.name):
+      path = storage.join(folder, "settings.json")
+      storage.makedirs(folder)
+      storage.write_text(path, json.dumps(self.settings(), indent=2, sort_keys=True,
+                                          default=str))
       files.append(path)
     return sorted(files)
 
