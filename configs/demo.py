@@ -9,8 +9,9 @@ WORKDIR/tiny_clip (loaded through the same code as a real checkpoint), then pret
 synthetic test split at steps 100 and 200 (TensorBoard, metrics.jsonl and
 WORKDIR/evaluations/). Rerunning resumes from WORKDIR/checkpoints.
 """
-from configs import pretrain
 from uniemox_jax import config_utils
+
+pretrain = config_utils.sibling(__file__, "pretrain")
 
 
 def get_config(arg=None):
@@ -37,5 +38,4 @@ def get_config(arg=None):
   config.evals.linear_probe.update(train_split="train", steps=200, weight_decays=(1e-3,))
   config.evals.reconstruction.num = 4
   config.profile.num_steps = 0
-  config.compilation_cache_dir = "workdirs/jax_cache"   # a rerun skips most compilation
   return config

@@ -8,9 +8,10 @@ checkpoints give the encoder and its synthetic/ folder the data.
 """
 import os
 
-from configs import demo
-from configs import finetune
 from uniemox_jax import config_utils
+
+demo = config_utils.sibling(__file__, "demo")
+finetune = config_utils.sibling(__file__, "finetune")
 
 
 def get_config(arg=None):
@@ -30,5 +31,4 @@ def get_config(arg=None):
   config.eval_every_epochs = 5
   config.checkpoint.update(every_steps=100, keep=1)
   config.log_every_steps = 50
-  config.compilation_cache_dir = "workdirs/jax_cache"
   return config

@@ -6,8 +6,10 @@ init=/ckpt/uniemox-l16/checkpoints --workdir WORKDIR
 The variant keys are those of configs/finetune.py. `demo=True` probes the demo's encoder on the
 synthetic data (workdirs/demo).
 """
-from configs import demo_finetune
-from configs import finetune
+from uniemox_jax import config_utils
+
+demo_finetune = config_utils.sibling(__file__, "demo_finetune")
+finetune = config_utils.sibling(__file__, "finetune")
 
 
 def get_config(arg=None):

@@ -100,8 +100,10 @@ def get_config(arg=None):
   )
   # Several processes agree on a SIGTERM every this many steps (one all-gather each time).
   config.preemption_poll_steps = 10
-  # JAX's persistent cache of compiled programs ("" off): reruns and resumes compile less.
-  config.compilation_cache_dir = ""
+  # JAX's persistent cache of compiled programs: reruns and resumes compile less. "auto":
+  # $UNIEMOX_CACHE_DIR/jax_cache (default ~/.cache/uniemox_jax/jax_cache); a path or gs://
+  # URL; "" off.
+  config.compilation_cache_dir = "auto"
   config.profile = dict(first_step=10, num_steps=5)
   config.log_batch_hashes = False
   return config

@@ -5,8 +5,9 @@ r"""The embedded default in one process: pretrain the tiny UniEmoX on the synthe
   python -m uniemox_jax.demo --workdir workdirs/demo
 
 It is the same as running `uniemox_jax.main` with the two configs one after the other
-(README), in one process, so imports are paid once; compiled programs are kept in
-workdirs/jax_cache, so a rerun skips most compilation.
+(README), in one process, so imports are paid once; compiled programs are kept in the user's
+cache (config.compilation_cache_dir "auto": ~/.cache/uniemox_jax/jax_cache), so a rerun skips
+most compilation.
 """
 from __future__ import annotations
 
@@ -16,20 +17,24 @@ import os  # noqa: E402
 
 from absl import flags  # noqa: E402
 
-from configs import demo as demo_config  # noqa: E402
-from configs import demo_finetune  # noqa: E402
+from uniemox_jax import config_utils  # noqa: E402
 from uniemox_jax import main as main_lib  # noqa: E402
+
 
 def main(argv):
   del argv
+  demo_config = config_utils.repository_config("demo")
+  demo_finetune = config_utils.repository_config("demo_finetune")
   # --workdir (main's flag): the pretraining workdir; fine-tuning goes to its finetune/.
   workdir = flags.FLAGS.workdir or "workdirs/demo"
   pretrain_config = demo_config.get_config()
-  main_lib.report(pretrain_config, workdir, main_lib.run_task(pretrain_config, workdir))
+  force = flags.FLAGS.force_unlock
+  main_lib.report(pretrain_config, workdir,
+                  main_lib.run_task(pretrain_config, workdir, force))
   finetune_config = demo_finetune.get_config(f"pretrained={workdir}")
   finetune_dir = os.path.join(workdir, "finetune")
   main_lib.report(finetune_config, finetune_dir,
-                  main_lib.run_task(finetune_config, finetune_dir))
+                  main_lib.run_task(finetune_config, finetune_dir, force))
 
 
 if __name__ == "__main__":
