@@ -11,6 +11,8 @@ pytest processes and every process they start compile alike.
 """
 import os
 import re
+import socket
+import time
 
 CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"uniemox_test_jax_cache_{os.getuid()}")
 QUICK_COMPILE = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
@@ -51,3 +53,23 @@ def read_until(proc, pattern: str) -> str:
   proc.wait()
   raise AssertionError(f"exited {proc.returncode} before a line matched {pattern!r}:\n"
                        + "".join(seen)[-3000:])
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def wait_for(condition, what: str, timeout: float = 300.0, poll: float = 0.1):
+  """Polls `condition()` until it returns something true (returned), at most `timeout` seconds
+  (generous: the suite runs on busy machines); raises naming `what` otherwise."""
+  deadline = time.monotonic() + timeout
+  while True:
+    value = condition()
+    if value:
+      return value
+    if time.monotonic() > deadline:
+      raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    time.sleep(poll)

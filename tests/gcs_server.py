@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from typing import Dict
+
+from tests import environment
 
 
 def _binary() -> str:
@@ -25,17 +26,11 @@ def _binary() -> str:
   return str(found[0])
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 class GcsServer:
   """Starts on `start()`, stops on `stop()`; `env` is what a client process needs."""
 
   def __init__(self, root: str):
-    self.root, self.port = root, _free_port()
+    self.root, self.port = root, environment.free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self._proc = None
 

@@ -121,8 +121,10 @@ def test_remat_policies_keep_values_and_gradients(policy):
   (loss_r, grads_r), remat_ops = _loss_and_grads(policy)
   assert remat_ops > 0
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               grads_r, grads)
+  # Rematerialized blocks sum in another order: float32 rounding at the scale of each
+  # gradient (an element near zero beside values of 2 differs in its relative error).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(
+      a, b, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(b)))), grads_r, grads)
 
 
 def test_remat_encoder_or_decoder_only_wraps_that_part():
