@@ -5,7 +5,9 @@ pretraining with data and workdir in the bucket, SIGKILL and a bitwise resume, e
 checkpoint from the bucket, and the one-line errors of a missing bucket."""
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -183,6 +185,65 @@ def test_missing_bucket_is_one_line(server, tmp_path):
   assert "Traceback" not in proc.stderr
 
 
+def test_an_unreachable_storage_service_is_one_line_within_its_budget(server, tmp_path):
+  """No route to the service (here: the emulator's address with nothing listening): one line
+  naming the path, what was tried and what to check, after the connection budget
+  (UNIEMOX_STORAGE_CONNECT_S) instead of gcsfs's retries (over 30 s per request)."""
+  env = dict(_env(server, tmp_path), UNIEMOX_STORAGE_CONNECT_S="2",
+             STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{environment.free_port()}")
+  start = time.monotonic()
+  proc = subprocess.run([sys.executable, "-m", "uniemox_jax.main", "--config",
+                         "configs/demo.py:evals=False", "--workdir=gs://some-bucket/run"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  seconds = time.monotonic() - start
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and re.fullmatch(
+      r"error: gs://some-bucket/run: cannot reach the storage service at 127\.0\.0\.1:\d+ "
+      r"\(STORAGE_EMULATOR_HOST; \d+ connection attempts over 2 s, last: .*refused.*\); check "
+      r".*UNIEMOX_STORAGE_CONNECT_S=SECONDS waits longer on a slow network", lines[0]), lines
+  # Well under one gcsfs request's own retries (backoff sleeps of 1+2+4+8+16 s), whatever the
+  # machine's speed.
+  assert seconds < 31, seconds
+
+
+def test_a_workdir_lock_in_a_bucket_has_one_owner(server, monkeypatch):
+  """The lock object is created under GCS's ifGenerationMatch=0 precondition: of many writers
+  racing for it exactly one wins; a live holder's lock is refused, a dead one's taken over."""
+  import concurrent.futures
+  from uniemox_jax import errors
+  from uniemox_jax import storage
+  from uniemox_jax import workdir_lock
+  path = _gs("locks", "race")
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    won = list(pool.map(lambda i: storage.create_exclusive(path, f"{i}".encode()), range(8)))
+  assert won.count(True) == 1
+  assert storage.read_text(path) == str(won.index(True))
+
+  workdir = _gs("runs", "locked")
+  first = workdir_lock.WorkdirLock(workdir)
+  first.acquire()
+  assert storage.exists(storage.join(workdir, workdir_lock.LOCK_FILE))
+  with pytest.raises(errors.UserError, match=rf"in use by another run \(pid {os.getpid()} on "):
+    workdir_lock.WorkdirLock(workdir).acquire()
+  first.release()
+  assert not storage.exists(storage.join(workdir, workdir_lock.LOCK_FILE))
+  # A lock whose process has ended (on this host) is taken over.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True)
+  monkeypatch.setattr(workdir_lock.Holder, "this_process", classmethod(
+      lambda cls: workdir_lock.Holder(host=socket.gethostname(), pid=int(dead.stdout),
+                                      started="earlier", command="python -m uniemox_jax.main",
+                                      boot_id=workdir_lock._boot_id())))
+  workdir_lock.WorkdirLock(workdir).acquire()
+  monkeypatch.undo()
+  second = workdir_lock.WorkdirLock(workdir)
+  second.acquire()
+  assert json.loads(storage.read_text(storage.join(workdir, workdir_lock.LOCK_FILE)))[
+      "pid"] == os.getpid()
+  second.release()
+
+
 # `gcloud compute tpus tpu-vm ssh NAME --zone Z --worker=all --command CMD`: runs CMD here.
 _FAKE_GCLOUD = """#!/usr/bin/env bash
 echo "$*" >> "$(dirname "$0")/calls"
@@ -270,7 +331,7 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
             f"--checkpoint={workdir}/checkpoints", f"--data={data}", "--split=test",
             "--evals=zero_shot")
   assert f"wrote: {workdir}/evaluations/" in zs.stdout, zs.stdout[-2000:]
-  reports = storage.glob(storage.join(workdir, "evaluations", "*", "zero_shot",
+  reports = storage.glob(storage.join(workdir, "evaluations", "*", "zero_shot-*",
                                       "*_results.json"))
   assert reports, storage.listdir(workdir)
   assert "top1" in json.loads(storage.read_text(reports[0]))
@@ -302,7 +363,8 @@ def test_import_evaluate_predict_and_finetune_from_the_bucket(server, bucket_dat
   ft = ["--config", "configs/demo_finetune.py", f"--config.data.dir={data}"]
   ev = _run(server, tmp_path / "c1", "uniemox_jax.evaluate", *ft, f"--checkpoint={imported}",
             "--split=test")
-  report = _gs("imported", "evaluations", "emo-0", "classification", "test_results.json")
+  (report,) = storage.glob(_gs("imported", "evaluations", "emo-0", "classification-*",
+                               "test_results.json"))
   assert report in ev.stdout, ev.stdout[-2000:]
   assert json.loads(storage.read_text(report))["num_examples"] == 16
 

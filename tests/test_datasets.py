@@ -142,7 +142,8 @@ def test_report_names_every_skipped_file_in_words(real_world):
   assert "skipped 4 file(s):" in text and "train/sad/empty.jpg: empty file" in text
   code = _run("--source", "split_tree", "--root", str(root), "--name", "rw", "--out",
               str(out), "--strict")
-  assert code == 1
+  assert code == 2                      # the user's data: exit 2, and the folder stays usable
+  assert verify.verify(str(out)).ok
 
 
 def test_exif_orientation_is_a_flag(tmp_path):

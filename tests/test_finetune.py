@@ -4,8 +4,8 @@ zero-shot and the prediction CLI."""
 import csv
 import json
 import os
+import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -131,14 +131,9 @@ print(json.dumps({"devices": len(jax.devices()), "sum": out["sum"].tolist(),
 """
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def test_exactly_once_on_two_processes(odd_data):
-  port = _free_port()
+  port = environment.free_port()
   env = environment.subprocess_env(4)
   procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, odd_data,
                              f"127.0.0.1:{port}", str(i)], cwd=ROOT, env=env,
@@ -283,6 +278,9 @@ def test_linear_probe_end_to_end(pretrained, tmp_path):
   assert result["best_weight_decay"] in config.probe.weight_decays
   assert result["test"]["top1"] > 1 / 8
   assert os.path.exists(tmp_path / "linear_probe" / "test_results.json")
+  # The command's closing "wrote:" line lists what the task wrote, nothing it did not.
+  from uniemox_jax import main as main_lib
+  assert main_lib.written(str(tmp_path)) == ["linear_probe/"]
 
 
 def test_demo_pretraining_logs_its_evaluators(pretrained, tmp_path):
@@ -320,13 +318,40 @@ def test_demo_pretraining_logs_its_evaluators(pretrained, tmp_path):
       assert value == pytest.approx(last[f"{name}/{key}"], abs=1e-6), (name, key)
   zs = results["zero_shot"]
   assert zs["num_examples"] == 32 and sum(map(sum, zs["confusion_matrix"])) == 32
-  assert str(tmp_path / "zero_shot" / "test_confusion.png") in zs["files"]
+  assert any(re.fullmatch(rf"{tmp_path}/zero_shot-synthetic-test-[0-9a-f]{{8}}/"
+                          r"test_confusion\.png", f) for f in zs["files"]), zs["files"]
+
+
+def test_the_evaluation_command_never_writes_over_a_run_or_another_evaluation(
+    pretrained, odd_data):
+  """The same checkpoint evaluated on two datasets after training: two folders, each with
+  the settings it stands for, and the training run's own reports untouched."""
+  run_report = os.path.join(pretrained, "evaluations", "checkpoints-60", "zero_shot",
+                            "test_results.json")
+  before = open(run_report, "rb").read()
+  checkpoint = os.path.join(pretrained, "checkpoints")
+  files = {}
+  for data in ("", odd_data):        # the run's own data, then another dataset
+    result = evaluate.evaluate_with(demo.get_config(), checkpoint, ["zero_shot"], data=data,
+                                    progress=False)["zero_shot"]
+    (files[data],) = [f for f in result["files"] if f.endswith("test_results.json")]
+    assert json.load(open(files[data]))["num_examples"] == result["num_examples"]
+    settings = json.load(open(os.path.join(os.path.dirname(files[data]), "settings.json")))
+    assert settings["data"] == os.path.abspath(data or os.path.join(pretrained, "synthetic"))
+  assert len({os.path.dirname(f) for f in files.values()}) == 2
+  assert all(os.path.dirname(os.path.dirname(f)) == os.path.dirname(os.path.dirname(run_report))
+             for f in files.values())      # beside the run's reports of that step
+  assert open(run_report, "rb").read() == before
 
 
 def test_evaluator_configs_are_checked_before_anything_runs(pretrained, tmp_path):
   from uniemox_jax import evaluators
   from uniemox_jax import errors
   mesh = sharding.make_mesh(-1, 1)
+  # A folder the command's --data named is reported as --data, not as a config field.
+  with pytest.raises(FileNotFoundError, match=rf"^--data {tmp_path}/none does not exist"):
+    evaluate.evaluate_with(demo.get_config(), os.path.join(pretrained, "checkpoints"),
+                           ["zero_shot"], data=str(tmp_path / "none"), progress=False)
 
   def build(**evals):
     config = demo.get_config()
@@ -338,7 +363,7 @@ def test_evaluator_configs_are_checked_before_anything_runs(pretrained, tmp_path
     build(x={"type": "zero_shot", "splt": "val"})
   with pytest.raises(errors.UserError, match=r"config.evals.x: the split 'dev' is not in"):
     build(x={"type": "linear_probe", "train_split": "dev"})
-  with pytest.raises(errors.UserError, match=r"config.evals.x.data: .*missing holds no"):
+  with pytest.raises(FileNotFoundError, match=r"^config.evals.x.data .*missing does not exist"):
     build(x={"type": "zero_shot", "data": str(tmp_path / "missing")})
   with pytest.raises(errors.UserError, match=r"type classification scores a classifier model; "
                                              r"this run trains a pretrain model"):
@@ -393,9 +418,9 @@ def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  out = os.path.join(evaluate.default_out_dir(step_dir), "reconstruction",
-                     "reconstruction_test.png")
-  assert f"wrote: {out}" in proc.stdout
+  out = re.search(rf"wrote: ({re.escape(evaluate.default_out_dir(step_dir))}/"
+                  r"reconstruction-\w+-test-[0-9a-f]{8}/reconstruction_test\.png)",
+                  proc.stdout).group(1)
   assert "read_only" not in proc.stderr and "read only" not in proc.stderr   # logs like main
   assert np.asarray(Image.open(out)).shape == (2 * size + 2, 3 * size + 4, 3)
 
@@ -441,7 +466,8 @@ def test_preempted_fine_tuning_skips_the_final_evaluation(pretrained, tmp_path, 
   from uniemox_jax import errors
   from uniemox_jax import trainer as trainer_lib
   config = _finetune_config(pretrained)
-  monkeypatch.setattr(trainer_lib.Preemption, "reached", lambda self, step: step == 3)
+  monkeypatch.setattr(trainer_lib.StopSignals, "reached",
+                      lambda self, step: trainer_lib.StopSignals.PREEMPTED if step == 3 else 0)
   with pytest.raises(errors.Preempted, match="preempted at step 3; rerun the same command"):
     finetune.finetune(config, str(tmp_path))
   assert os.path.isdir(tmp_path / "checkpoints" / "3")
@@ -462,10 +488,8 @@ def test_a_checkpoint_with_reordered_classes_is_refused_before_the_first_step(
   json.dump(info, open(info_path, "w"))
   other = _finetune_config(pretrained, **{
       "data.dir": data, "init.checkpoint": os.path.join(workdir, "best"), "init.encoder": ""})
-  t = finetune.FinetuneTrainer(other, str(tmp_path / "w"))
   with pytest.raises(errors.UserError, match="was trained on classes"):
-    t.initial_state(None)
-  t.close()
+    finetune.FinetuneTrainer(other, str(tmp_path / "w"))      # among the checks it starts with
 
 
 def test_linear_probe_pools_as_the_fine_tuning_head(odd_data):

@@ -164,7 +164,8 @@ def test_bad_split_and_dir_are_named(synthetic_data, tmp_path):
   _, out = synthetic_data
   with pytest.raises(ValueError, match=r"split 'dev' is not in .*\['test', 'train', 'val'\]"):
     ip.pretrain_dataset(out, "dev", batch_size=4)
-  with pytest.raises(FileNotFoundError, match="uniemox_info.json does not exist"):
+  with pytest.raises(FileNotFoundError,
+                     match=r"holds no converted dataset \(uniemox_info.json missing\)"):
     ip.pretrain_dataset(str(tmp_path), batch_size=4)
   with pytest.raises(ValueError, match="fewer records than one global batch"):
     ip.pretrain_dataset(out, "test", batch_size=16, process_count=2)

@@ -5,7 +5,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -111,6 +110,9 @@ def test_interrupted_three_ways_resumes_bitwise(reference, tmp_path):
   proc = _start(workdir)
   log = environment.read_until(proc, r"step 15/30")
   assert re.search(r"Resuming from .*checkpoints/10\b", log), log[-3000:]
+  # What the killed save left is removed at this start, saying so.
+  assert re.search(r"Removed .*checkpoints/20\.orbax-checkpoint-tmp\S*: an unfinished "
+                   r"checkpoint save", log), log[-3000:]
   time.sleep(random.uniform(0.0, 0.5))
   assert proc.poll() is None, "the run ended before it could be killed"
   proc.kill()
@@ -126,7 +128,7 @@ def test_interrupted_three_ways_resumes_bitwise(reference, tmp_path):
   step = int(re.fullmatch(r"preempted at step (\d+); rerun the same command to resume",
                           err.strip().splitlines()[-1]).group(1))
   assert resumed_at < step < STEPS and step in _checkpoints(workdir)
-  assert "checkpoints/, metrics.jsonl" not in out      # main's closing "wrote:" line
+  assert "wrote:" not in out      # main's closing line: nothing after training ran
 
   # Finished by the same command.
   _run(workdir)
@@ -185,15 +187,10 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert steps and max(steps) < bad
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def test_two_processes_match_one(reference, tmp_path):
   workdir = str(tmp_path)
-  port = _free_port()
+  port = environment.free_port()
   # With two of the demo's evaluators on (at the last step): zero-shot gathers its split over
   # both processes (as the linear probe's features do), the grid reads replicated outputs.
   evals = [f"--config.evals.{name}.period=100" for name in ("zero_shot", "reconstruction")]
@@ -323,12 +320,12 @@ def test_host_stays_ahead_metrics_are_fetched_at_log_and_checkpoint_steps_only(
   assert [s for s, _ in t.history] == [5, 10, 12]
 
 
-def test_preemption_is_polled_every_n_steps_with_several_processes(monkeypatch):
+def test_stop_signals_are_polled_every_n_steps_with_several_processes(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   gathered = []
   monkeypatch.setattr(trainer.multihost_utils, "process_allgather",
                       lambda x: gathered.append(x) or np.stack([x, np.asarray(True)]))
-  p = trainer.Preemption(poll_every=10)
+  p = trainer.StopSignals(poll_every=10)
   try:
     answers = [p.reached(step) for step in range(1, 31)]
   finally:
