@@ -36,7 +36,7 @@ setuptools.setup(
         # needs no TensorFlow); imported by the conversion tool only.
         "tensorflow-datasets>=4.9.9,<4.10",
         "importlib-resources>=6",   # TFDS builders need it (etils.epath) but do not declare it
-        # gs:// data, checkpoints and logs (uniemox_jax/storage.py; orbax through etils.epath).
+        # gs:// data, checkpoints and logs (data_pipelines/storage.py; orbax through etils.epath).
         "gcsfs>=2026.9,<2027",
     ],
     extras_require={

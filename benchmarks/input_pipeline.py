@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from data_pipelines import convert  # noqa: E402
+from uniemox_jax.tools import convert as convert_command  # noqa: E402
 from data_pipelines import input_pipeline as ip  # noqa: E402
 from data_pipelines import synthetic  # noqa: E402
 from data_pipelines import transforms  # noqa: E402
@@ -75,7 +75,7 @@ def main():
   raw, out = os.path.join(tmp, "raw"), os.path.join(tmp, "shards")
   synthetic.generate(raw, (args.images_per_class, 0, 0), args.size)
   n = args.images_per_class * 8
-  conv = _rate(lambda: convert.main(
+  conv = _rate(lambda: convert_command.main(
       ["--source", "split_tree", "--root", raw, "--name", "b", "--out", out, "--workers", "1",
        "--person_boxes", os.path.join(raw, "boxes.json"), "--attributes",
        os.path.join(raw, "attributes.json"), "--no_progress"]), n)

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from data_pipelines import convert  # noqa: E402
+from uniemox_jax.tools import convert as convert_command  # noqa: E402
 from data_pipelines import input_pipeline as ip  # noqa: E402
 from data_pipelines import tfrecord  # noqa: E402
 from tests import gcs_server  # noqa: E402
@@ -70,7 +70,7 @@ def main():
                 "--no_tfds_metadata", "--root", os.path.join(tmp, "raw")]
       local_dir, remote_dir = os.path.join(tmp, "local"), "gs://bench/data"
       for out in (local_dir, remote_dir):
-        convert.main(common + ["--out", out])
+        convert_command.main(common + ["--out", out])
       rows = []
 
       def measure(name, make_source):

@@ -6,7 +6,7 @@ init=/ckpt/uniemox-l16/checkpoints --workdir WORKDIR
 Variant keys (after ':', comma-separated):
   dataset=emo8    emo8 | fi | emotion6 | ube | heco | caer_s | emoset | emotic
   vit=L/16        the encoder size of the pretrained checkpoint
-  data=DIR        the converted dataset (python -m data_pipelines.convert)
+  data=DIR        the converted dataset (python -m uniemox_jax.tools.convert)
   init=PATH       the pretrained encoder: a checkpoint directory written here (format
                   uniemox_jax: <workdir>/checkpoints or <workdir>/checkpoints/<step>), or a
                   file of another format

@@ -10,7 +10,7 @@ Variant keys (after ':', comma-separated):
   losses=l1+l2+l3  the enabled loss terms, e.g. l1+l3 for an ablation
   person=box     box (crop of the person box) | second_view (the reference code's behaviour)
   teacher=openai/clip-vit-base-patch16   a hub id or a local directory
-  data=/path/to/emoset   converted shards (python -m data_pipelines.convert --source emoset)
+  data=/path/to/emoset   converted shards (python -m uniemox_jax.tools.convert --source emoset)
   epochs=200     total epochs (warmup 40)
   lr=mae         the learning-rate rule at the stated global batch of 4096:
                  mae        base_lr 1.5e-4 (MAE's rule): peak 2.4e-3 (the default)

@@ -34,7 +34,7 @@ class Dataset:
   name: str
   description: str
   classes: Tuple[str, ...]          # in label order
-  source: str = "split_tree"        # the --source of data_pipelines.convert for its release
+  source: str = "split_tree"        # the conversion's --source for its release
   multi_label: bool = False
   # (train, val, test) fractions per class of the authors' seeded split of raw class folders
   # (`--source class_folders --recipe NAME`); None where the release is already split.

@@ -1,30 +1,26 @@
-r"""Converts an emotion dataset into TFRecord shards with indexes, an info file and a report.
+r"""Converts an emotion dataset into TFRecord shards with indexes, an info file and a report:
+the library of the conversion command (`python -m uniemox_jax.tools.convert`, which hands it
+the CLIP text embedder when asked) and of the TFDS builders.
 
-  python -m data_pipelines.convert --source split_tree --root /data/Emo8 --name emo8 \
-      --out /data/tfrecords/emo8
-  python -m data_pipelines.convert --source class_folders --recipe fi --seed 0 \
-      --root /data/FI_raw --name fi --out /data/tfrecords/fi
-  python -m data_pipelines.convert --source emoset --root /data/EmoSet-118K --name emoset \
-      --out /data/tfrecords/emoset --text_embeddings openai/clip-vit-base-patch16
-  python -m data_pipelines.convert --source synthetic --name synthetic --out /tmp/synth
+  plan = convert.build_plan("split_tree", "emo8", root="/data/Emo8")
+  info, report = convert.convert(plan, "/data/tfrecords/emo8")
 
-Output in --out:
+Output in `out`:
   <name>-<split>.tfrecord-NNNNN-of-MMMMM    shards of tf.train.Example (schema: records.py)
   <shard>.index                             record offsets, for random access
   <shard>.stats.json                        what the shard holds (used to resume)
   uniemox_info.json                         class names, splits, counts, shards and checksums
   dataset_info.json, features.json          TFDS metadata: the folder is a TFDS dataset too
-                                            (tfds.builder_from_directory(--out))
+                                            (tfds.builder_from_directory(out))
   conversion_report.json                    unreadable images, structural problems, duplicates
-  split_manifest.json                       (class_folders) the drawn split, for --manifest
-  person_boxes_yolov3.json                  (--person_boxes yolov3:...) the detected boxes
+  split_manifest.json                       (class_folders) the drawn split, for a manifest
+  person_boxes_yolov3.json                  (detect_person_boxes) the detected boxes
 
-Rerunning the same command skips the shards that are complete; a shard is published by a
+Rerunning the same conversion skips the shards that are complete; a shard is published by a
 rename after it is fully written, so a killed run never leaves a complete-looking partial one.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import hashlib
@@ -38,12 +34,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from data_pipelines import images
+from data_pipelines import prompts
 from data_pipelines import records
 from data_pipelines import sources
+from data_pipelines import storage
 from data_pipelines import tfrecord
-from data_pipelines import verify
-from uniemox_jax import storage
-from uniemox_jax.teacher import prompts
 
 INFO_FILE = records.INFO_FILE
 REPORT_FILE = "conversion_report.json"
@@ -261,9 +256,11 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
             max_size: int = 0, text_embedder=None, progress: bool = True,
             tfds_metadata: bool = True, tfds_version: Optional[str] = None,
             exif_orientation: str = "ignore", duplicates: str = "drop_from_train",
-            allow_empty_classes: bool = False, overwrite: bool = False) -> Dict[str, Any]:
-  """Writes `plan` to `out`; returns the dataset info (also written to INFO_FILE). With
-  `tfds_metadata`, `out` is also a TFDS dataset (data_pipelines/tfds_format.py)."""
+            allow_empty_classes: bool = False, overwrite: bool = False):
+  """Writes `plan` to `out`; returns (the dataset info, the conversion report), also written to
+  INFO_FILE and REPORT_FILE. `text_embedder` (texts -> [N, D] embeddings), when given, stores
+  each record's prompt embedding. With `tfds_metadata`, `out` is also a TFDS dataset
+  (data_pipelines/tfds_format.py)."""
   if shard_size < 1:
     raise ValueError(f"--shard_size must be positive, got {shard_size}")
   if exif_orientation not in images.EXIF_ORIENTATION_MODES:
@@ -319,7 +316,7 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
   if tfds_metadata:
     from data_pipelines import tfds_format  # pylint: disable=g-import-not-at-top
     tfds_format.write_metadata(out, info, version=tfds_version)
-  return info
+  return info, report
 
 
 def _remove_stale_shards(out: str, name: str, current: set) -> List[str]:
@@ -389,7 +386,9 @@ def _report(plan: sources.Plan, results: List[Dict[str, Any]], dups: Dict[str, A
   }
 
 
-def _read_side_file(path: Optional[str], flag: str):
+def read_side_file(path: Optional[str], flag: str):
+  """The JSON {relative image path: value} of a side file (person boxes, attributes), or
+  None without a path; `flag` names it in the messages."""
   if not path:
     return None
   try:
@@ -404,166 +403,47 @@ def _read_side_file(path: Optional[str], flag: str):
   return data
 
 
-def build_plan(args) -> sources.Plan:
-  splits = args.splits.split(",") if args.splits else list(sources.SPLITS)
-  if args.source == "synthetic":
-    from data_pipelines import synthetic  # pylint: disable=g-import-not-at-top
-    # Beside the shards when --out is local; in the local cache when it is a bucket.
-    root = args.root or (os.path.join(storage.cache_dir(), "synthetic", args.name)
-                         if storage.is_remote(args.out) else os.path.join(args.out, "raw"))
-    if not os.path.exists(os.path.join(root, "boxes.json")):
-      synthetic.generate(root, [int(x) for x in args.per_class.split(",")], args.image_size,
-                         args.seed)
-    args.person_boxes = args.person_boxes or os.path.join(root, "boxes.json")
-    args.attributes = args.attributes or os.path.join(root, "attributes.json")
-    plan = sources.split_tree(root, args.name, splits)
-  elif args.source == "split_tree":
-    plan = sources.split_tree(_need(args.root, "--root"), args.name, splits)
-  elif args.source == "class_folders":
-    manifest = _read_side_file(args.manifest, "--manifest")
-    fractions = [float(x) for x in args.split_fractions.split(",")] if \
-        args.split_fractions else ()
-    plan = sources.class_folders(_need(args.root, "--root"), args.name, args.recipe,
-                                 fractions, args.seed, manifest)
-  elif args.source == "emoset":
-    plan = sources.emoset(_need(args.root, "--root"), args.name, splits)
-  elif args.source == "emotic":
-    plan = sources.emotic(_need(args.root, "--root"), args.name, splits)
-  else:
-    raise ValueError(f"--source {args.source!r} is unknown")
-  if args.person_boxes and args.person_boxes.startswith("yolov3:"):
-    boxes = detect_person_boxes(plan, args)
-  else:
-    boxes = _read_side_file(args.person_boxes, "--person_boxes")
-  sources.apply_side_files(plan, boxes, _read_side_file(args.attributes, "--attributes"))
-  return plan
+def build_plan(source: str, name: str, root: str, splits: Sequence[str] = sources.SPLITS, *,
+               recipe: str = "", split_fractions: Sequence[float] = (), seed: int = 0,
+               manifest: Optional[Dict[str, Any]] = None) -> sources.Plan:
+  """What a source folder holds, as the converter will write it (`sources`): "split_tree",
+  "class_folders" (split by `recipe` or `split_fractions`, or as a saved `manifest`),
+  "emoset" or "emotic"."""
+  if not root:
+    raise ValueError(f"--root is required for --source {source}")
+  if source == "split_tree":
+    return sources.split_tree(root, name, splits)
+  if source == "class_folders":
+    return sources.class_folders(root, name, recipe, split_fractions, seed, manifest)
+  if source == "emoset":
+    return sources.emoset(root, name, splits)
+  if source == "emotic":
+    return sources.emotic(root, name, splits)
+  raise ValueError(f"--source {source!r} is unknown")
 
 
-def detect_person_boxes(plan: sources.Plan, args) -> Dict[str, Any]:
-  """--person_boxes yolov3:CFG,WEIGHTS: the top person box of every image without one, by
-  YOLOv3 (data_pipelines/yolov3.py). Kept in --out as DETECTIONS_FILE with the settings that
-  made it, and reused by a rerun with the same settings."""
-  from data_pipelines import yolov3  # pylint: disable=g-import-not-at-top
-  cfg_path, weights_path = yolov3.parse_spec(args.person_boxes)
-  settings = {"cfg": os.path.abspath(cfg_path), "weights": os.path.abspath(weights_path),
-              "weights_bytes": os.path.getsize(weights_path), "conf": args.yolo_conf,
-              "rule": args.yolo_rule,
-              "nms_iou": args.yolo_nms_iou, "size": args.yolo_size}
+def detect_person_boxes(plan: sources.Plan, out: str, detector, settings: Dict[str, Any]
+                        ) -> Dict[str, Any]:
+  """The top person box of every image of `plan` without one, from `detector` ({relative
+  path: file} -> {relative path: box or None}, e.g. `yolov3.Detector`). Kept in `out` as
+  DETECTIONS_FILE with the `settings` that made them, and reused by a rerun with the same
+  settings."""
   todo = {e.rel_path.split("#")[0]: e.path for e in plan.entries if e.box_xyxy is None}
-  cache = storage.join(args.out, DETECTIONS_FILE)
+  cache = storage.join(out, DETECTIONS_FILE)
   if storage.exists(cache):
     saved = json.loads(storage.read_text(cache))
     if saved.get("settings") == settings and set(todo) <= set(saved.get("boxes", {})):
       print(f"YOLOv3: reusing {cache}")
       return saved["boxes"]
-  boxes = yolov3.detect_files(todo, cfg_path, weights_path, args.yolo_conf, args.yolo_nms_iou,
-                              args.yolo_batch, progress=not args.no_progress,
-                              size=args.yolo_size or None, rule=args.yolo_rule)
+  boxes = detector(todo)
   found = sum(b is not None for b in boxes.values())
   print(f"YOLOv3: a person in {found} of {len(boxes)} images, none in {len(boxes) - found} "
-        f"(rule {args.yolo_rule}, confidence {args.yolo_conf}, NMS IoU {args.yolo_nms_iou})")
-  storage.makedirs(args.out)
+        f"(rule {settings['rule']}, confidence {settings['conf']}, NMS IoU "
+        f"{settings['nms_iou']})")
+  storage.makedirs(out)
   _write_json(cache, {"settings": settings, "with_person": found,
                       "without_person": len(boxes) - found, "boxes": boxes})
   return boxes
-
-
-def _need(value, flag):
-  if not value:
-    raise ValueError(f"{flag} is required for this --source")
-  return value
-
-
-def parse_args(argv=None):
-  p = argparse.ArgumentParser(description="Convert an emotion dataset to TFRecord shards.",
-                              formatter_class=argparse.RawDescriptionHelpFormatter,
-                              epilog=__doc__)
-  p.add_argument("--source", required=True,
-                 choices=["split_tree", "class_folders", "emoset", "emotic", "synthetic"])
-  p.add_argument("--root", help="the dataset's root folder")
-  p.add_argument("--out", required=True, help="output folder for shards and metadata")
-  p.add_argument("--name", required=True, help="dataset name used in shard file names")
-  p.add_argument("--splits", default="", help="comma-separated splits (default: all)")
-  p.add_argument("--shard_size", type=int, default=1024, help="records per shard")
-  p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-  p.add_argument("--max_size", type=int, default=0,
-                 help="re-encode images whose shorter side exceeds this (0: keep originals)")
-  p.add_argument("--person_boxes",
-                 help="JSON {relative path: [x1, y1, x2, y2] or null}, or yolov3:CFG,WEIGHTS "
-                      "to detect them (Darknet yolov3.cfg / yolov3.weights)")
-  p.add_argument("--yolo_conf", type=float, default=0.8,
-                 help="YOLOv3: the confidence threshold of --yolo_rule")
-  p.add_argument("--yolo_rule", default="reference", choices=["reference", "product"],
-                 help="YOLOv3: reference keeps objectness >= conf with person the top class "
-                      "(the reference implementation); product keeps objectness x P(person) "
-                      ">= conf")
-  p.add_argument("--yolo_nms_iou", type=float, default=0.4, help="YOLOv3: NMS IoU threshold")
-  p.add_argument("--yolo_batch", type=int, default=16, help="YOLOv3: images per batch")
-  p.add_argument("--yolo_size", type=int, default=416,
-                 help="YOLOv3: letterboxed input side (0: the cfg's [net] width)")
-  p.add_argument("--attributes", help="JSON {relative path: {scene, objects, ...}}")
-  p.add_argument("--recipe", default="", help="class_folders split recipe: "
-                 + ", ".join(sorted(sources.RECIPES) + ["caer_s"]))
-  p.add_argument("--split_fractions", default="", help="class_folders: train,val,test")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--manifest", help="class_folders: reuse this split_manifest.json")
-  p.add_argument("--text_embeddings", default="",
-                 help="CLIP hub id or directory: store each prompt's text embedding")
-  p.add_argument("--per_class", default="40,8,8", help="synthetic: train,val,test per class")
-  p.add_argument("--image_size", type=int, default=64, help="synthetic: image side")
-  p.add_argument("--no_progress", action="store_true")
-  p.add_argument("--tfds_version", default=None,
-                 help="the TFDS version to record (default: --out's name if it is one, as in "
-                      "<data_dir>/<name>/1.0.0, else 1.0.0)")
-  p.add_argument("--exif_orientation", default="ignore", choices=images.EXIF_ORIENTATION_MODES,
-                 help="ignore: store pixels as encoded (the reference, TensorFlow); apply: "
-                      "rotate photos as their EXIF tag says")
-  p.add_argument("--duplicates", default="drop_from_train", choices=DUPLICATE_POLICIES,
-                 help="identical images in two splits: drop the train copy, refuse, or keep")
-  p.add_argument("--allow_empty_classes", action="store_true",
-                 help="convert although a class folder holds no image")
-  p.add_argument("--strict", action="store_true",
-                 help="exit 2 when any file was skipped (unreadable, not an image). The folder "
-                      "is still written, complete and verified without those files (the "
-                      "report lists them): fix or remove them and rerun (finished shards are "
-                      "kept), or use the folder as it is")
-  p.add_argument("--overwrite", action="store_true",
-                 help="remove --out first (it may hold another dataset)")
-  p.add_argument("--no_tfds_metadata", action="store_true",
-                 help="skip dataset_info.json / features.json (TFDS is then not imported)")
-  return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-  args = parse_args(argv)
-  prepare_out_dir(args.out, args.name, args.overwrite)    # before anything is written
-  plan = build_plan(args)
-  embedder = None
-  if args.text_embeddings:
-    from uniemox_jax.teacher import clip  # pylint: disable=g-import-not-at-top
-    teacher = clip.ClipTeacher.load(args.text_embeddings)
-    embedder = teacher.embed_texts
-  info = convert(plan, args.out, shard_size=args.shard_size, workers=args.workers,
-                 max_size=args.max_size, text_embedder=embedder,
-                 progress=not args.no_progress, tfds_metadata=not args.no_tfds_metadata,
-                 tfds_version=args.tfds_version, exif_orientation=args.exif_orientation,
-                 duplicates=args.duplicates, allow_empty_classes=args.allow_empty_classes)
-  report = json.loads(storage.read_text(storage.join(args.out, REPORT_FILE)))
-  print(summary(info, report, storage.join(args.out, REPORT_FILE)))
-  check = verify.verify(args.out)
-  print(check.summary())
-  shards = sum(len(s["shards"]) for s in info["splits"].values())
-  print(f"wrote: {storage.absolute(args.out)} ({shards} shards with indexes, {INFO_FILE}, "
-        f"{REPORT_FILE}" + ("" if args.no_tfds_metadata else ", dataset_info.json, "
-                            "features.json") + ")")
-  if not check.ok:
-    return 1
-  if args.strict and report["num_skipped"]:
-    print(f"error: --strict: {report['num_skipped']} file(s) were not converted (listed "
-          f"above and in {storage.join(args.out, REPORT_FILE)}); the folder holds the rest",
-          file=sys.stderr)
-    return 2
-  return 0
 
 
 def summary(info: Dict[str, Any], report: Dict[str, Any], report_path: str,
@@ -598,13 +478,3 @@ def summary(info: Dict[str, Any], report: Dict[str, Any], report_path: str,
     lines.append("rewrote damaged shard(s): " + ", ".join(report["rewritten_damaged_shards"]))
   lines.append(f"report: {report_path}")
   return "\n".join(lines)
-
-
-if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, OSError) as e:     # a user's input: one line, exit 2
-    if os.environ.get("UNIEMOX_TRACEBACK"):
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)

@@ -28,9 +28,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from data_pipelines import records
+from data_pipelines import storage
 from data_pipelines import tfrecord
 from data_pipelines import verify
-from uniemox_jax import storage
 
 DEFAULT_SPLITS = {"train": "*train*", "val": "*val*", "test": "*test*"}
 _NOT_SHARDS = (tfrecord.INDEX_SUFFIX, ".json", ".txt", ".md")

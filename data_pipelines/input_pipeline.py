@@ -21,11 +21,11 @@ import grain
 import numpy as np
 
 from data_pipelines import records
+from data_pipelines import storage
 from data_pipelines import tfds_format
 from data_pipelines import tfrecord
 from data_pipelines import transforms
 from data_pipelines import verify
-from uniemox_jax import storage
 
 INFO_FILE = records.INFO_FILE
 PERSON_VIEWS = ("box", "second_view")
@@ -43,7 +43,7 @@ def load_info(data_dir: str, field: str = "") -> Dict[str, Any]:
     what = "does not exist" if not storage.exists(data_dir) else \
         f"holds no converted dataset ({INFO_FILE} missing)"
     raise FileNotFoundError(f"{where} {what}: it must be a folder written by `python -m "
-                            "data_pipelines.convert` (or a TFDS dataset folder with "
+                            "uniemox_jax.tools.convert` (or a TFDS dataset folder with "
                             "dataset_info.json)")
   try:
     info = json.loads(storage.read_text(path))
@@ -52,7 +52,7 @@ def load_info(data_dir: str, field: str = "") -> Dict[str, Any]:
                      "rerun the conversion that wrote it (finished shards are kept)") from None
   if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
     raise ValueError(f"{path} has no 'splits' mapping: not a dataset info file written by "
-                     "data_pipelines.convert")
+                     "the conversion (data_pipelines.convert)")
   return info
 
 

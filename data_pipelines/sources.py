@@ -235,7 +235,7 @@ def _load_json(path: str, what: str, where: str = "") -> Any:
 
 
 def emoset_attributes(annotation: Mapping[str, Any], where: str) -> Dict[str, Any]:
-  """EmoSet annotation JSON -> our attribute keys (see teacher.prompts.ATTRIBUTES)."""
+  """EmoSet annotation JSON -> our attribute keys (see prompts.ATTRIBUTES)."""
   if not isinstance(annotation, Mapping):
     raise ValueError(f"{where}: expected a JSON object, got {type(annotation).__name__}")
   out = {}

@@ -22,7 +22,10 @@ from typing import Dict, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_pipelines import convert
 from data_pipelines import sources
+from data_pipelines import storage
+from data_pipelines import verify
 
 CLASSES = sources.EMOSET_CLASSES
 # Per class: background RGB, object RGB, object shape, background pattern, scenes, expression.
@@ -143,6 +146,36 @@ def generate(out: str, per_class: Sequence[int] = (40, 8, 8), size: int = 64,
     with open(os.path.join(out, name), "w") as f:
       json.dump(data, f, indent=0, sort_keys=True)
   return out
+
+
+def raw_tree(out: str, name: str = "synthetic", per_class: Sequence[int] = (40, 8, 8),
+             size: int = 64, seed: int = 0, root: str = "") -> str:
+  """The split tree a conversion of the synthetic set into `out` reads: `root`, or beside the
+  shards (OUT/raw) when `out` is local, in the host's cache when it is a bucket; generated
+  there once."""
+  root = root or (os.path.join(storage.cache_dir(), "synthetic", name)
+                  if storage.is_remote(out) else os.path.join(out, "raw"))
+  if not os.path.exists(os.path.join(root, "boxes.json")):
+    generate(root, per_class, size, seed)
+  return root
+
+
+def build_dataset(out: str, per_class: Sequence[int] = (40, 8, 8), size: int = 64, *,
+                  name: str = "synthetic", seed: int = 0, shard_size: int = 1024,
+                  tfds_metadata: bool = True):
+  """Generates and converts the synthetic set into `out` (the demo's data); returns (info,
+  report) after verifying what was written."""
+  root = raw_tree(out, name, per_class, size, seed)
+  plan = sources.split_tree(root, name, sources.SPLITS)
+  sources.apply_side_files(plan, *(convert.read_side_file(os.path.join(root, f), f)
+                                   for f in ("boxes.json", "attributes.json")))
+  info, report = convert.convert(plan, out, shard_size=shard_size, progress=False,
+                                 tfds_metadata=tfds_metadata)
+  check = verify.verify(out)
+  if not check.ok:
+    raise RuntimeError(f"the synthetic data in {out} failed its verification:\n"
+                       f"{check.summary()}")
+  return info, report
 
 
 def main(argv=None):

@@ -12,7 +12,7 @@ None of the datasets can be downloaded automatically; each builder's
 MANUAL_DOWNLOAD_INSTRUCTIONS says what to put in --manual_dir. The builders read the manual
 folder with the same sources (`data_pipelines.sources`, plus `person_boxes.json` /
 `attributes.json` side files when present) and make each record with the same function
-(`convert.make_record`) as `python -m data_pipelines.convert`, so a dataset built either way
+(`convert.make_record`) as `python -m uniemox_jax.tools.convert`, so a dataset built either way
 holds the same examples (TFDS orders and shards them its own way). An unreadable image is
 logged and skipped, as the CLI reports and skips it.
 """
@@ -40,7 +40,7 @@ class EmotionDataset(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {tfds_format.DEFAULT_VERSION: "The uniemox-jax record schema."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = catalogue.SPLIT_TREE_INSTRUCTIONS
   CLASSES: Sequence[str] = ()
-  SOURCE = "split_tree"        # a --source of data_pipelines.convert
+  SOURCE = "split_tree"        # a --source of the conversion (data_pipelines.convert)
   MULTI_LABEL = False
   HOMEPAGE = "https://arxiv.org/abs/2409.18877"
 
@@ -52,13 +52,10 @@ class EmotionDataset(tfds.core.GeneratorBasedBuilder):
 
   def plan(self, manual_dir: str) -> sources.Plan:
     """The conversion tool's plan of the manual folder, its classes checked."""
-    args = ["--source", self.SOURCE, "--root", manual_dir, "--name", self.name,
-            "--out", os.devnull]
-    for flag, name in (("--person_boxes", "person_boxes.json"),
-                       ("--attributes", "attributes.json")):
-      if os.path.exists(os.path.join(manual_dir, name)):
-        args += [flag, os.path.join(manual_dir, name)]
-    plan = convert.build_plan(convert.parse_args(args))
+    plan = convert.build_plan(self.SOURCE, self.name, manual_dir)
+    side = [os.path.join(manual_dir, name) for name in ("person_boxes.json", "attributes.json")]
+    sources.apply_side_files(plan, *(convert.read_side_file(path, path) if os.path.exists(path)
+                                     else None for path in side))
     found = [c.lower() for c in plan.class_names]
     if found != [c.lower() for c in self.CLASSES]:
       raise ValueError(f"{manual_dir}: the {self.name} builder expects the classes "
@@ -117,7 +114,7 @@ def build(name: str, manual_dir: str, data_dir: str, version: Optional[str] = No
     # TFDS writes its shards with TensorFlow; our converter does not need it.
     raise ImportError(
         f"building {name!r} with TFDS needs TensorFlow ({e}): pip install -e '.[tfds]', or "
-        f"convert without it: python -m data_pipelines.convert --source split_tree "
+        f"convert without it: python -m uniemox_jax.tools.convert --source split_tree "
         f"--root {manual_dir} --name {name} --out <folder>") from e
   builder = BUILDERS[name](data_dir=data_dir, version=version)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from uniemox_jax import storage
+from data_pipelines import storage
 
 DATASET_INFO_FILE = "dataset_info.json"
 FEATURES_FILE = "features.json"

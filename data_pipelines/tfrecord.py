@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 import google_crc32c
 import numpy as np
 
-from uniemox_jax import storage
+from data_pipelines import storage
 
 INDEX_SUFFIX = ".index"
 _HEADER = struct.Struct("<QI")

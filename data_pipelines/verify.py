@@ -24,8 +24,8 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from data_pipelines import records
+from data_pipelines import storage
 from data_pipelines import tfrecord
-from uniemox_jax import storage
 
 INFO_FILE = records.INFO_FILE
 

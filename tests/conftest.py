@@ -34,7 +34,7 @@ def tiny_teacher(tiny_clip_dir):
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
   """The synthetic dataset, converted once: (raw split-tree folder, shards folder)."""
-  from data_pipelines import convert
+  from uniemox_jax.tools import convert
   root = tmp_path_factory.mktemp("synthetic")
   out = root / "shards"
   convert.main(["--source", "synthetic", "--name", "synthetic", "--out", str(out),

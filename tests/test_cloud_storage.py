@@ -71,7 +71,7 @@ def bucket_data(server, tmp_path_factory):
   """The synthetic set converted straight into the bucket, with TFDS metadata."""
   cache = tmp_path_factory.mktemp("convert_cache")
   out = _gs("data", "synthetic")
-  proc = _run(server, cache, "data_pipelines.convert", "--source", "synthetic", "--name",
+  proc = _run(server, cache, "uniemox_jax.tools.convert", "--source", "synthetic", "--name",
               "synthetic", "--out", out, "--per_class", "6,2,2", "--image_size", "48",
               "--shard_size", "16", "--workers", "1", "--no_progress")
   assert "OK: every shard" in proc.stdout and f"wrote: {out}" in proc.stdout
@@ -79,7 +79,7 @@ def bucket_data(server, tmp_path_factory):
 
 
 def test_storage_module_in_a_bucket(server):
-  from uniemox_jax import storage
+  from data_pipelines import storage
   d = _gs("unit")
   storage.makedirs(d)
   storage.write_text(storage.join(d, "a.json"), '{"x": 1}')
@@ -104,7 +104,7 @@ def test_storage_module_in_a_bucket(server):
 def test_refused_request_names_the_path_and_the_credentials():
   # The emulator grants everything; a refusal is gcsfs's HttpError with GCS's 403 body.
   from gcsfs.retry import HttpError
-  from uniemox_jax import storage
+  from data_pipelines import storage
   with pytest.raises(PermissionError, match=r"gs://b/x: access refused .*denied.*application "
                                             r"default credentials"):
     with storage._remote("gs://b/x"):  # pylint: disable=protected-access
@@ -115,7 +115,7 @@ def test_converted_bucket_verifies_and_reads_through_the_cache(server, bucket_da
                                                                monkeypatch):
   from data_pipelines import input_pipeline
   from data_pipelines import verify
-  from uniemox_jax import storage
+  from data_pipelines import storage
   out, _ = bucket_data
   names = storage.listdir(out)
   assert {"uniemox_info.json", "conversion_report.json", "dataset_info.json",
@@ -151,9 +151,9 @@ def test_converted_bucket_verifies_and_reads_through_the_cache(server, bucket_da
 def test_convert_into_a_bucket_resumes_and_rewrites_damage(server, tmp_path):
   """A rerun keeps finished shards (checked against the bucket's CRC32C, no download),
   rewrites a damaged one and redoes one a killed run never finished."""
-  from uniemox_jax import storage
+  from data_pipelines import storage
   out = _gs("data", "resume")
-  args = ["data_pipelines.convert", "--source", "synthetic", "--name", "s", "--out", out,
+  args = ["uniemox_jax.tools.convert", "--source", "synthetic", "--name", "s", "--out", out,
           "--per_class", "6,2,2", "--image_size", "32", "--shard_size", "16", "--workers",
           "1", "--no_progress", "--no_tfds_metadata"]
   _run(server, tmp_path, *args)
@@ -212,7 +212,7 @@ def test_a_workdir_lock_in_a_bucket_has_one_owner(server, monkeypatch):
   racing for it exactly one wins; a live holder's lock is refused, a dead one's taken over."""
   import concurrent.futures
   from uniemox_jax import errors
-  from uniemox_jax import storage
+  from data_pipelines import storage
   from uniemox_jax import workdir_lock
   path = _gs("locks", "race")
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -278,7 +278,7 @@ def test_pretrain_in_a_bucket_killed_resumes_bitwise_then_evaluates(server, buck
   """Data and workdir in the bucket: a run SIGKILLed after its first checkpoint resumes from
   the bucket (on a host with an empty cache) to the same bits as an uninterrupted run;
   zero-shot evaluation reads the checkpoint from the bucket."""
-  from uniemox_jax import storage
+  from data_pipelines import storage
   data, _ = bucket_data
   config = [*_OVERRIDES, f"--config.data.dir={data}"]
   # The uninterrupted run, started as README's TPU section starts one: launch/tpu_pod.sh, here
@@ -345,7 +345,7 @@ def test_import_evaluate_predict_and_finetune_from_the_bucket(server, bucket_dat
   import torch
   from timm.models.vision_transformer import VisionTransformer
   from data_pipelines import input_pipeline
-  from uniemox_jax import storage
+  from data_pipelines import storage
   data, convert_cache = bucket_data
   names = input_pipeline.load_info(data)["class_names"]
   model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,

@@ -16,6 +16,7 @@ from data_pipelines import records
 from data_pipelines import sources
 from data_pipelines import synthetic
 from data_pipelines import tfrecord
+from uniemox_jax.tools import convert as convert_command
 from tests import formats
 
 
@@ -32,7 +33,7 @@ def _jpeg(path, color=(10, 20, 30), size=(40, 30)):
 
 
 def _run(*args):
-  return convert.main([*args, "--workers", "1", "--no_progress"])
+  return convert_command.main([*args, "--workers", "1", "--no_progress"])
 
 
 def test_synthetic_conversion_info_and_records(synthetic_data):
@@ -298,7 +299,7 @@ def test_worker_processes_write_identical_shards(synthetic_data, tmp_path):
   outs = []
   for workers in ("1", "2"):
     out = tmp_path / f"w{workers}"
-    convert.main(["--source", "split_tree", "--root", raw, "--name", "s", "--out", str(out),
+    convert_command.main(["--source", "split_tree", "--root", raw, "--name", "s", "--out", str(out),
                   "--shard_size", "16", "--workers", workers, "--no_progress"])
     outs.append(json.load(open(out / convert.INFO_FILE)))
   assert outs[0] == outs[1]     # same files, record counts and sha256 checksums

@@ -25,13 +25,14 @@ from data_pipelines import sources
 from data_pipelines import tfrecord
 from data_pipelines import transforms
 from data_pipelines import verify
+from uniemox_jax.tools import convert as convert_command
 from tests import formats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run(*args):
-  return convert.main([*args, "--workers", "1", "--no_progress"])
+  return convert_command.main([*args, "--workers", "1", "--no_progress"])
 
 
 def _records(out, split):

@@ -17,7 +17,7 @@ import pytest
 from configs import demo
 from configs import demo_finetune
 from configs import linear_probe as linear_probe_config
-from data_pipelines import convert
+from uniemox_jax.tools import convert as convert_command
 from data_pipelines import input_pipeline as ip
 from data_pipelines import synthetic
 from uniemox_jax import checkpointing
@@ -85,7 +85,7 @@ def odd_data(tmp_path_factory):
   test_files = sorted(p for p in (root / "raw" / "test").rglob("*.jpg"))
   for p in test_files[:3]:
     p.unlink()
-  convert.main(["--source", "split_tree", "--root", str(root / "raw"), "--name", "odd",
+  convert_command.main(["--source", "split_tree", "--root", str(root / "raw"), "--name", "odd",
                 "--out", str(root / "shards"), "--workers", "1", "--no_progress",
                 "--allow_empty_classes"])
   return str(root / "shards")

@@ -8,7 +8,7 @@ import pytest
 
 from uniemox_jax.teacher import clip
 from uniemox_jax.teacher import clip_vision
-from uniemox_jax.teacher import prompts
+from data_pipelines import prompts
 
 
 def test_loads_from_saved_directory_and_embeds_under_jit(tiny_teacher):

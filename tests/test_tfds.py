@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import convert
+from uniemox_jax.tools import convert as convert_command
 from data_pipelines import input_pipeline as ip
 from data_pipelines import records
 from data_pipelines import tfds_builders
@@ -92,7 +92,7 @@ def test_tfds_builder_matches_the_cli_and_reads_with_grain(manual_dir, tmp_path)
   built = tfds_builders.build("emo8", manual_dir, str(tmp_path / "tfds"))
   assert built == str(tmp_path / "tfds" / "emo8" / "1.0.0")
   cli = str(tmp_path / "cli")
-  assert convert.main(["--source", "split_tree", "--root", manual_dir, "--name", "emo8",
+  assert convert_command.main(["--source", "split_tree", "--root", manual_dir, "--name", "emo8",
                        "--out", cli, "--person_boxes",
                        os.path.join(manual_dir, "person_boxes.json"), "--attributes",
                        os.path.join(manual_dir, "attributes.json"), "--workers", "1",
@@ -192,5 +192,5 @@ def test_builders_without_tensorflow_say_what_to_install(manual_dir, tmp_path):
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "building 'emo8' with TFDS needs TensorFlow" in proc.stdout, proc.stdout
-  assert "pip install -e '.[tfds]'" in proc.stdout and "data_pipelines.convert" in proc.stdout
+  assert "pip install -e '.[tfds]'" in proc.stdout and "uniemox_jax.tools.convert" in proc.stdout
   assert not (tmp_path / "out").exists()

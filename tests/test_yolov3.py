@@ -16,6 +16,7 @@ from data_pipelines import convert
 from data_pipelines import input_pipeline as ip
 from data_pipelines import records
 from data_pipelines import yolov3
+from uniemox_jax.tools import convert as convert_command
 
 TINY_CFG = """
 [net]
@@ -306,7 +307,7 @@ def test_converter_attaches_yolov3_boxes(cfg, synthetic_data, tmp_path):
   args = ["--source", "split_tree", "--root", raw, "--name", "det", "--out", str(out),
           "--person_boxes", f"yolov3:{cfg_path},{weights}", "--yolo_size", "0", "--workers", "1",
           "--no_progress", "--no_tfds_metadata", "--splits", "test"]
-  assert convert.main(args) == 0
+  assert convert_command.main(args) == 0
   saved = json.load(open(out / convert.DETECTIONS_FILE))
   assert saved["with_person"] == 16 and saved["without_person"] == 0
   # Cell (0, 0), anchor 0 (4 x 6 net pixels) centred at (0.5, 0.5) of the 32-px net input;
@@ -321,12 +322,12 @@ def test_converter_attaches_yolov3_boxes(cfg, synthetic_data, tmp_path):
   # A confidence above what the net gives: no person anywhere.
   out2 = tmp_path / "out2"
   args2 = [a if a != str(out) else str(out2) for a in args] + ["--yolo_conf", "0.99999"]
-  assert convert.main(args2) == 0
+  assert convert_command.main(args2) == 0
   assert json.load(open(out2 / convert.DETECTIONS_FILE))["with_person"] == 0
   missing = [a if not a.startswith("yolov3:") else f"yolov3:{cfg_path},{tmp_path}/nope"
              for a in args]
   with pytest.raises(FileNotFoundError, match="the YOLOv3 weights file .*nope does not exist"):
-    convert.main(missing)
+    convert_command.main(missing)
 
 
 def test_detector_input_size(cfg):

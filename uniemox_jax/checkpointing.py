@@ -24,8 +24,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from data_pipelines import storage
 from uniemox_jax import errors
-from uniemox_jax import storage
 
 STATE, DATA, META = "state", "data", "meta"
 # What orbax names a step's directory while it is being written.

@@ -2,16 +2,15 @@
 training tasks and the evaluation commands."""
 from __future__ import annotations
 
-import contextlib
-import io
 from typing import Any, Dict
 
 from absl import logging
 import jax
 
 from data_pipelines import input_pipeline
+from data_pipelines import synthetic
+from data_pipelines import storage
 from uniemox_jax import distributed
-from uniemox_jax import storage
 
 
 def resolve_data_dir(config, workdir: str) -> str:
@@ -20,23 +19,17 @@ def resolve_data_dir(config, workdir: str) -> str:
     return config.data.dir
   if not config.data.get("synthetic", False):
     raise ValueError("config.data.dir is empty: point it at a folder written by "
-                     "`python -m data_pipelines.convert`")
+                     "`python -m uniemox_jax.tools.convert`")
   out = storage.join(workdir, "synthetic")
   if jax.process_index() == 0 and not storage.exists(
       storage.join(out, input_pipeline.INFO_FILE)):
     # Without TFDS metadata: TensorFlow Datasets stays out of the training process (convert
-    # the synthetic set with the CLI to get a TFDS dataset).
-    from data_pipelines import convert  # pylint: disable=g-import-not-at-top
-    summary = io.StringIO()      # the conversion's report goes to the log, not the terminal
-    with contextlib.redirect_stdout(summary):
-      code = convert.main(["--source", "synthetic", "--name", "synthetic", "--out", out,
-                           "--per_class", config.data.synthetic_per_class,
-                           "--image_size", str(config.data.synthetic_image_size),
-                           "--workers", "1", "--no_progress", "--no_tfds_metadata"])
-    logging.info("Demo data in %s:\n%s", out, summary.getvalue())
-    if code:
-      raise RuntimeError(f"the demo data in {out} failed its verification:\n"
-                         f"{summary.getvalue()}")
+    # the synthetic set with the conversion command to get a TFDS dataset).
+    info, _ = synthetic.build_dataset(
+        out, [int(x) for x in config.data.synthetic_per_class.split(",")],
+        config.data.synthetic_image_size, tfds_metadata=False)
+    logging.info("Demo data in %s: %s", out, {s: v["num_records"]
+                                               for s, v in info["splits"].items()})
   distributed.barrier("synthetic data written")
   return out
 

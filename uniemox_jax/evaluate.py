@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines import input_pipeline
+from data_pipelines import storage
 from uniemox_jax import augment
 from uniemox_jax import checkpointing
 from uniemox_jax import datasets
@@ -41,7 +42,6 @@ from uniemox_jax import errors
 from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import sharding
-from uniemox_jax import storage
 
 
 def check_batch(batch_size: int, mesh, field: str = "config.eval_batch_size") -> int:

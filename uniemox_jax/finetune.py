@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from data_pipelines import input_pipeline
+from data_pipelines import storage
 from uniemox_jax import augment
 from uniemox_jax import checkpointing
 from uniemox_jax import datasets
@@ -27,7 +28,6 @@ from uniemox_jax import importers
 from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import optim
-from uniemox_jax import storage
 from uniemox_jax import trainer
 from uniemox_jax.models import classifier
 from uniemox_jax.models import vit

@@ -33,7 +33,7 @@ from uniemox_jax import metrics  # noqa: E402
 from uniemox_jax import models  # noqa: E402
 from uniemox_jax import objective  # noqa: E402
 from uniemox_jax import pretrain  # noqa: E402
-from uniemox_jax import storage  # noqa: E402
+from data_pipelines import storage  # noqa: E402
 from uniemox_jax import workdir_lock  # noqa: E402
 
 TASKS = {"pretrain": pretrain.pretrain, "finetune": finetune.finetune,

@@ -26,13 +26,13 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines import input_pipeline
+from data_pipelines import storage
 from data_pipelines import transforms
 from uniemox_jax import checkpointing
 from uniemox_jax import errors
 from uniemox_jax import evaluate
 from uniemox_jax import models
 from uniemox_jax import sharding
-from uniemox_jax import storage
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 

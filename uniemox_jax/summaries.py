@@ -23,8 +23,8 @@ from typing import Mapping
 import jax
 import numpy as np
 
+from data_pipelines import storage
 from data_pipelines import tfrecord
-from uniemox_jax import storage
 
 
 def _protos():

@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from data_pipelines import input_pipeline
+from data_pipelines import storage
 from uniemox_jax import checkpointing
 from uniemox_jax import datasets
 from uniemox_jax import distributed
@@ -35,7 +36,6 @@ from uniemox_jax import evaluate
 from uniemox_jax import evaluators
 from uniemox_jax import optim
 from uniemox_jax import sharding
-from uniemox_jax import storage
 from uniemox_jax import summaries
 from uniemox_jax.evaluators import base as evaluators_base
 

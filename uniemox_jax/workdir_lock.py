@@ -22,8 +22,8 @@ from typing import Iterator, Optional
 
 from absl import logging
 
+from data_pipelines import storage
 from uniemox_jax import errors
-from uniemox_jax import storage
 
 LOCK_FILE = "workdir.lock"
 FORCE_FLAG = "--force_unlock"

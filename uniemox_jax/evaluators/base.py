@@ -19,10 +19,10 @@ import jax
 import numpy as np
 
 from data_pipelines import input_pipeline
+from data_pipelines import storage
 from uniemox_jax import datasets
 from uniemox_jax import errors
 from uniemox_jax import sharding
-from uniemox_jax import storage
 from uniemox_jax import summaries
 
 # What parameters an evaluator reads: a pretraining model's (encoder, decoder, fuse), a

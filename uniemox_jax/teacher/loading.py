@@ -5,9 +5,9 @@ import os
 
 import jax
 
+from data_pipelines import storage
 from uniemox_jax import distributed
 from uniemox_jax import models
-from uniemox_jax import storage
 from uniemox_jax.teacher import clip
 from uniemox_jax.teacher import tiny
 

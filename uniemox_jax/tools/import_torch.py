@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from uniemox_jax import storage
+from data_pipelines import storage
 from uniemox_jax.models import vit
 
 KINDS = ("mae", "vit", "uniemox_pretrain", "uniemox_finetune")

@@ -1,7 +1,7 @@
 """The per-image text prompt of docs/method.md §2, built from EmoSet-style attributes.
 
-Pure Python (no JAX, no TensorFlow), so the conversion tool can build prompts without
-importing any training code.
+Pure Python (no JAX, no TensorFlow): the conversion tool stores each record's prompt (and,
+with a text embedder, its embedding); the teacher embeds what the data carries.
 """
 from __future__ import annotations
 
