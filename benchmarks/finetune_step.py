@@ -57,7 +57,7 @@ def build_step(variant: str, dtype: str, remat: str, recipe: bool, attention: st
     params, opt_state = state
     (loss, _), grads = jax.value_and_grad(
         lambda p: finetune.classification_loss(model, config.augment, NUM_CLASSES, False, p,
-                                               batch, key), has_aux=True)(params)
+                                               None, batch, key), has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
   return init, tx, step

@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from uniemox_jax.tools import convert as convert_command  # noqa: E402
+from data_pipelines import dataset_info  # noqa: E402
 from data_pipelines import input_pipeline as ip  # noqa: E402
 from data_pipelines import tfrecord  # noqa: E402
 from tests import gcs_server  # noqa: E402
@@ -89,10 +90,10 @@ def main():
       measure("bucket_warm", lambda: ip.ShardSource(remote_dir, "train"))
 
       def per_record():
-        info = ip.load_info(remote_dir)
+        info = dataset_info.DatasetInfo.load(remote_dir)
         import fsspec  # pylint: disable=g-import-not-at-top
         fs = fsspec.filesystem("gs")
-        shards = [f"{remote_dir}/{e['file']}" for e in info["splits"]["train"]["shards"]]
+        shards = [f"{remote_dir}/{e.file}" for e in info.splits["train"].shards]
         offsets = [np.frombuffer(fs.cat_file(s + tfrecord.INDEX_SUFFIX), "<u8") for s in shards]
         index = [(s, k) for s, o in zip(range(len(shards)), offsets) for k in range(len(o) - 1)]
 

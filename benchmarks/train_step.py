@@ -82,14 +82,13 @@ class Mae(nn.Module):
 
   @nn.compact
   def __call__(self, images):
-    enc = vit.Encoder(self.variant, self.image_size, dtype=self.dtype, attention=self.attention,
-                      remat=self.remat, name="encoder")
+    student = vit.StudentConfig(dtype=self.dtype, attention=self.attention, remat=self.remat)
+    enc = vit.Encoder(self.variant, self.image_size, student=student, name="encoder")
     m = masking.random_masking(self.make_rng("mask"), images.shape[0], enc.num_patches,
                                self.mask_ratio)
     tokens, _ = enc(images, m.ids_keep, train=True)
     dec = decoder_lib.MaskDecoder(enc.num_patches, enc.shape.patch, depth=self.decoder_depth,
-                                  dtype=self.dtype, attention=self.attention, remat=self.remat,
-                                  name="decoder")
+                                  student=student, name="decoder")
     pred = dec(dec.project(tokens), m.ids_restore)
     target = losses.reconstruction_target(decoder_lib.patchify(images, enc.shape.patch), False)
     return losses.masked_reconstruction_loss(pred, target, m.mask)

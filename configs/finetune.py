@@ -13,10 +13,10 @@ Variant keys (after ':', comma-separated):
   format=uniemox_jax   the importer of `init` (config.init.encoder_format)
   epochs=100      total epochs (warmup 5)
 """
-import ml_collections
-
 from data_pipelines import catalogue
 from uniemox_jax import config_utils
+
+common = config_utils.sibling(__file__, "common")
 
 # Each benchmark's classes, training-set size and global batch come from the dataset catalogue
 # (data_pipelines/catalogue.py): the batch gives every benchmark at least 20 optimizer steps per
@@ -34,9 +34,9 @@ def get_config(arg=None):
     raise ValueError(f"config variant dataset={arg.dataset!r}: choose one of "
                      f"{sorted(DATASETS)}")
   spec = DATASETS[arg.dataset]
-  config = ml_collections.ConfigDict()
-  config.task = "finetune"
-  config.seed = 0
+  config = common.runtime("finetune", data=arg.data, split="train", checkpoint_keep=2,
+                          encoder=arg.init, encoder_format=arg.format)
+  config.data.eval_split = "val"
   config.dataset = arg.dataset
   config.num_classes = spec["num_classes"]       # checked against the data's class list
   config.multi_label = spec["multi_label"]
@@ -49,17 +49,12 @@ def get_config(arg=None):
                       # token after the final norm (timm's default ViTs; an imported one
                       # records it and evaluation follows the checkpoint).
                       pool="avg")
-  config.data = dict(dir=arg.data, split="train", eval_split="val", workers=8,
-                     draft_decode=True,
-                     synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)
   # Host: RandAugment m9 mstd0.5; device: random erasing, mixup/cutmix, label smoothing.
   config.augment = dict(rand_augment=True, erase_prob=0.25, mixup_alpha=0.8,
                         cutmix_alpha=1.0, switch_prob=0.5, mix_prob=1.0,
                         label_smoothing=0.0 if spec["multi_label"] else 0.1)
   config.batch_size = spec["batch_size"]   # global: the table above
-  config.eval_batch_size = 1024            # global; the last batch is padded and masked
   config.total_epochs = arg.epochs
-  config.total_steps = 0                   # > 0 overrides total_epochs
   config.optim = dict(base_lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05, warmup_epochs=5,
                       warmup_steps=0, min_lr=1e-6, grad_clip=0.0, accum_steps=1,
                       layer_decay=0.75)    # lr x 0.75 ** (depth + 1 - layer): MAE's LLRD
@@ -70,17 +65,4 @@ def get_config(arg=None):
   # (python -m uniemox_jax.evaluate); a period > 0 also runs them during training.
   config.evals = dict(classification=dict(type="classification", period=0, data="",
                                           split="test"))
-  config.mesh = dict(data=-1, fsdp=1)
-  config.checkpoint = dict(every_steps=1000, keep=2, keep_every=0, asynchronous=True)
-  # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.
-  config.init = dict(checkpoint="", encoder=arg.init, encoder_format=arg.format)
-  config.log_every_steps = 50
-  # Several processes agree on a SIGTERM every this many steps (one all-gather each time).
-  config.preemption_poll_steps = 10
-  # JAX's persistent cache of compiled programs: reruns and resumes compile less. "auto":
-  # $UNIEMOX_CACHE_DIR/jax_cache (default ~/.cache/uniemox_jax/jax_cache); a path or gs://
-  # URL; "" off.
-  config.compilation_cache_dir = "auto"
-  config.profile = dict(first_step=10, num_steps=0)
-  config.log_batch_hashes = False
   return config

@@ -21,6 +21,8 @@ import ml_collections
 
 from uniemox_jax import config_utils
 
+common = config_utils.sibling(__file__, "common")
+
 ALL_LOSSES = ("l1", "l2", "l3")
 # base_lr per rule; the peak is base_lr x global batch / 256.
 LR_RULES = {"mae": 1.5e-4, "reference": 1e-3}
@@ -63,47 +65,27 @@ def get_config(arg=None):
                                data="", epochs=200, lr="mae")
   if arg.lr not in LR_RULES:
     raise ValueError(f"config variant lr={arg.lr!r}: choose one of {sorted(LR_RULES)}")
-  config = ml_collections.ConfigDict()
-  config.task = "pretrain"
-  config.seed = 0
+  # EmoSet-118K train + val, converted with --text_embeddings (the test split is never used).
+  config = common.runtime("pretrain", data=arg.data, split="train+val", keep_every=10_000,
+                          profile_steps=5)
+  config.data.person_view = arg.person
   config.model = model_config(arg.vit, arg.mask, arg.fusion, arg.losses)
   # impl: fused (our CLIP image tower on the same weights, fast) | transformers (FlaxCLIPModel)
   config.teacher = dict(name=arg.teacher, tiny=False, normalization="clip", dtype="bfloat16",
                         impl="fused", attention="auto")
-  # EmoSet-118K train + val, converted with --text_embeddings (the test split is never used).
-  # draft_decode: JPEGs decoded at 1/2-1/8 scale when every crop allows (see
-  # data_pipelines/transforms.py); False decodes every image fully, as the reference does.
-  config.data = dict(dir=arg.data, split="train+val", person_view=arg.person, workers=8,
-                     draft_decode=True,
-                     synthetic=False, synthetic_per_class="40,8,8", synthetic_image_size=64)
   config.batch_size = 4096                 # global: the recipe's, stated (see lr=)
   config.total_epochs = arg.epochs         # the released checkpoints: 100 and 200
-  config.total_steps = 0                   # > 0 overrides total_epochs
   config.optim = dict(base_lr=LR_RULES[arg.lr], b1=0.9, b2=0.95, weight_decay=0.05,
                       warmup_epochs=40, warmup_steps=0, min_lr=0.0, grad_clip=0.0,
                       accum_steps=1)   # > 1: micro-batches per step, gradients averaged
-  config.mesh = dict(data=-1, fsdp=1)      # fsdp > 1 shards params and optimizer state
-  config.checkpoint = dict(every_steps=1000, keep=3, keep_every=10_000, asynchronous=True)
-  # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.
-  config.init = dict(checkpoint="", encoder="", encoder_format="")
-  config.log_every_steps = 50
   # Evaluators run on the parameters every `period` steps (0: only from the evaluation
   # command, python -m uniemox_jax.evaluate); data "" reads the run's data. Representation
   # monitors, not benchmark numbers: a linear probe fitted on EmoSet's val split and reported
   # on its test split, zero-shot on the test split, a reconstruction grid.
-  config.eval_batch_size = 1024            # global; the last batch is padded and masked
   config.evals = dict(
       zero_shot=dict(type="zero_shot", period=1000, data="", split="test"),
       linear_probe=dict(type="linear_probe", period=1000, data="", train_split="val",
                         val_split="", split="test", steps=500, lr=1e-2, weight_decays=(1e-4,)),
       reconstruction=dict(type="reconstruction", period=1000, data="", split="test", num=8),
   )
-  # Several processes agree on a SIGTERM every this many steps (one all-gather each time).
-  config.preemption_poll_steps = 10
-  # JAX's persistent cache of compiled programs: reruns and resumes compile less. "auto":
-  # $UNIEMOX_CACHE_DIR/jax_cache (default ~/.cache/uniemox_jax/jax_cache); a path or gs://
-  # URL; "" off.
-  config.compilation_cache_dir = "auto"
-  config.profile = dict(first_step=10, num_steps=5)
-  config.log_batch_hashes = False
   return config

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from data_pipelines import dataset_info
 from data_pipelines import images
 from data_pipelines import prompts
 from data_pipelines import records
@@ -40,7 +41,6 @@ from data_pipelines import sources
 from data_pipelines import storage
 from data_pipelines import tfrecord
 
-INFO_FILE = records.INFO_FILE
 REPORT_FILE = "conversion_report.json"
 MANIFEST_FILE = "split_manifest.json"
 DETECTIONS_FILE = "person_boxes_yolov3.json"
@@ -156,7 +156,7 @@ def _fingerprint(entries: Sequence[sources.Entry], texts: Sequence[str], max_siz
   return h.hexdigest()
 
 
-_OUR_FILES = (INFO_FILE, REPORT_FILE, MANIFEST_FILE, DETECTIONS_FILE, "dataset_info.json",
+_OUR_FILES = (dataset_info.INFO_FILE, REPORT_FILE, MANIFEST_FILE, DETECTIONS_FILE, "dataset_info.json",
               "features.json", "raw")
 
 
@@ -176,7 +176,7 @@ def prepare_out_dir(out: str, name: str, overwrite: bool = False) -> None:
       raise NotADirectoryError(f"--out {out} is a file, not a folder")
     storage.rmtree(out)
   if storage.isdir(out):
-    info_path = storage.join(out, INFO_FILE)
+    info_path = storage.join(out, dataset_info.INFO_FILE)
     if storage.exists(info_path):
       try:
         other = json.loads(storage.read_text(info_path)).get("name")
@@ -258,7 +258,7 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
             exif_orientation: str = "ignore", duplicates: str = "drop_from_train",
             allow_empty_classes: bool = False, overwrite: bool = False):
   """Writes `plan` to `out`; returns (the dataset info, the conversion report), also written to
-  INFO_FILE and REPORT_FILE. `text_embedder` (texts -> [N, D] embeddings), when given, stores
+  dataset_info.INFO_FILE and REPORT_FILE. `text_embedder` (texts -> [N, D] embeddings), when given, stores
   each record's prompt embedding. With `tfds_metadata`, `out` is also a TFDS dataset
   (data_pipelines/tfds_format.py)."""
   if shard_size < 1:
@@ -309,7 +309,7 @@ def convert(plan: sources.Plan, out: str, *, shard_size: int = 1024, workers: in
   removed = _remove_stale_shards(out, plan.name, {t["path"] for t in tasks})
   info = _info(plan, results, None if emb is None else emb.shape[1])
   report = _report(plan, results, dups, removed)
-  _write_json(storage.join(out, INFO_FILE), info)
+  info.save(out)
   _write_json(storage.join(out, REPORT_FILE), report)
   if plan.manifest is not None:
     _write_json(storage.join(out, MANIFEST_FILE), plan.manifest)
@@ -343,7 +343,8 @@ def _write_json(path: str, data: Any) -> None:
   storage.write_text(path, json.dumps(data, indent=1))
 
 
-def _info(plan: sources.Plan, results: List[Dict[str, Any]], emb_dim: Optional[int]):
+def _info(plan: sources.Plan, results: List[Dict[str, Any]],
+          emb_dim: Optional[int]) -> dataset_info.DatasetInfo:
   splits = {}
   for r in results:
     s = splits.setdefault(r["split"], {"num_records": 0, "with_person": 0,
@@ -355,9 +356,10 @@ def _info(plan: sources.Plan, results: List[Dict[str, Any]], emb_dim: Optional[i
     s["shards"].append({k: r[k] for k in ("file", "records", "bytes", "sha256")})
   features = list(records.FEATURES) + (["labels"] if plan.multi_label else []) + (
       ["text_emb"] if emb_dim else [])
-  return {"format_version": FORMAT_VERSION, "name": plan.name, "class_names": plan.class_names,
-          "multi_label": plan.multi_label, "features": features, "text_emb_dim": emb_dim,
-          "splits": splits}
+  return dataset_info.DatasetInfo.from_json({
+      "format_version": FORMAT_VERSION, "name": plan.name, "class_names": plan.class_names,
+      "multi_label": plan.multi_label, "features": features, "text_emb_dim": emb_dim,
+      "splits": splits})
 
 
 def _report(plan: sources.Plan, results: List[Dict[str, Any]], dups: Dict[str, Any],
@@ -446,11 +448,11 @@ def detect_person_boxes(plan: sources.Plan, out: str, detector, settings: Dict[s
   return boxes
 
 
-def summary(info: Dict[str, Any], report: Dict[str, Any], report_path: str,
+def summary(info: dataset_info.DatasetInfo, report: Dict[str, Any], report_path: str,
             max_listed: int = 20) -> str:
   """The closing summary: what was written, and every file that was not, with its reason."""
-  lines = [f"{split}: {s['num_records']} records in {len(s['shards'])} shards, "
-           f"{s['with_person']} with a person box" for split, s in info["splits"].items()]
+  lines = [f"{split}: {s.num_records} records in {len(s.shards)} shards, "
+           f"{s.with_person} with a person box" for split, s in info.splits.items()]
   skipped = report["skipped_files"]
   if skipped:
     lines.append(f"skipped {len(skipped)} file(s):")

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from data_pipelines import dataset_info
 from data_pipelines import records
 from data_pipelines import storage
 from data_pipelines import tfrecord
@@ -67,10 +68,10 @@ def assign_splits(data_dir: str, patterns: Dict[str, str]) -> Dict[str, List[str
 
 
 def index_folder(data_dir: str, name: str, split_patterns: Optional[Dict[str, str]] = None,
-                 class_names: Sequence[str] = ()) -> Dict:
+                 class_names: Sequence[str] = ()) -> dataset_info.DatasetInfo:
   """Writes the indexes and the info file; returns the info."""
-  if os.path.exists(os.path.join(data_dir, records.INFO_FILE)):
-    raise ValueError(f"{os.path.join(data_dir, records.INFO_FILE)} exists: {data_dir} is "
+  if os.path.exists(os.path.join(data_dir, dataset_info.INFO_FILE)):
+    raise ValueError(f"{os.path.join(data_dir, dataset_info.INFO_FILE)} exists: {data_dir} is "
                      "already a dataset folder (check it with python -m data_pipelines.verify)")
   splits = assign_splits(data_dir, split_patterns or dict(DEFAULT_SPLITS))
   label_names: Dict[int, str] = {}
@@ -129,10 +130,11 @@ def index_folder(data_dir: str, name: str, split_patterns: Optional[Dict[str, st
                           "class_counts": counts.tolist(), "shards": entries}
   features = list(records.FEATURES)
   features += (["labels"] if multi else []) + (["text_emb"] if emb_dim else [])
-  info = {"format_version": 1, "name": name, "class_names": list(names), "multi_label": multi,
-          "features": features, "text_emb_dim": emb_dim, "splits": info_splits,
-          "source": "indexed", "split_ids": split_ids}
-  storage.write_text(os.path.join(data_dir, records.INFO_FILE), json.dumps(info, indent=1))
+  info = dataset_info.DatasetInfo.from_json({
+      "format_version": 1, "name": name, "class_names": list(names), "multi_label": multi,
+      "features": features, "text_emb_dim": emb_dim, "splits": info_splits,
+      "source": "indexed", "split_ids": split_ids})
+  info.save(data_dir)
   return info
 
 
@@ -173,11 +175,11 @@ def main(argv=None) -> int:
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  for split, s in info["splits"].items():
-    print(f"{split}: {s['num_records']} records in {len(s['shards'])} files")
+  for split, s in info.splits.items():
+    print(f"{split}: {s.num_records} records in {len(s.shards)} files")
   report = verify.verify(args.data_dir)
   print(report.summary())
-  print(f"wrote: {os.path.join(os.path.abspath(args.data_dir), records.INFO_FILE)} and an "
+  print(f"wrote: {os.path.join(os.path.abspath(args.data_dir), dataset_info.INFO_FILE)} and an "
         ".index beside each file")
   return 0 if report.ok else 1
 

@@ -12,7 +12,6 @@ what happens on device. TensorFlow is never imported.
 """
 from __future__ import annotations
 
-import json
 import signal
 from typing import Any, Callable, Dict, List, Optional
 
@@ -20,51 +19,25 @@ from absl import flags
 import grain
 import numpy as np
 
+from data_pipelines import dataset_info
 from data_pipelines import records
-from data_pipelines import storage
-from data_pipelines import tfds_format
 from data_pipelines import tfrecord
 from data_pipelines import transforms
 from data_pipelines import verify
 
-INFO_FILE = records.INFO_FILE
 PERSON_VIEWS = ("box", "second_view")
 
 
-def load_info(data_dir: str, field: str = "") -> Dict[str, Any]:
-  """The dataset info of a folder written by `data_pipelines.convert`, or derived from the
-  TFDS metadata of one built by `tfds build` (see data_pipelines/tfds_builders.py). `field`
-  names where the folder came from (a flag or config field), for the error messages."""
-  path = storage.join(data_dir, INFO_FILE)
-  if not storage.exists(path):
-    if tfds_format.is_tfds_dir(data_dir):
-      return tfds_format.info_from_tfds(data_dir)
-    where = f"{field} {data_dir}" if field else data_dir
-    what = "does not exist" if not storage.exists(data_dir) else \
-        f"holds no converted dataset ({INFO_FILE} missing)"
-    raise FileNotFoundError(f"{where} {what}: it must be a folder written by `python -m "
-                            "uniemox_jax.tools.convert` (or a TFDS dataset folder with "
-                            "dataset_info.json)")
-  try:
-    info = json.loads(storage.read_text(path))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}): the folder's dataset info is damaged; "
-                     "rerun the conversion that wrote it (finished shards are kept)") from None
-  if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
-    raise ValueError(f"{path} has no 'splits' mapping: not a dataset info file written by "
-                     "the conversion (data_pipelines.convert)")
-  return info
-
-
-def split_shards(data_dir: str, split: str, info: Optional[Dict[str, Any]] = None) -> List[str]:
+def split_shards(data_dir: str, split: str,
+                 info: Optional[dataset_info.DatasetInfo] = None) -> List[str]:
   """Shard paths of one split, or several joined by '+' (e.g. "train+val"), after the cheap
   checks of `verify.check_split` (sizes, record counts, each shard's split)."""
-  info = info or load_info(data_dir)
+  info = info or dataset_info.DatasetInfo.load(data_dir)
   paths = []
   for part in split.split("+"):
-    if part not in info["splits"]:
+    if part not in info.splits:
       raise ValueError(f"split {part!r} is not in {data_dir} (it has "
-                       f"{sorted(info['splits'])})")
+                       f"{sorted(info.splits)})")
     paths += verify.check_split(data_dir, info, part)
   return paths
 
@@ -73,11 +46,11 @@ class ShardSource:
   """grain random-access source: serialized records of one or more splits."""
 
   def __init__(self, data_dir: str, split: str):
-    self.info = load_info(data_dir)
+    self.info = dataset_info.DatasetInfo.load(data_dir)
     self.split = split
     self._reader = tfrecord.RandomAccessReader(
         split_shards(data_dir, split, self.info),
-        scan_if_missing=self.info.get("source") == "tfds")
+        scan_if_missing=self.info.source == "tfds")
 
   def __len__(self) -> int:
     return len(self._reader)

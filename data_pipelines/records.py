@@ -23,8 +23,6 @@ import numpy as np
 from data_pipelines import example_proto
 
 WHOLE_IMAGE = (0.0, 0.0, 1.0, 1.0)
-# The dataset-info file written beside the shards by the converter, read by the pipelines.
-INFO_FILE = "uniemox_info.json"
 # The features every record has; "labels" (multi-label data) and "text_emb" are optional.
 FEATURES = ("image", "image_id", "source_path", "label", "label_name", "prompt", "attributes",
             "person_box", "has_person")

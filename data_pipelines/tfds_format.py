@@ -61,24 +61,24 @@ def features(class_names: Sequence[str], multi_label: bool = False,
   return f.FeaturesDict(spec)
 
 
-def write_metadata(out: str, info: Dict[str, Any], version: Optional[str] = None,
+def write_metadata(out: str, info, version: Optional[str] = None,
                    description: str = "") -> None:
   """Writes dataset_info.json and features.json for the shards that `info` lists."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core import naming  # pylint: disable=g-import-not-at-top
   version = version or _version_of(out)
   split_infos = []
-  for split, s in sorted(info["splits"].items()):
-    template = naming.ShardedFileTemplate(data_dir=out, dataset_name=info["name"], split=split,
+  for split, s in sorted(info.splits.items()):
+    template = naming.ShardedFileTemplate(data_dir=out, dataset_name=info.name, split=split,
                                           filetype_suffix="tfrecord")
     split_infos.append(tfds.core.SplitInfo(
-        name=split, shard_lengths=[sh["records"] for sh in s["shards"]],
-        num_bytes=sum(sh["bytes"] for sh in s["shards"]), filename_template=template))
+        name=split, shard_lengths=[sh.records for sh in s.shards],
+        num_bytes=sum(sh.bytes for sh in s.shards), filename_template=template))
   tfds.folder_dataset.write_metadata(
-      data_dir=out, features=features(info["class_names"], info.get("multi_label", False),
-                                      info.get("text_emb_dim")),
+      data_dir=out, features=features(list(info.class_names), info.multi_label,
+                                      info.text_emb_dim),
       split_infos=split_infos, version=version, check_data=False,
-      description=description or f"{info['name']}, converted by data_pipelines.convert "
+      description=description or f"{info.name}, converted by data_pipelines.convert "
                                  "(uniemox-jax); schema in data_pipelines/records.py")
 
 

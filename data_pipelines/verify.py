@@ -23,11 +23,11 @@ import re
 import sys
 from typing import Any, Dict, List, Optional
 
+from data_pipelines import dataset_info
 from data_pipelines import records
 from data_pipelines import storage
 from data_pipelines import tfrecord
 
-INFO_FILE = records.INFO_FILE
 
 
 class DatasetMismatchError(tfrecord.CorruptRecordError):
@@ -39,34 +39,33 @@ def _fix_hint(data_dir: str) -> str:
           "the conversion (it rewrites damaged shards)")
 
 
-def check_split(data_dir: str, info: Dict[str, Any], split: str) -> List[str]:
+def check_split(data_dir: str, info: dataset_info.DatasetInfo, split: str) -> List[str]:
   """Paths of the non-empty shards of `split` (one split), after the checks that cost no more
   than a stat, the index and one record per shard. Raises `DatasetMismatchError` naming the
   shard when the folder disagrees with its info file.
   A remote folder's shards are checked and returned as their copies in this host's cache
   (`tfrecord.local_shard`), whose sha256 is checked once, when copied."""
   paths = []
-  for entry in info["splits"][split]["shards"]:
-    path = storage.join(data_dir, entry["file"])
+  for entry in info.splits[split].shards:
+    path = storage.join(data_dir, entry.file)
     if not storage.exists(path):
       raise FileNotFoundError(f"shard {path} of split {split!r} (listed in "
-                              f"{storage.join(data_dir, INFO_FILE)}) does not exist")
-    path = tfrecord.local_shard(path, entry.get("bytes"), entry.get("sha256"))
+                              f"{storage.join(data_dir, dataset_info.INFO_FILE)}) does not exist")
+    path = tfrecord.local_shard(path, entry.bytes, entry.sha256)
     size = os.path.getsize(path)
-    if "bytes" in entry and size != entry["bytes"]:
+    if entry.bytes is not None and size != entry.bytes:
       raise DatasetMismatchError(
-          f"shard {path} is {size} bytes; {INFO_FILE} says {entry['bytes']}: the file was "
+          f"shard {path} is {size} bytes; {dataset_info.INFO_FILE} says {entry.bytes}: the file was "
           f"replaced or damaged after conversion; {_fix_hint(data_dir)}")
-    reader = tfrecord.RandomAccessReader([path],
-                                         scan_if_missing=info.get("source") == "tfds")
+    reader = tfrecord.RandomAccessReader([path], scan_if_missing=info.source == "tfds")
     count = len(reader)
-    if count != entry["records"]:
+    if count != entry.records:
       raise DatasetMismatchError(
-          f"shard {path} holds {count} records; {INFO_FILE} says {entry['records']}; "
+          f"shard {path} holds {count} records; {dataset_info.INFO_FILE} says {entry.records}; "
           f"{_fix_hint(data_dir)}")
     if not count:
       continue
-    if info.get("split_ids", True):
+    if info.split_ids:
       first = records.parse(reader[0])
       if not first["image_id"].startswith(f"{split}/"):
         raise DatasetMismatchError(
@@ -93,19 +92,19 @@ class Report:
       lines.append(f"  {split}: {s['records']} records checked in {s['shards']} shards")
     if self.ok:
       lines.append("  OK: every shard, index, record and count agrees with "
-                   f"{INFO_FILE}")
+                   f"{dataset_info.INFO_FILE}")
     else:
       lines.append(f"  {len(self.problems)} problem(s):")
       lines += [f"  - {p}" for p in self.problems]
     return "\n".join(lines)
 
 
-def _check_record(rec: Dict[str, Any], split: str, info: Dict[str, Any], where: str,
+def _check_record(rec: Dict[str, Any], split: str, info: dataset_info.DatasetInfo, where: str,
                   counts: List[int], problems: List[str], decode: bool) -> None:
-  names = info["class_names"]
-  if info.get("split_ids", True) and not rec["image_id"].startswith(f"{split}/"):
+  names = info.class_names
+  if info.split_ids and not rec["image_id"].startswith(f"{split}/"):
     problems.append(f"{where}: id {rec['image_id']!r} is not of split {split!r}")
-  if info.get("multi_label"):
+  if info.multi_label:
     labels = rec.get("labels")
     if labels is None or len(labels) != len(names):
       problems.append(f"{where}: multi-hot labels of size "
@@ -124,7 +123,7 @@ def _check_record(rec: Dict[str, Any], split: str, info: Dict[str, Any], where: 
       if rec["label_name"] and rec["label_name"] != names[label]:
         problems.append(f"{where}: label {label} is named {rec['label_name']!r}, the class "
                         f"list says {names[label]!r}")
-  dim = info.get("text_emb_dim")
+  dim = info.text_emb_dim
   if dim and ("text_emb" not in rec or rec["text_emb"].shape != (dim,)):
     problems.append(f"{where}: text embedding missing or not of size {dim}")
   if decode:
@@ -137,31 +136,31 @@ def _check_record(rec: Dict[str, Any], split: str, info: Dict[str, Any], where: 
       problems.append(f"{where}: image does not decode ({type(e).__name__}: {e})")
 
 
-def _check_shard(data_dir: str, info: Dict[str, Any], split: str, entry: Dict[str, Any],
-                 counts: List[int], problems: List[str], decode: bool) -> int:
+def _check_shard(data_dir: str, info: dataset_info.DatasetInfo, split: str,
+                 entry: dataset_info.Shard, counts: List[int], problems: List[str],
+                 decode: bool) -> int:
   """Checks one shard fully; returns the records it holds (0 when it cannot be read)."""
-  path = storage.join(data_dir, entry["file"])
+  path = storage.join(data_dir, entry.file)
   if not storage.exists(path):
-    problems.append(f"{path}: listed in {INFO_FILE} under {split!r} but missing")
+    problems.append(f"{path}: listed in {dataset_info.INFO_FILE} under {split!r} but missing")
     return 0
   path = tfrecord.local_shard(path)     # a remote shard: its copy, checked below
   size = os.path.getsize(path)
-  if "bytes" in entry and size != entry["bytes"]:
-    problems.append(f"{path}: {size} bytes, {INFO_FILE} says {entry['bytes']}")
-  if "sha256" in entry:
+  if entry.bytes is not None and size != entry.bytes:
+    problems.append(f"{path}: {size} bytes, {dataset_info.INFO_FILE} says {entry.bytes}")
+  if entry.sha256 is not None:
     digest = tfrecord.file_sha256(path)
-    if digest != entry["sha256"]:
-      problems.append(f"{path}: sha256 {digest[:16]}..., {INFO_FILE} says "
-                      f"{entry['sha256'][:16]}...")
+    if digest != entry.sha256:
+      problems.append(f"{path}: sha256 {digest[:16]}..., {dataset_info.INFO_FILE} says "
+                      f"{entry.sha256[:16]}...")
   try:
-    reader = tfrecord.RandomAccessReader([path],
-                                         scan_if_missing=info.get("source") == "tfds")
+    reader = tfrecord.RandomAccessReader([path], scan_if_missing=info.source == "tfds")
   except (OSError, ValueError) as e:
     problems.append(str(e))
     return 0
-  if len(reader) != entry["records"]:
-    problems.append(f"{path}: {len(reader)} records in its index, {INFO_FILE} says "
-                    f"{entry['records']}")
+  if len(reader) != entry.records:
+    problems.append(f"{path}: {len(reader)} records in its index, {dataset_info.INFO_FILE} says "
+                    f"{entry.records}")
   bad = 0
   for i in range(len(reader)):
     where = f"{path} record {i}"
@@ -183,40 +182,38 @@ def _check_shard(data_dir: str, info: Dict[str, Any], split: str, entry: Dict[st
 def verify(data_dir: str, decode_images: bool = False,
            splits: Optional[List[str]] = None) -> Report:
   """Every check of the module docstring; the problems are collected, not raised."""
-  from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
   report = Report(data_dir)
   try:
-    info = input_pipeline.load_info(data_dir)
+    info = dataset_info.DatasetInfo.load(data_dir)
   except (OSError, ValueError) as e:
     report.problems.append(str(e))
     return report
-  names = info.get("class_names") or []
+  names = info.class_names
   listed = set()
-  for split, s in info["splits"].items():
+  for split, s in info.splits.items():
     if splits and split not in splits:
       continue
     counts = [0] * len(names)
     total = 0
-    for entry in s["shards"]:
-      listed.add(entry["file"])
+    for entry in s.shards:
+      listed.add(entry.file)
       total += _check_shard(data_dir, info, split, entry, counts, report.problems,
                             decode_images)
-    report.splits[split] = {"records": total, "shards": len(s["shards"])}
-    if sum(e["records"] for e in s["shards"]) != s["num_records"]:
-      report.problems.append(f"split {split!r}: {INFO_FILE} says {s['num_records']} records "
-                             "but its shards add up to "
-                             f"{sum(e['records'] for e in s['shards'])}")
-    if "class_counts" in s and list(s["class_counts"]) != counts:
-      diff = [f"{names[c]} {s['class_counts'][c]} listed, {n} found"
-              for c, n in enumerate(counts) if c < len(s["class_counts"])
-              and s["class_counts"][c] != n]
-      report.problems.append(f"split {split!r}: class counts differ from {INFO_FILE}: "
+    report.splits[split] = {"records": total, "shards": len(s.shards)}
+    if sum(e.records for e in s.shards) != s.num_records:
+      report.problems.append(f"split {split!r}: {dataset_info.INFO_FILE} says {s.num_records} records "
+                             f"but its shards add up to {sum(e.records for e in s.shards)}")
+    if s.class_counts is not None and list(s.class_counts) != counts:
+      diff = [f"{names[c]} {s.class_counts[c]} listed, {n} found"
+              for c, n in enumerate(counts) if c < len(s.class_counts)
+              and s.class_counts[c] != n]
+      report.problems.append(f"split {split!r}: class counts differ from {dataset_info.INFO_FILE}: "
                              + "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else ""))
-  pattern = re.compile(re.escape(info.get("name", "")) + r"-[^.]+\.tfrecord-\d{5}-of-\d{5}$")
+  pattern = re.compile(re.escape(info.name) + r"-[^.]+\.tfrecord-\d{5}-of-\d{5}$")
   for f in sorted(storage.listdir(data_dir)):
     if pattern.match(f) and f not in listed and not splits:
-      report.problems.append(f"{storage.join(data_dir, f)}: a shard of {info.get('name')!r} "
-                             f"that {INFO_FILE} does not list (left from another conversion?)")
+      report.problems.append(f"{storage.join(data_dir, f)}: a shard of {info.name!r} "
+                             f"that {dataset_info.INFO_FILE} does not list (left from another conversion?)")
   return report
 
 

@@ -88,8 +88,9 @@ def test_kernel_choice_is_validated():
 
 def test_encoder_output_is_the_same_with_padded_attention():
   images = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-  plain = vit.Encoder("mu/8", image_size=32, attention="xla")
-  padded = vit.Encoder("mu/8", image_size=32, attention="xla", attention_pad=64)
+  plain = vit.Encoder("mu/8", image_size=32, student=vit.StudentConfig(attention="xla"))
+  padded = vit.Encoder("mu/8", image_size=32,
+                       student=vit.StudentConfig(attention="xla", attention_pad=64))
   params = plain.init(jax.random.key(1), images)
   np.testing.assert_allclose(padded.apply(params, images)[0], plain.apply(params, images)[0],
                              rtol=1e-5, atol=1e-5)

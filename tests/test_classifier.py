@@ -17,14 +17,22 @@ def _pretrained_encoder(seed=0):
   return enc, nn.unbox(enc.init(jax.random.key(seed), images)["params"])
 
 
+def _model_config():
+  """The demo's model fields, with a classifier's: the pretraining encoder's fixed positions,
+  average pooling."""
+  cfg = demo.get_config().model
+  cfg.update(pos_embed="sincos", pool="avg")
+  return cfg
+
+
 def _classifier(num_classes=6):
-  model = models.classification_model(demo.get_config().model, num_classes)
+  model = models.classification_model(_model_config(), num_classes)
   params = nn.unbox(model.init(jax.random.key(9), jnp.zeros((1, 32, 32, 3)))["params"])
   return model, params
 
 
 def test_head_shapes_and_init():
-  model = models.classification_model(demo.get_config().model.copy_and_resolve_references(), 26)
+  model = models.classification_model(_model_config(), 26)
   # A head of 64,000 weights, so that its init statistics are measurable: std 2e-5, truncated
   # at 2 std (a B/16 encoder under it would spend seconds drawing 86M weights on the CPU).
   params = nn.unbox(
@@ -47,8 +55,8 @@ def test_loads_pretrained_encoder_and_matches_its_tokens():
   enc, pretrained = _pretrained_encoder()
   model, params = _classifier()
   loaded, report = classifier_lib.load_encoder_params(params, pretrained)
-  assert sorted(report.unused_expected) == ["encoder/norm/bias", "encoder/norm/scale"]
-  assert report.kept_from_init == ["fc_norm/bias", "fc_norm/scale", "head/bias", "head/kernel"]
+  assert sorted(report.dropped) == ["encoder/norm/bias", "encoder/norm/scale"]
+  assert report.kept == ["fc_norm/bias", "fc_norm/scale", "head/bias", "head/kernel"]
   images = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
   _, enc_aux = enc.apply({"params": pretrained}, images)
   pooled = np.asarray(enc_aux["pre_norm"][:, 1:].mean(axis=1))
@@ -70,5 +78,5 @@ def test_mismatched_or_missing_arrays_are_named():
     classifier_lib.load_encoder_params(params, bad)
   msg = str(err.value)
   assert "encoder/cls_token: pretrained shape (1, 1, 32) != model shape (1, 1, 64)" in msg
-  assert "missing pretrained array encoder/transformer/block_1/attn/qkv/kernel" in msg
-  assert "unexpected pretrained array encoder/extra/w" in msg
+  assert "missing encoder/transformer/block_1/attn/qkv/kernel" in msg
+  assert "unexpected encoder/extra/w" in msg

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from data_pipelines import dataset_info
 from tests import environment
 from tests import gcs_server
 
@@ -25,7 +26,7 @@ BUCKET = "uniemox-test"
 STEPS = environment.SHORT_RUN_STEPS
 _OVERRIDES = [*environment.SHORT_RUN, "--config.checkpoint.every_steps=10",
               "--config.checkpoint.keep=10", "--config.log_every_steps=5",
-              "--config.log_batch_hashes=True"]
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,8 @@ def server(tmp_path_factory):
 
 
 def _env(server, cache, devices=8):
-  return environment.subprocess_env(devices, **server.env, UNIEMOX_CACHE_DIR=str(cache))
+  return environment.subprocess_env(devices, **server.env, UNIEMOX_CACHE_DIR=str(cache),
+                                    UNIEMOX_TEST_BATCH_HASHES="1")
 
 
 def _run(server, cache, *cmd, check=True, timeout=900):
@@ -134,8 +136,8 @@ def test_converted_bucket_verifies_and_reads_through_the_cache(server, bucket_da
   assert again[0] == first
   assert [p.stat().st_mtime_ns for p in cached] == mtimes
   # A shard replaced in the bucket after conversion is refused by name, not read.
-  info = input_pipeline.load_info(out)
-  shard = storage.join(out, info["splits"]["train"]["shards"][1]["file"])
+  info = dataset_info.DatasetInfo.load(out)
+  shard = storage.join(out, info.splits["train"].shards[1].file)
   original = storage.open(shard, "rb").read()
   data = bytearray(original)
   data[50] ^= 1
@@ -347,7 +349,7 @@ def test_import_evaluate_predict_and_finetune_from_the_bucket(server, bucket_dat
   from data_pipelines import input_pipeline
   from data_pipelines import storage
   data, convert_cache = bucket_data
-  names = input_pipeline.load_info(data)["class_names"]
+  names = list(dataset_info.DatasetInfo.load(data).class_names)
   model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2,
                             mlp_ratio=2, qkv_bias=True, global_pool="avg", fc_norm=True,
                             num_classes=len(names),
@@ -380,5 +382,6 @@ def test_import_evaluate_predict_and_finetune_from_the_bucket(server, bucket_dat
        "--config.eval_every_epochs=1", "--config.optim.warmup_epochs=1")
   best = json.loads(storage.read_text(storage.join(workdir, "best.json")))
   assert str(best["step"]) in storage.listdir(storage.join(workdir, "best"))
-  result = json.loads(storage.read_text(storage.join(workdir, "test_results.json")))
+  result = json.loads(storage.read_text(storage.join(
+      workdir, "evaluations", f"best-{best['step']}", "classification", "test_results.json")))
   assert result["num_examples"] == 16 and result["checkpoint"].startswith(workdir)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines import dataset_info
 from data_pipelines import convert
 from data_pipelines import records
 from data_pipelines import sources
@@ -21,7 +22,7 @@ from tests import formats
 
 
 def _read_split(out, split):
-  info = json.load(open(os.path.join(out, convert.INFO_FILE)))
+  info = json.load(open(os.path.join(out, dataset_info.INFO_FILE)))
   paths = [os.path.join(out, s["file"]) for s in info["splits"][split]["shards"]]
   reader = tfrecord.RandomAccessReader(paths)
   return [records.parse(reader[i]) for i in range(len(reader))]
@@ -38,7 +39,7 @@ def _run(*args):
 
 def test_synthetic_conversion_info_and_records(synthetic_data):
   raw, out = synthetic_data
-  info = json.load(open(os.path.join(out, convert.INFO_FILE)))
+  info = json.load(open(os.path.join(out, dataset_info.INFO_FILE)))
   assert info["class_names"] == sorted(synthetic.CLASSES)   # alphabetical folders
   assert {s: v["num_records"] for s, v in info["splits"].items()} == {
       "train": 48, "val": 16, "test": 16}
@@ -126,7 +127,7 @@ def test_bad_inputs_are_reported_not_dropped(tmp_path):
   dup = report["duplicates_across_splits"]
   assert dup == [{"train": ["train/calm/0.jpg"], "test": ["test/calm/copy.jpg"]}]
   assert report["duplicates_dropped_from_train"] == ["train/calm/0.jpg"]
-  info = json.load(open(out / convert.INFO_FILE))
+  info = json.load(open(out / dataset_info.INFO_FILE))
   assert info["class_names"] == ["angry", "calm", "sad"]
   assert info["splits"]["train"]["num_records"] == 3
 
@@ -161,7 +162,7 @@ def test_class_folders_recipe_and_manifest(tmp_path):
   out1, out2, out3 = (tmp_path / n for n in ("o1", "o2", "o3"))
   _run("--source", "class_folders", "--recipe", "emotion6", "--seed", "3", "--root", str(root),
        "--name", "e6", "--out", str(out1))
-  info = json.load(open(out1 / convert.INFO_FILE))
+  info = json.load(open(out1 / dataset_info.INFO_FILE))
   counts = {s: v["class_counts"] for s, v in info["splits"].items()}
   assert counts == {"train": [14, 21], "val": [2, 3], "test": [4, 6]}   # 70/10/20 per class
   manifest = json.load(open(out1 / convert.MANIFEST_FILE))
@@ -183,7 +184,7 @@ def test_caer_s_recipe_splits_test_into_test_and_val(tmp_path):
       _jpeg(str(root / split / "Happy" / f"{i}.png").replace(".png", ".jpg"), (i, 1, 2))
   _run("--source", "class_folders", "--recipe", "caer_s", "--root", str(root), "--name", "c",
        "--out", str(tmp_path / "o"), "--duplicates", "keep")    # the fixture repeats images
-  info = json.load(open(tmp_path / "o" / convert.INFO_FILE))
+  info = json.load(open(tmp_path / "o" / dataset_info.INFO_FILE))
   assert {s: v["num_records"] for s, v in info["splits"].items()} == {
       "train": 4, "val": 17, "test": 33}
 
@@ -250,7 +251,7 @@ def test_emotic_multi_label_keeps_its_boxes(tmp_path):
   assert recs[0]["prompt"] == "The overall emotion conveyed is Happiness and Peace."
   (test,) = _read_split(str(tmp_path / "o"), "test")
   assert test["prompt"] == "The overall emotion conveyed is Fatigue, Pain and Sadness."
-  info = json.load(open(tmp_path / "o" / convert.INFO_FILE))
+  info = json.load(open(tmp_path / "o" / dataset_info.INFO_FILE))
   assert info["multi_label"] and "labels" in info["features"]
   assert info["splits"]["train"]["class_counts"][hot.index("Fear")] == 1
 
@@ -285,7 +286,7 @@ def test_text_embeddings_are_stored(tmp_path, tiny_clip_dir, tiny_teacher):
   (rec,) = _read_split(str(tmp_path / "o"), "train")
   np.testing.assert_allclose(rec["text_emb"], tiny_teacher.embed_texts([rec["prompt"]])[0],
                              rtol=1e-5, atol=1e-6)
-  assert json.load(open(tmp_path / "o" / convert.INFO_FILE))["text_emb_dim"] == 64
+  assert json.load(open(tmp_path / "o" / dataset_info.INFO_FILE))["text_emb_dim"] == 64
 
 
 def test_wrong_root_is_named(tmp_path):
@@ -301,5 +302,5 @@ def test_worker_processes_write_identical_shards(synthetic_data, tmp_path):
     out = tmp_path / f"w{workers}"
     convert_command.main(["--source", "split_tree", "--root", raw, "--name", "s", "--out", str(out),
                   "--shard_size", "16", "--workers", workers, "--no_progress"])
-    outs.append(json.load(open(out / convert.INFO_FILE)))
+    outs.append(json.load(open(out / dataset_info.INFO_FILE)))
   assert outs[0] == outs[1]     # same files, record counts and sha256 checksums

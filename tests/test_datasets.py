@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipelines import dataset_info
 from data_pipelines import convert
 from data_pipelines import images
 from data_pipelines import index_tfrecords
@@ -139,7 +140,7 @@ def test_report_names_every_skipped_file_in_words(real_world):
   assert not any(" at 0x" in r for r in skipped.values())      # no object addresses
   assert report["system_files_ignored"] == 3                   # .DS_Store, ._*, Thumbs.db
   # The closing summary lists them too, and --strict turns them into a failure.
-  text = convert.summary(json.load(open(out / convert.INFO_FILE)), report, "r.json")
+  text = convert.summary(dataset_info.DatasetInfo.load(str(out)), report, "r.json")
   assert "skipped 4 file(s):" in text and "train/sad/empty.jpg: empty file" in text
   code = _run("--source", "split_tree", "--root", str(root), "--name", "rw", "--out",
               str(out), "--strict")
@@ -178,7 +179,7 @@ def test_ube_nested_class_folders_convert(tmp_path):
   out = tmp_path / "out"
   assert _run("--source", "class_folders", "--recipe", "ube", "--root", str(root), "--name",
               "ube", "--out", str(out), "--no_tfds_metadata") == 0
-  info = json.load(open(out / convert.INFO_FILE))
+  info = json.load(open(out / dataset_info.INFO_FILE))
   assert info["class_names"] == ["anger", "joy", "sadness"]
   total = {c: sum(info["splits"][s]["class_counts"][i] for s in info["splits"])
            for i, c in enumerate(info["class_names"])}
@@ -198,7 +199,7 @@ def test_a_raw_root_that_is_already_split_is_refused_with_what_was_found(tmp_pat
                      r"beside the class folders \['amusement'\]: .*--source split_tree"):
     _run("--source", "class_folders", "--recipe", "fi", "--root", str(root), "--name", "fi",
          "--out", str(tmp_path / "out"))
-  assert not os.path.exists(tmp_path / "out" / convert.INFO_FILE)
+  assert not os.path.exists(tmp_path / "out" / dataset_info.INFO_FILE)
 
 
 def test_empty_class_folder_is_an_error_unless_allowed(tmp_path):
@@ -212,7 +213,7 @@ def test_empty_class_folder_is_an_error_unless_allowed(tmp_path):
   with pytest.raises(ValueError, match=r"empty class folder\(s\): sad \(train\)"):
     _run(*args)
   assert _run(*args, "--allow_empty_classes") == 0
-  assert json.load(open(tmp_path / "out" / convert.INFO_FILE))["class_names"] == ["calm", "sad"]
+  assert json.load(open(tmp_path / "out" / dataset_info.INFO_FILE))["class_names"] == ["calm", "sad"]
 
 
 def test_emoset_published_lists_and_every_attribute(tmp_path):
@@ -298,9 +299,9 @@ def test_verify_passes_a_fresh_folder_and_names_every_problem(converted):
   data = bytearray(open(train[1], "rb").read())
   data[200] ^= 0x01                                  # one bit, inside record 0's payload
   open(train[1], "wb").write(bytes(data))
-  info = json.load(open(out / convert.INFO_FILE))
+  info = json.load(open(out / dataset_info.INFO_FILE))
   info["splits"]["test"]["class_counts"][0] += 1     # a count nothing backs
-  json.dump(info, open(out / convert.INFO_FILE, "w"))
+  json.dump(info, open(out / dataset_info.INFO_FILE, "w"))
   stray = out / "s-train.tfrecord-00009-of-00010"
   shutil.copy(train[0], stray)
   bad = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
@@ -320,31 +321,31 @@ def test_opening_a_split_refuses_shards_that_disagree_with_the_info(converted):
   # A test shard under the val shard's name: same record count, other split.
   for suffix in ("", ".index"):
     shutil.copy(test + suffix, val + suffix)
-  info = json.load(open(out / convert.INFO_FILE))
+  info = json.load(open(out / dataset_info.INFO_FILE))
   size = os.path.getsize(val)
   info["splits"]["val"]["shards"][0]["bytes"] = size
-  json.dump(info, open(out / convert.INFO_FILE, "w"))
+  json.dump(info, open(out / dataset_info.INFO_FILE, "w"))
   with pytest.raises(verify.DatasetMismatchError, match=r"listed under split 'val' but its "
                      r"first record is 'test/"):
     ip.ShardSource(str(out), "val")
   # An info entry that says 0 records is not a reason to skip a shard silently.
   info["splits"]["train"]["shards"][1]["records"] = 0
-  json.dump(info, open(out / convert.INFO_FILE, "w"))
+  json.dump(info, open(out / dataset_info.INFO_FILE, "w"))
   with pytest.raises(verify.DatasetMismatchError, match=r"holds 16 records; uniemox_info.json "
                      r"says 0"):
     ip.ShardSource(str(out), "train")
   # A shard whose size is not the recorded one.
   info["splits"]["train"]["shards"][1]["records"] = 16
   info["splits"]["train"]["shards"][2]["bytes"] += 7
-  json.dump(info, open(out / convert.INFO_FILE, "w"))
+  json.dump(info, open(out / dataset_info.INFO_FILE, "w"))
   with pytest.raises(verify.DatasetMismatchError, match=r"s-train.tfrecord-00002-of-00003 is "
                      r"\d+ bytes; uniemox_info.json says \d+"):
     ip.ShardSource(str(out), "train")
   # An info file that does not parse is named, with what to do.
-  (out / convert.INFO_FILE).write_text('{"splits": ')
+  (out / dataset_info.INFO_FILE).write_text('{"splits": ')
   with pytest.raises(ValueError, match=r"uniemox_info.json is not valid JSON .*rerun the "
                      "conversion"):
-    ip.load_info(str(out))
+    dataset_info.DatasetInfo.load(str(out))
 
 
 def test_rerun_rewrites_a_damaged_shard_and_removes_temporaries(converted):
@@ -384,7 +385,7 @@ def test_converting_into_another_dataset_is_refused_before_writing(converted, tm
                      r"\(thesis.tex\)"):
     _run(*[a if a != str(out) else str(mine) for a in args])
   assert _run(*args, "--overwrite") == 0
-  assert sorted(json.load(open(out / convert.INFO_FILE))["splits"]) == ["test", "train", "val"]
+  assert sorted(json.load(open(out / dataset_info.INFO_FILE))["splits"]) == ["test", "train", "val"]
   assert not glob.glob(str(out / "s-*"))                  # the old dataset is gone whole
   assert verify.verify(str(out)).ok
 
@@ -487,9 +488,9 @@ def test_plain_tfrecords_become_readable_with_one_command(tmp_path, tf_write):
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert "train: 10 records in 2 files" in proc.stdout and "OK" in proc.stdout
-  info = ip.load_info(str(folder))
-  assert info["class_names"] == ["calm", "angry"]
-  assert info["splits"]["train"]["class_counts"] == [5, 5]
+  info = dataset_info.DatasetInfo.load(str(folder))
+  assert info.class_names == ("calm", "angry")
+  assert info.splits["train"].class_counts == (5, 5)
   val = ip.ShardSource(str(folder), "val")
   assert [records.parse(val[i])["image_id"] for i in range(len(val))] == [
       "val/img0.jpg", "val/img1.jpg", "val/img2.jpg"]
@@ -506,7 +507,7 @@ def test_indexed_records_whose_ids_carry_no_split_are_read(tmp_path, tf_write):
     r.image_id = r.source_path               # "img0.jpg": no "train/" in front
   tf_write(folder / "train-000.tfrecord", recs)
   info = index_tfrecords.index_folder(str(folder), "p")
-  assert info["split_ids"] is False
+  assert info.split_ids is False
   source = ip.ShardSource(str(folder), "train")
   assert [records.parse(source[i])["image_id"] for i in range(len(source))] == [
       "img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]

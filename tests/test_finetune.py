@@ -2,6 +2,7 @@
 best-state selection and exact resume, the evaluation report and its errors, linear probe,
 zero-shot and the prediction CLI."""
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -17,21 +18,27 @@ import pytest
 from configs import demo
 from configs import demo_finetune
 from configs import linear_probe as linear_probe_config
-from uniemox_jax.tools import convert as convert_command
+from data_pipelines import dataset_info
 from data_pipelines import input_pipeline as ip
 from data_pipelines import synthetic
 from uniemox_jax import checkpointing
-from uniemox_jax import evaluate
+from uniemox_jax import evaluators
 from uniemox_jax import finetune
 from uniemox_jax import linear_probe
 from uniemox_jax import models
 from uniemox_jax import optim
-from uniemox_jax import predict
+from uniemox_jax import prediction
 from uniemox_jax import pretrain
+from uniemox_jax import runs
 from uniemox_jax import sharding
+from uniemox_jax import trainer
+from uniemox_jax.evaluators import classification
+from uniemox_jax.evaluators import gathering
 from uniemox_jax.evaluators import linear_probe as probe_lib
 from uniemox_jax.evaluators import reconstruction
+from uniemox_jax.evaluators import reports
 from uniemox_jax.evaluators import zero_shot
+from uniemox_jax.tools import convert as convert_command
 from tests import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,11 +115,11 @@ def test_exactly_once_on_eight_devices(odd_data):
   assert len(sums) == 13
   for batch in (8, 24):
     ds = ip.eval_dataset(odd_data, "test", batch_size=batch, image_size=32)
-    out = evaluate.gather_split(_SUMS, ds, mesh, progress=False)
+    out = gathering.gather_split(_SUMS, ds, mesh, progress=False)
     np.testing.assert_allclose(out["sum"], sums, rtol=1e-6)
     np.testing.assert_array_equal(out["label"], labels)
   with pytest.raises(ValueError, match="config.eval_batch_size=12 must divide evenly"):
-    evaluate.check_batch(12, mesh)
+    gathering.check_batch(12, mesh)
 
 
 _TWO_PROCESS = r"""
@@ -120,12 +127,13 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np
 jax.distributed.initialize(sys.argv[2], 2, int(sys.argv[3]))
 from data_pipelines import input_pipeline as ip
-from uniemox_jax import evaluate, sharding
+from uniemox_jax import sharding
+from uniemox_jax.evaluators import gathering
 mesh = sharding.make_mesh(-1, 1)
 ds = ip.eval_dataset(sys.argv[1], "test", batch_size=12, image_size=32,
                      process_index=jax.process_index(), process_count=2)
 fn = jax.jit(lambda b: {"sum": jnp.sum(b["image"].astype(jnp.float32), axis=(1, 2, 3))})
-out = evaluate.gather_split(fn, ds, mesh, progress=False)
+out = gathering.gather_split(fn, ds, mesh, progress=False)
 print(json.dumps({"devices": len(jax.devices()), "sum": out["sum"].tolist(),
                   "label": out["label"].tolist()}))
 """
@@ -196,7 +204,8 @@ def test_finetune_beats_chance_and_keeps_the_best_state(finetuned):
   assert test["num_examples"] == 32 and test["top1"] >= 2 / 8, test
   best = json.load(open(os.path.join(workdir, finetune.BEST_FILE)))
   logged = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  val = {m["step"]: m["val_top1"] for m in logged if "val_top1" in m}
+  # Validation is an evaluator like any other: its scalars "validation/<metric>".
+  val = {m["step"]: m["validation/top1"] for m in logged if "validation/top1" in m}
   assert len(val) == 5                       # every 2 epochs of 4 steps, 40 steps
   periodic = {m["step"]: m["classification/top1"] for m in logged
               if "classification/top1" in m}
@@ -207,23 +216,28 @@ def test_finetune_beats_chance_and_keeps_the_best_state(finetuned):
   assert best["step"] == min(s for s, v in val.items() if v == best["value"])
   assert checkpointing.Checkpointer(os.path.join(workdir, "best"), read_only=True
                                     ).all_steps() == [best["step"]]
+  # The best state's test report, where any evaluation of that checkpoint goes.
+  report_dir = os.path.join(workdir, "evaluations", f"best-{best['step']}", "classification")
   for name in ("test_results.json", "test_confusion.json", "test_confusion.png"):
-    assert os.path.getsize(os.path.join(workdir, name)) > 0
+    assert os.path.getsize(os.path.join(report_dir, name)) > 0
   assert test["checkpoint"].endswith(f"best/{best['step']}")
+  assert sorted(test["files"]) == sorted(os.path.join(report_dir, n) for n in (
+      "test_results.json", "test_confusion.json", "test_confusion.png"))
 
 
 def test_finetune_resumes_exactly(pretrained, tmp_path):
   overrides = dict(total_epochs=6, eval_every_epochs=2, **{"checkpoint.every_steps": 100})
-  full = finetune.FinetuneTrainer(_finetune_config(pretrained, **overrides), str(tmp_path / "a"))
+  def loop(workdir, **hooks):
+    return trainer.build(_finetune_config(pretrained, **overrides), str(tmp_path / workdir),
+                         finetune.make_task, trainer.Hooks(**hooks))
+  full = loop("a")
   full.run()
   full.close()
-  first = finetune.FinetuneTrainer(_finetune_config(pretrained, **overrides),
-                                   str(tmp_path / "b"))
-  first.run(stop_after=10)
+  first = loop("b", stop_after=10)
+  first.run()
   first.close()
   assert first.checkpointer.all_steps() == [10]
-  second = finetune.FinetuneTrainer(_finetune_config(pretrained, **overrides),
-                                    str(tmp_path / "b"))
+  second = loop("b")
   second.run()
   second.close()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(full.final_state),
@@ -234,37 +248,41 @@ def test_finetune_resumes_exactly(pretrained, tmp_path):
 
 def test_evaluate_checkpoint_and_its_errors(finetuned, pretrained, tmp_path):
   workdir, config, _ = finetuned
-  result = evaluate.evaluate_checkpoint(config, os.path.join(workdir, "best"), "val",
-                                        str(tmp_path), progress=False)
+  (result,) = evaluators.evaluate_checkpoint(config, os.path.join(workdir, "best"),
+                                             ["classification"], split="val",
+                                             out_dir=str(tmp_path), progress=False).values()
   assert result["num_examples"] == 32 and sum(map(sum, result["confusion_matrix"])) == 32
-  assert os.path.exists(tmp_path / "val_results.json")
-  with pytest.raises(ValueError, match=r"--split 'nosuch'.*has the splits"):
-    evaluate.evaluate_checkpoint(config, os.path.join(workdir, "best"), "nosuch",
-                                 str(tmp_path))
-  step_dir = checkpointing.resolve_step_dir(os.path.join(workdir, "best"))
-  info = ip.load_info(config.data.dir)
+  assert any(f.endswith("/val_results.json") for f in result["files"])
+  with pytest.raises(ValueError, match=r"--split: the split 'nosuch' is not in .*\(it has"):
+    evaluators.evaluate_checkpoint(config, os.path.join(workdir, "best"), ["classification"],
+                                   split="nosuch", out_dir=str(tmp_path))
+  ckpt = checkpointing.Checkpoint.open(os.path.join(workdir, "best"))
+  info = dataset_info.DatasetInfo.load(config.data.dir)
   with pytest.raises(ValueError, match="the head predicts 8 classes but the dataset"):
-    evaluate.check_classes(step_dir, dict(info, class_names=info["class_names"][:7]))
+    classification.check_classes(ckpt, dataclasses.replace(info,
+                                                            class_names=info.class_names[:7]))
   with pytest.raises(ValueError, match="was trained on classes"):
-    evaluate.check_classes(step_dir, dict(info, class_names=info["class_names"][::-1]))
+    classification.check_classes(ckpt, dataclasses.replace(info,
+                                                           class_names=info.class_names[::-1]))
   with pytest.raises(ValueError, match="no classification head"):
-    evaluate.check_classes(checkpointing.resolve_step_dir(
-        os.path.join(pretrained, "checkpoints")), info)
+    classification.check_classes(
+        checkpointing.Checkpoint.open(os.path.join(pretrained, "checkpoints")), info)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    evaluate.evaluate_checkpoint(config, str(tmp_path / "missing"), "test")
+    evaluators.evaluate_checkpoint(config, str(tmp_path / "missing"), ["classification"])
   other = _finetune_config(pretrained, **{"model.pos_embed": "sincos"})
   with pytest.raises(ValueError, match="does not fit the model:\n  unexpected "
                                        "encoder/pos_embed"):
-    evaluate.evaluate_checkpoint(other, os.path.join(workdir, "best"), "val", str(tmp_path))
+    evaluators.evaluate_checkpoint(other, os.path.join(workdir, "best"), ["classification"],
+                                   split="val", out_dir=str(tmp_path))
   with pytest.raises(ValueError, match="not a UniEmoX pretraining checkpoint"):
-    evaluate.evaluate_with(demo.get_config(), os.path.join(workdir, "best"), ["zero_shot"],
-                           data=config.data.dir)
+    evaluators.evaluate_checkpoint(demo.get_config(), os.path.join(workdir, "best"),
+                                   ["zero_shot"], data=config.data.dir)
 
 
 def test_wrong_class_count_in_config_is_named(pretrained, tmp_path):
   config = _finetune_config(pretrained, num_classes=7)
   with pytest.raises(ValueError, match="has 7 classes but .* has 8"):
-    finetune.FinetuneTrainer(config, str(tmp_path))
+    trainer.build(config, str(tmp_path), finetune.make_task)
 
 
 # --- linear probe, zero-shot, prediction ---------------------------------------------------
@@ -279,8 +297,7 @@ def test_linear_probe_end_to_end(pretrained, tmp_path):
   assert result["test"]["top1"] > 1 / 8
   assert os.path.exists(tmp_path / "linear_probe" / "test_results.json")
   # The command's closing "wrote:" line lists what the task wrote, nothing it did not.
-  from uniemox_jax import main as main_lib
-  assert main_lib.written(str(tmp_path)) == ["linear_probe/"]
+  assert runs.written(str(tmp_path)) == ["linear_probe/"]
 
 
 def test_demo_pretraining_logs_its_evaluators(pretrained, tmp_path):
@@ -310,8 +327,9 @@ def test_demo_pretraining_logs_its_evaluators(pretrained, tmp_path):
                "reconstruction/reconstruction_test.png"):
     assert os.path.getsize(os.path.join(out, path)) > 0, path
   # The one evaluation command, any evaluator, on the checkpoint of that step.
-  results = evaluate.evaluate_with(demo.get_config(), os.path.join(pretrained, "checkpoints"),
-                                   out_dir=str(tmp_path), progress=False)
+  results = evaluators.evaluate_checkpoint(
+      demo.get_config(), os.path.join(pretrained, "checkpoints"), out_dir=str(tmp_path),
+      progress=False)
   assert set(results) == {"zero_shot", "linear_probe", "reconstruction"}
   for name, result in results.items():
     for key, value in result["scalars"].items():
@@ -332,8 +350,8 @@ def test_the_evaluation_command_never_writes_over_a_run_or_another_evaluation(
   checkpoint = os.path.join(pretrained, "checkpoints")
   files = {}
   for data in ("", odd_data):        # the run's own data, then another dataset
-    result = evaluate.evaluate_with(demo.get_config(), checkpoint, ["zero_shot"], data=data,
-                                    progress=False)["zero_shot"]
+    result = evaluators.evaluate_checkpoint(demo.get_config(), checkpoint, ["zero_shot"],
+                                            data=data, progress=False)["zero_shot"]
     (files[data],) = [f for f in result["files"] if f.endswith("test_results.json")]
     assert json.load(open(files[data]))["num_examples"] == result["num_examples"]
     settings = json.load(open(os.path.join(os.path.dirname(files[data]), "settings.json")))
@@ -350,8 +368,8 @@ def test_evaluator_configs_are_checked_before_anything_runs(pretrained, tmp_path
   mesh = sharding.make_mesh(-1, 1)
   # A folder the command's --data named is reported as --data, not as a config field.
   with pytest.raises(FileNotFoundError, match=rf"^--data {tmp_path}/none does not exist"):
-    evaluate.evaluate_with(demo.get_config(), os.path.join(pretrained, "checkpoints"),
-                           ["zero_shot"], data=str(tmp_path / "none"), progress=False)
+    evaluators.evaluate_checkpoint(demo.get_config(), os.path.join(pretrained, "checkpoints"),
+                                   ["zero_shot"], data=str(tmp_path / "none"), progress=False)
 
   def build(**evals):
     config = demo.get_config()
@@ -393,10 +411,11 @@ def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
   from PIL import Image
   config = demo.get_config()
   data, size = os.path.join(pretrained, "synthetic"), config.model.image_size
-  step_dir = checkpointing.resolve_step_dir(os.path.join(pretrained, "checkpoints"))
+  ckpt = checkpointing.Checkpoint.open(os.path.join(pretrained, "checkpoints"))
+  step_dir = ckpt.step_dir
   model = models.pretrain_model(config.model)
   images = reconstruction.fixed_images(data, "test", 3, size)
-  panels = reconstruction.reconstruct(model, checkpointing.read_subtree(step_dir),
+  panels = reconstruction.reconstruct(model, ckpt.read(),
                                       images["image"], images["person"])
   removed, orig = panels["removed"], images["image"].astype(int)
   assert removed.shape == (3, size, size) and 0.7 <= removed.mean() <= 0.8   # mask ratio 0.75
@@ -418,7 +437,7 @@ def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  out = re.search(rf"wrote: ({re.escape(evaluate.default_out_dir(step_dir))}/"
+  out = re.search(rf"wrote: ({re.escape(reports.out_dir(step_dir))}/"
                   r"reconstruction-\w+-test-[0-9a-f]{8}/reconstruction_test\.png)",
                   proc.stdout).group(1)
   assert "read_only" not in proc.stderr and "read only" not in proc.stderr   # logs like main
@@ -441,23 +460,23 @@ def test_predict_folder_to_csv_and_json(finetuned, tmp_path):
   # The converter generated the raw tree inside the data folder.
   shutil.copytree(os.path.join(config.data.dir, "raw", "test"), images)
   (images / "broken.jpg").write_bytes(b"not an image")
-  paths = predict.list_images(str(images))
-  result = predict.predict(config, os.path.join(workdir, "best"), paths, top_k=3)
+  paths = prediction.list_images(str(images))
+  result = prediction.predict(config, os.path.join(workdir, "best"), paths, top_k=3)
   assert len(result["rows"]) == len(paths) - 1
   assert [p for p, _ in result["unreadable"]] == [str(images / "broken.jpg")]
   first = result["rows"][0]["predictions"]
   assert len(first) == 3 and first[0]["probability"] >= first[1]["probability"]
-  predict.write(result, str(tmp_path / "p.csv"), str(images), 3)
+  prediction.write(result, str(tmp_path / "p.csv"), str(images), 3)
   rows = list(csv.reader(open(tmp_path / "p.csv")))
   assert rows[0][:3] == ["path", "emotion_1", "prob_1"] and len(rows) == len(paths)
-  predict.write(result, str(tmp_path / "p.json"), str(images), 3)
+  prediction.write(result, str(tmp_path / "p.json"), str(images), 3)
   assert len(json.load(open(tmp_path / "p.json"))["predictions"]) == len(paths) - 1
   # The images' folder names are their true classes: most predictions match.
   hits = [r["predictions"][0]["emotion"] == os.path.basename(os.path.dirname(r["path"]))
           for r in result["rows"]]
   assert np.mean(hits) >= 2 / 8
   with pytest.raises(FileNotFoundError, match="is not a directory"):
-    predict.list_images(str(tmp_path / "nope"))
+    prediction.list_images(str(tmp_path / "nope"))
 
 
 def test_preempted_fine_tuning_skips_the_final_evaluation(pretrained, tmp_path, monkeypatch):
@@ -471,7 +490,7 @@ def test_preempted_fine_tuning_skips_the_final_evaluation(pretrained, tmp_path, 
   with pytest.raises(errors.Preempted, match="preempted at step 3; rerun the same command"):
     finetune.finetune(config, str(tmp_path))
   assert os.path.isdir(tmp_path / "checkpoints" / "3")
-  assert not os.path.exists(tmp_path / "test_results.json")
+  assert not list(tmp_path.glob("evaluations/best-*"))      # no test report
 
 
 def test_a_checkpoint_with_reordered_classes_is_refused_before_the_first_step(
@@ -489,7 +508,7 @@ def test_a_checkpoint_with_reordered_classes_is_refused_before_the_first_step(
   other = _finetune_config(pretrained, **{
       "data.dir": data, "init.checkpoint": os.path.join(workdir, "best"), "init.encoder": ""})
   with pytest.raises(errors.UserError, match="was trained on classes"):
-    finetune.FinetuneTrainer(other, str(tmp_path / "w"))      # among the checks it starts with
+    trainer.build(other, str(tmp_path / "w"), finetune.make_task)   # among its first checks
 
 
 def test_linear_probe_pools_as_the_fine_tuning_head(odd_data):
@@ -500,7 +519,7 @@ def test_linear_probe_pools_as_the_fine_tuning_head(odd_data):
   config.model.image_size = 32
   width = 64
   model = models.Classifier(num_classes=width, variant=config.model.variant, image_size=32,
-                            pos_embed="sincos", dtype=jnp.float32)
+                            pos_embed="sincos")
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))["params"]
   assert params["head"]["kernel"].shape == (width, width), "the variant's width changed"
   params["head"] = {"kernel": jnp.eye(width), "bias": jnp.zeros(width)}

@@ -12,16 +12,21 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from configs import demo_finetune
-from data_pipelines import input_pipeline as ip
+from configs import linear_probe as linear_probe_config
+from data_pipelines import dataset_info
 from uniemox_jax import checkpointing
-from uniemox_jax import evaluate
+from uniemox_jax import evaluators
 from uniemox_jax import finetune
 from uniemox_jax import importers
+from uniemox_jax import linear_probe
+from uniemox_jax import torch_import as it
+from uniemox_jax import trainer
+from uniemox_jax.evaluators import classification
 from uniemox_jax.models import classifier
 from uniemox_jax.models import decoder as decoder_lib
 from uniemox_jax.models import fusion
 from uniemox_jax.models import vit
-from uniemox_jax.tools import import_torch as it
+from uniemox_jax.tools import import_torch as import_command
 
 TOL = 1e-4
 LN = functools.partial(torch.nn.LayerNorm, eps=1e-6)
@@ -119,7 +124,7 @@ def test_size_detection_refuses_what_the_shapes_do_not_settle(tmp_path):
 def test_timm_encoder_tokens_match_pytorch(scan):
   m = _timm_vit(num_classes=0)        # CLS pooling: the final norm is the encoder's
   params, report = it.convert(_sd(m), "vit", "mu/8", 32)
-  enc = vit.Encoder("mu/8", 32, pos_embed="learned", scan=scan)
+  enc = vit.Encoder("mu/8", 32, pos_embed="learned", student=vit.StudentConfig(scan=scan))
   x = _images(seed=1)
   encoder = it.fit_to(params["encoder"], _template(enc, jnp.asarray(x)), report)
   report.check()
@@ -266,55 +271,70 @@ def test_bad_files_and_mismatches_are_named(tmp_path):
   msg = str(err.value)
   assert "unexpected key blocks.0.ls1.gamma" in msg
   assert "missing encoder/transformer/block_1/mlp/fc2/bias" in msg
-  assert "head/kernel: file (64, 5) != model (64, 7)" in msg
+  assert "head/kernel: file shape (64, 5) != model shape (64, 7)" in msg
 
 
 def test_import_cli_checkpoint_evaluates_and_fine_tunes(tmp_path, synthetic_data):
   _, data = synthetic_data
-  names = ip.load_info(data)["class_names"]
+  names = list(dataset_info.DatasetInfo.load(data).class_names)
   m = _timm_vit(global_pool="avg", fc_norm=True, num_classes=len(names))
   src = tmp_path / "uniemox_emo8.pth"
   torch.save({"model": {"module." + k: v for k, v in m.state_dict().items()}}, src)
   out = tmp_path / "imported"
-  assert it.main(["--src", str(src), "--kind", "uniemox_finetune", "--image_size", "32",
-                  "--out", str(out), "--class_names", ",".join(names)]) == 0
+  assert import_command.main(["--src", str(src), "--kind", "uniemox_finetune", "--image_size",
+                              "32", "--out", str(out), "--class_names", ",".join(names)]) == 0
   config = demo_finetune.get_config()
   config.unlock()
   config.update_from_flattened_dict({"data.dir": data, "eval_batch_size": 16})
-  result = evaluate.evaluate_checkpoint(config, str(out), "test", str(tmp_path),
-                                        progress=False)
-  assert result["num_examples"] == 16
+  result = evaluators.evaluate_checkpoint(config, str(out), ["classification"], split="test",
+                                          out_dir=str(tmp_path), progress=False)
+  assert result["classification"]["num_examples"] == 16
   # The same scores as PyTorch on the eval crops.
-  step_dir = checkpointing.resolve_step_dir(str(out))
-  assert checkpointing.read_meta(step_dir)["class_names"] == names
+  meta = checkpointing.Checkpoint.open(str(out)).meta
+  assert meta["class_names"] == names
   with pytest.raises(FileExistsError, match="already holds a checkpoint"):
-    it.main(["--src", str(src), "--kind", "uniemox_finetune", "--image_size", "32",
-             "--out", str(out)])
+    import_command.main(["--src", str(src), "--kind", "uniemox_finetune", "--image_size", "32",
+                         "--out", str(out)])
 
-  assert checkpointing.read_meta(step_dir)["pool"] == "avg"
+  assert meta["pool"] == "avg"
   # timm's default (CLS-token) classifier: recorded, and evaluated with that pooling although
   # the config says avg.
   token = _timm_vit(num_classes=len(names))
   torch.save(token.state_dict(), tmp_path / "timm_default.pth")
-  assert it.main(["--src", str(tmp_path / "timm_default.pth"), "--kind", "vit", "--image_size",
-                  "32", "--out", str(tmp_path / "token"), "--class_names",
-                  ",".join(names)]) == 0
-  token_dir = checkpointing.resolve_step_dir(str(tmp_path / "token"))
-  assert checkpointing.read_meta(token_dir)["pool"] == "token"
-  assert config.model.get("pool", "avg") == "avg"
-  assert evaluate.with_checkpoint_pool(config, token_dir).model.pool == "token"
-  result = evaluate.evaluate_checkpoint(config, str(tmp_path / "token"), "test",
-                                        str(tmp_path / "token_eval"), progress=False)
-  assert result["num_examples"] == 16
+  assert import_command.main(["--src", str(tmp_path / "timm_default.pth"), "--kind", "vit",
+                              "--image_size", "32", "--out", str(tmp_path / "token"),
+                              "--class_names", ",".join(names)]) == 0
+  token = checkpointing.Checkpoint.open(str(tmp_path / "token"))
+  assert token.meta["pool"] == "token"
+  assert config.model.pool == "avg"
+  assert classification.with_checkpoint_pool(config, token).model.pool == "token"
+  result = evaluators.evaluate_checkpoint(config, str(tmp_path / "token"), ["classification"],
+                                          split="test", out_dir=str(tmp_path / "token_eval"),
+                                          progress=False)
+  assert result["classification"]["num_examples"] == 16
   # The imported checkpoint is an encoder source like any checkpoint written here.
   encoder = importers.ENCODER_IMPORTERS["uniemox_jax"](str(out), None)
   np.testing.assert_array_equal(encoder["cls_token"], m.state_dict()["cls_token"].numpy())
   # The trainer reads the .pth directly through its importer hook.
   config.update_from_flattened_dict({"init.encoder": str(src),
                                      "init.encoder_format": "torch_uniemox_finetune"})
-  t = finetune.FinetuneTrainer(config, str(tmp_path / "ft"))
+  t = trainer.build(config, str(tmp_path / "ft"), finetune.make_task)
   state = t.initial_state(None)
   t.close()
   got = jax.device_get(state["params"]["encoder"]["transformer"]["block_1"]["mlp"]["fc1"])
   np.testing.assert_array_equal(got["kernel"], m.state_dict()["blocks.1.mlp.fc1.weight"].numpy().T)
   assert "torch_mae" in importers.ENCODER_IMPORTERS
+
+
+def test_the_linear_probe_task_reads_a_pth_encoder(tmp_path, synthetic_data):
+  """The linear-probe task with a torch_* encoder format: the importer is handed the
+  encoder's template (it was handed None, and `"pos_embed" in template` raised)."""
+  _, data = synthetic_data
+  src = tmp_path / "timm_vit.pth"
+  torch.save(_timm_vit(num_classes=8).state_dict(), src)
+  config = linear_probe_config.get_config("demo=True")
+  config.update_from_flattened_dict({
+      "data.dir": data, "init.encoder": str(src), "init.encoder_format": "torch_vit",
+      "probe.steps": 20, "probe.weight_decays": (0.0,), "eval_batch_size": 16})
+  result = linear_probe.linear_probe(config, str(tmp_path / "probe"))
+  assert result["test"]["num_examples"] == 16 and result["best_weight_decay"] == 0.0

@@ -7,6 +7,7 @@ import grain
 import numpy as np
 import pytest
 
+from data_pipelines import dataset_info
 from data_pipelines import input_pipeline as ip
 from data_pipelines import records
 from data_pipelines import tfrecord
@@ -149,7 +150,7 @@ def test_corrupt_record_surfaces_with_shard_and_record(synthetic_data, tmp_path)
   _, out = synthetic_data
   copy = tmp_path / "copy"
   shutil.copytree(out, copy)
-  info = json.load(open(copy / ip.INFO_FILE))
+  info = json.load(open(copy / dataset_info.INFO_FILE))
   shard = str(copy / info["splits"]["test"]["shards"][0]["file"])
   offsets = tfrecord.read_index(shard)
   data = bytearray(open(shard, "rb").read())

@@ -407,11 +407,17 @@ def _fill(disk, leave_kib):
                  check=True)
 
 
-def test_a_failed_save_stops_the_run_and_keeps_the_last_checkpoint(data, small_disk):
-  """The disk fills up: the step-20 save fails; the run stops within a step of it, in one line
-  naming the checkpoint, the cause and the step kept, exit 2; nothing of the failed save is
-  left; freed, the same command resumes from the kept step and finishes."""
-  workdir = os.path.join(small_disk, "w")
+def test_a_failed_save_stops_the_run_and_keeps_the_last_checkpoint(data, small_disk, tmp_path):
+  """The disk fills up: the step-20 save fails; the run stops (within a step of the failure:
+  test_trainer's test_a_failed_save_is_seen_at_the_next_step), in one line naming the
+  checkpoint, the cause and the step kept, exit 2; nothing of the failed save is left; freed,
+  the same command resumes from the kept step and finishes."""
+  # Only the checkpoints on the small disk: the run's other writes (its log lines) cannot be
+  # the first to find it full, whatever the timing.
+  workdir = str(tmp_path / "w")
+  os.makedirs(workdir)
+  os.makedirs(os.path.join(small_disk, "checkpoints"))
+  os.symlink(os.path.join(small_disk, "checkpoints"), os.path.join(workdir, "checkpoints"))
   proc = _single(workdir, data)
   environment.read_until(proc, rf"step 12/{environment.SHORT_RUN_STEPS}\b")
   proc.send_signal(signal.SIGTERM)          # a checkpoint at step 10 and one where it stops
@@ -431,15 +437,6 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_checkpoint(data, small_d
   assert max(_steps(workdir)) < environment.SHORT_RUN_STEPS     # it stopped there
   assert max(_checkpoints(workdir)) == kept
   assert all(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
-  # Within a step of the failure: orbax's own error lines (shown with UNIEMOX_TRACEBACK=1)
-  # are followed by at most two progress lines, then the run's error.
-  proc = _single(workdir, data, env=_env(8, UNIEMOX_TRACEBACK="1"))
-  _, err = proc.communicate(timeout=600)
-  assert proc.returncode == errors.EXIT_USER_ERROR, err[-3000:]
-  lines = err.splitlines()
-  failed = next(i for i, line in enumerate(lines) if "No space left on device" in line)
-  after = [line for line in lines[failed:] if re.search(r"\] step \d+/\d+ ", line)]
-  assert len(after) <= 2, after
   os.remove(os.path.join(small_disk, "filler"))
   proc = _single(workdir, data)
   _, err = proc.communicate(timeout=600)

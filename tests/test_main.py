@@ -101,13 +101,15 @@ def test_evaluation_imports_nothing_of_the_training_loop():
   """The evaluation command, every evaluator, the linear-probe task and prediction read
   encoders, teachers and data through modules of their own (importers, teacher/loading,
   datasets), not the trainer."""
-  code = ("import sys\n"
-          "import uniemox_jax.evaluate, uniemox_jax.evaluators, uniemox_jax.linear_probe, "
-          "uniemox_jax.predict\n"
-          "print(sorted(m for m in sys.modules if m in ('uniemox_jax.trainer', "
-          "'uniemox_jax.finetune', 'uniemox_jax.pretrain', 'uniemox_jax.optim', "
-          "'uniemox_jax.objective')))")
-  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stderr[-2000:]
-  assert proc.stdout.strip().splitlines()[-1] == "[]"
+  # One command a process: each defines its flags at import.
+  for modules in ("uniemox_jax.evaluate, uniemox_jax.evaluators, uniemox_jax.linear_probe",
+                  "uniemox_jax.predict, uniemox_jax.prediction"):
+    code = ("import sys\n"
+            f"import {modules}\n"
+            "print(sorted(m for m in sys.modules if m in ('uniemox_jax.trainer', "
+            "'uniemox_jax.finetune', 'uniemox_jax.pretrain', 'uniemox_jax.optim', "
+            "'uniemox_jax.objective')))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", modules

@@ -10,6 +10,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from uniemox_jax.tools import convert as convert_command
+from data_pipelines import dataset_info
 from data_pipelines import input_pipeline as ip
 from data_pipelines import records
 from data_pipelines import tfds_builders
@@ -39,10 +40,10 @@ def _same(rec, ex):
 def test_converted_folder_is_a_tfds_dataset(synthetic_data, tmp_path):
   _, data = synthetic_data
   builder = tfds.builder_from_directory(data)
-  info = ip.load_info(data)
-  assert builder.info.features["label"].names == info["class_names"]
+  info = dataset_info.DatasetInfo.load(data)
+  assert builder.info.features["label"].names == list(info.class_names)
   for split in ("train", "val", "test"):
-    assert builder.info.splits[split].num_examples == info["splits"][split]["num_records"]
+    assert builder.info.splits[split].num_examples == info.splits[split].num_records
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             decoders={"image": tfds.decode.SkipDecoding()})
     examples = {ex["image_id"].decode(): ex for ex in tfds.as_numpy(ds)}
@@ -98,8 +99,8 @@ def test_tfds_builder_matches_the_cli_and_reads_with_grain(manual_dir, tmp_path)
                        os.path.join(manual_dir, "attributes.json"), "--workers", "1",
                        "--no_progress", "--no_tfds_metadata"]) == 0
   assert not os.path.exists(os.path.join(cli, tfds_format.DATASET_INFO_FILE))
-  info = ip.load_info(built)        # from TFDS's metadata: no uniemox_info.json there
-  assert info["class_names"] == ip.load_info(cli)["class_names"]
+  info = dataset_info.DatasetInfo.load(built)   # from TFDS's metadata: no uniemox_info.json
+  assert info.class_names == dataset_info.DatasetInfo.load(cli).class_names
   for split in ("train", "val", "test"):
     tfds_recs = {r["image_id"]: r for r in _grain_records(built, split)}
     cli_recs = {r["image_id"]: r for r in _grain_records(cli, split)}
@@ -113,7 +114,7 @@ def test_tfds_builder_matches_the_cli_and_reads_with_grain(manual_dir, tmp_path)
   # The pipelines read the TFDS-built folder: every test example exactly once.
   ds = ip.eval_dataset(built, "test", batch_size=5, image_size=32)
   seen = [i for b in ds for i in b["index"][b["mask"]]]
-  assert sorted(seen) == list(range(info["splits"]["test"]["num_records"]))
+  assert sorted(seen) == list(range(info.splits["test"].num_records))
   batch = next(iter(ip.pretrain_dataset(built, "train", batch_size=4, image_size=32)))
   assert batch["scene"].shape == (4, 32, 32, 3)
 

@@ -1,5 +1,6 @@
 """The pretraining trainer: exact resume after SIGKILL, SIGTERM and a killed save,
 resharded restore, non-finite stop, and 2 processes agreeing with 1."""
+import errno
 import json
 import os
 import random
@@ -27,12 +28,12 @@ STEPS = environment.SHORT_RUN_STEPS
 # The tests' short run, with frequent checkpoints, recording each step's batch fingerprint.
 _OVERRIDES = [*environment.SHORT_RUN, *environment.SYNTHETIC_DATA,
               "--config.checkpoint.every_steps=10", "--config.checkpoint.keep=20",
-              "--config.log_every_steps=5", "--config.log_batch_hashes=True"]
+              "--config.log_every_steps=5"]
 
 
 def _env(devices=8):
   # The runs share a compilation cache: the train step compiles once for the whole module.
-  env = environment.subprocess_env(devices)
+  env = environment.subprocess_env(devices, **{trainer.BATCH_HASHES_ENV: "1"})
   env.pop(trainer.KILL_DURING_SAVE_ENV, None)
   return env
 
@@ -144,13 +145,13 @@ _RESTORE = r"""
 import json, sys
 import jax, numpy as np
 from configs import demo
-from uniemox_jax import pretrain
+from uniemox_jax import pretrain, trainer
 config = demo.get_config("evals=False")
 config.unlock()
 config.update_from_flattened_dict({"total_steps": 30,
                                    "data.synthetic_per_class": "6,2,2",
                                    "data.synthetic_image_size": 48})
-t = pretrain.PretrainTrainer(config, sys.argv[1])
+t = trainer.build(config, sys.argv[1], pretrain.make_task)
 state = t.checkpointer.restore(30, t.abstract_state)
 leaves = jax.tree.leaves(state["params"])
 print(json.dumps({"devices": len(jax.devices()),
@@ -178,12 +179,12 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
                                      "optim.warmup_steps": 0, "checkpoint.every_steps": 1,
                                      "checkpoint.keep": 100,
                                      "data.synthetic_per_class": "6,2,2"})
-  t = pretrain.PretrainTrainer(config, str(tmp_path))
+  t = trainer.build(config, str(tmp_path), pretrain.make_task)
   with pytest.raises(FloatingPointError, match=r"non-finite loss at step (\d+)") as err:
     t.run()
   bad = int(err.value.args[0].split("step ")[1].split(":")[0])
   steps = t.checkpointer.all_steps()
-  t.checkpointer.close()
+  t.close()
   assert steps and max(steps) < bad
 
 
@@ -223,26 +224,26 @@ def test_gradient_accumulation_averages_device_local_micro_batches(tmp_path, syn
   config.unlock()
   config.update_from_flattened_dict({"optim.accum_steps": 2, "data.dir": data,
                                      "data.synthetic": False})
-  t = pretrain.PretrainTrainer(config, str(tmp_path))
-  batch = jax.tree.map(np.asarray, t.dataset[0])
+  t = trainer.build(config, str(tmp_path), pretrain.make_task)
+  batch = jax.tree.map(np.asarray, t.task.dataset[0])
   batch = {k: batch[k] for k in ("scene", "person")}
-  batch["text_emb"] = t.teacher.embed_texts(["The overall emotion conveyed is awe."] * 32)
+  batch["text_emb"] = t.task.teacher.embed_texts(["The overall emotion conveyed is awe."] * 32)
   batch = {k: (v.astype(np.float32) / 255 if v.dtype == np.uint8 else v)
            for k, v in batch.items()}
-  state = t._init(jax.random.key(0))
-  teacher_params = sharding.host_to_global(t.teacher.params, t.replicated)
+  state = t.init(jax.random.key(0))
+  teacher_params = sharding.host_to_global(t.task.teacher.params, t.replicated)
   key = jax.random.key(3)
-  grads, terms = jax.jit(t._gradients)(state["params"], teacher_params, batch, key)
+  grads, terms = jax.jit(t.gradients)(state["params"], teacher_params, batch, key)
   # By hand: device d holds rows 4d..4d+3; micro-batch i takes rows 4d+2i, 4d+2i+1 of each.
   rows = [[4 * d + 2 * i + j for d in range(8) for j in range(2)] for i in range(2)]
   config.optim.accum_steps = 1
-  single = jax.jit(t._gradients)     # traced afresh (it reads accum_steps), then once for both
+  single = jax.jit(t.gradients)      # traced afresh (it reads accum_steps), then once for both
   parts = [single(state["params"], teacher_params, {k: v[r] for k, v in batch.items()},
                   jax.random.fold_in(key, i)) for i, r in enumerate(rows)]
   expect = jax.tree.map(lambda a, b: (a + b) / 2, parts[0], parts[1])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                (grads, terms), expect)
-  t.checkpointer.close()
+  t.close()
 
 
 def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_path):
@@ -254,30 +255,30 @@ def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_p
     config.unlock()
     config.update_from_flattened_dict(dict(overrides, **{f"init.{k}": v for k, v in
                                                          init.items()}))
-    return pretrain.PretrainTrainer(config, str(workdir))
+    return trainer.build(config, str(workdir), pretrain.make_task)
 
   # An explicit checkpoint path (a step directory) when the workdir has none.
   t = make(tmp_path / "a", checkpoint=os.path.join(reference, "checkpoints", "10"))
   state = t.initial_state(None)
   assert int(state["step"]) == 10
   _assert_bitwise_equal(state["params"], _params(reference, 10)[0])
-  t.checkpointer.close()
+  t.close()
   # An encoder through a registered importer when there is no checkpoint at all.
   importers.register_encoder_importer(
       "test_plus_one", lambda path, template: jax.tree.map(lambda x: np.asarray(x) + 1.0,
                                                            template))
   t = make(tmp_path / "b", encoder="unused.file", encoder_format="test_plus_one")
   state = t.initial_state(None)
-  fresh = t._init(jax.random.key(t.config.seed))
+  fresh = t.init(jax.random.key(t.config.seed))
   assert int(state["step"]) == 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b) + 1.0, rtol=1e-6),
                state["params"]["encoder"], fresh["params"]["encoder"])
   _assert_bitwise_equal(state["params"]["decoder"], fresh["params"]["decoder"])
-  t.checkpointer.close()
+  t.close()
   t = make(tmp_path / "c", encoder="x", encoder_format="nope")
   with pytest.raises(ValueError, match="config.init.encoder_format='nope'"):
     t.initial_state(None)
-  t.checkpointer.close()
+  t.close()
   del importers.ENCODER_IMPORTERS["test_plus_one"]
 
 
@@ -292,20 +293,13 @@ def test_host_stays_ahead_metrics_are_fetched_at_log_and_checkpoint_steps_only(
   config.update_from_flattened_dict({"total_steps": 12, "log_every_steps": 5,
                                      "checkpoint.every_steps": 8, "data.dir": data,
                                      "data.synthetic": False})
-  t = pretrain.PretrainTrainer(config, str(tmp_path))
   events = []
-  step_fn, next_batch, fetch = t._step, t._next_batch, t._fetch
-
-  def traced_step(state, *args):
-    events.append(("step", int(state["step"]) + 1))
-    return step_fn(state, *args)
-  monkeypatch.setattr(t, "_step", traced_step)
-  monkeypatch.setattr(t, "_next_batch", lambda it, s: events.append(("batch", s))
-                      or next_batch(it, s))
-  monkeypatch.setattr(t, "_fetch", lambda w, upto, final=False: events.append(
-      ("fetch", upto)) or fetch(w, upto, final))
+  t = trainer.build(config, str(tmp_path), pretrain.make_task,
+                    trainer.Hooks(trace=lambda *event: events.append(event[:2])))
   t.run()
   t.close()
+  logged = [s for kind, s in events if kind == "log"]
+  events = [e for e in events if e[0] != "log"]
   assert events[:4] == [("batch", 1), ("step", 1), ("batch", 2), ("step", 2)]
   # The batch of step s + 1 is placed right after step s is dispatched; only a checkpoint
   # step first checks its losses (the saved iterator position must be that of step s).
@@ -317,7 +311,7 @@ def test_host_stays_ahead_metrics_are_fetched_at_log_and_checkpoint_steps_only(
   # final step 12.
   assert [e[1] for e in events if e[0] == "fetch"] == [5, 8, 10, 12]
   assert events.index(("fetch", 5)) > events.index(("step", 6))
-  assert [s for s, _ in t.history] == [5, 10, 12]
+  assert logged == [5, 10, 12]
 
 
 def test_stop_signals_are_polled_every_n_steps_with_several_processes(monkeypatch):
@@ -339,7 +333,60 @@ def test_l1_group_device_reaches_the_objective(tmp_path):
   config.unlock()
   config.update_from_flattened_dict({"model.l1_group": "device", "optim.accum_steps": 2,
                                      "data.synthetic_per_class": "6,2,2", "total_steps": 1})
-  t = pretrain.PretrainTrainer(config, str(tmp_path))
+  t = trainer.build(config, str(tmp_path), pretrain.make_task)
   # 32 rows a step, 2 micro-batches of 16, 8 devices: groups of 2 rows.
-  assert t.objective.l1_group_size == config.batch_size // 2 // 8
-  t.checkpointer.close()
+  _, objective_fn, _ = t.task.loss.args
+  assert objective_fn.l1_group_size == config.batch_size // 2 // 8
+  t.close()
+
+
+class _SlowFailingSaves:
+  """Stands in for orbax's manager: every save stays in flight until `fail()` ends the first
+  one with ENOSPC, as a full disk would, at a moment of the test's choosing."""
+
+  def __init__(self, manager):
+    self.manager, self.saving, self.error, self.saved = manager, False, None, []
+
+  def save(self, step, args, force):
+    del args, force
+    self.saved.append(step)
+    self.saving = True
+
+  def fail(self):
+    self.saving, self.error = False, OSError(errno.ENOSPC, "No space left on device")
+
+  def is_saving_in_progress(self):
+    return self.saving
+
+  def wait_until_finished(self):
+    self.saving = False
+    if self.error is not None:
+      error, self.error = self.error, None
+      raise error
+
+  def __getattr__(self, name):      # everything else (latest_step, close) is orbax's
+    return getattr(self.manager, name)
+
+
+def test_a_failed_save_is_seen_at_the_next_step(tmp_path, synthetic_data):
+  """The asynchronous save of step 4 fails while step 6 runs: the run stops right after step
+  6, naming step 4, however long the save took (whatever the machine's speed)."""
+  _, data = synthetic_data
+  config = demo.get_config("evals=False")
+  config.unlock()
+  config.update_from_flattened_dict({"total_steps": 12, "checkpoint.every_steps": 4,
+                                     "data.dir": data, "data.synthetic": False})
+  steps = []
+
+  def trace(kind, step, *_):
+    if kind == "step":
+      steps.append(step)
+      if step == 6:
+        saves.fail()
+  loop = trainer.build(config, str(tmp_path), pretrain.make_task, trainer.Hooks(trace=trace))
+  saves = loop.checkpointer._manager = _SlowFailingSaves(loop.checkpointer._manager)
+  with pytest.raises(checkpointing.SaveFailed, match=r"could not save checkpoint 4 in .*: No "
+                                                     r"space left on device \(ENOSPC\)"):
+    loop.run()
+  loop.close()
+  assert saves.saved == [4] and steps == [1, 2, 3, 4, 5, 6]

@@ -56,7 +56,8 @@ def test_losses_and_aux(tiny_teacher, mask_ratio, kept):
 
 
 def test_gradients_reach_every_trainable_param_and_no_teacher_param(tiny_teacher):
-  model = _model(drop_path=0.1)
+  model = _model()
+  model = dataclasses.replace(model, student=dataclasses.replace(model.student, drop_path=0.1))
   batch = _batch(tiny_teacher)
   params = _init(model, batch)
   assert {"encoder", "decoder", "fuse"} <= set(params)

@@ -81,7 +81,7 @@ def test_scan_and_remat_match_unrolled():
   plain = vit.Encoder("mu/8", image_size=32)
   params = nn.unbox(plain.init(jax.random.key(1), images)["params"])
   ref, _ = plain.apply({"params": params}, images)
-  scanned = vit.Encoder("mu/8", image_size=32, scan=True, remat=True)
+  scanned = vit.Encoder("mu/8", image_size=32, student=vit.StudentConfig(scan=True, remat=True))
   scan_params = _stack_blocks(params, depth=2)
   assert jax.tree.structure(scan_params) == jax.tree.structure(
       nn.unbox(scanned.init(jax.random.key(1), images)["params"]))
@@ -102,7 +102,7 @@ def test_scan_and_remat_match_unrolled():
 
 def test_bf16_compute_keeps_fp32_params():
   images = _tiny_images()
-  enc = vit.Encoder("mu/8", image_size=32, dtype=jnp.bfloat16)
+  enc = vit.Encoder("mu/8", image_size=32, student=vit.StudentConfig(dtype=jnp.bfloat16))
   variables = enc.init(jax.random.key(0), images)
   assert {x.dtype for x in jax.tree.leaves(nn.unbox(variables))} == {jnp.dtype(jnp.float32)}
   tokens, aux = enc.apply(variables, images)
@@ -111,7 +111,7 @@ def test_bf16_compute_keeps_fp32_params():
 
 def test_masked_input_and_drop_path():
   images = _tiny_images(batch=4)
-  enc = vit.Encoder("mu/8", image_size=32, drop_path=0.5)
+  enc = vit.Encoder("mu/8", image_size=32, student=vit.StudentConfig(drop_path=0.5))
   params = enc.init(jax.random.key(0), images)
   ids_keep = jnp.tile(jnp.arange(0, 16, 4, dtype=jnp.int32)[None], (4, 1))
   tokens, _ = enc.apply(params, images, ids_keep)

@@ -11,10 +11,11 @@ shardings: a checkpoint saved on 8 devices restores on 4 or 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import re
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from absl import logging
 
@@ -93,8 +94,10 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator=None,
            meta: Optional[Dict[str, Any]] = None) -> None:
     """`meta`: a JSON-able dict kept with the step (the task, the class names). Raises
-    `SaveFailed` for this save (or the previous asynchronous one)."""
-    self.check()
+    `SaveFailed` for this save (or the previous asynchronous one, which it waits for: a slow
+    save's failure is reported as its own step's)."""
+    if self._pending is not None:
+      self.wait()
     items = {STATE: ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
@@ -175,69 +178,99 @@ def split_checkpoint_path(path: str):
 def open_for_restore(path: str, flag: str = "config.init.checkpoint"):
   """A read-only Checkpointer over an explicit checkpoint path, and the step to restore.
   `flag` names where the path came from, for the error messages."""
-  directory, step = split_checkpoint_path(path)
+  step_dir = resolve_step_dir(path, flag)
+  return (Checkpointer(storage.dirname(step_dir), read_only=True, asynchronous=False),
+          int(storage.basename(step_dir)))
+
+
+def finished_steps(directory: str) -> List[int]:
+  """The finished steps under `directory`, read from its listing (no checkpoint manager, so
+  no collective: any process may ask at any time). A step is finished once orbax has renamed
+  its temporary directory into place (locally) or written its commit_success.txt (in a
+  bucket, where there are no renames)."""
   if not storage.isdir(directory):
-    raise FileNotFoundError(f"checkpoint directory {directory} does not exist ({flag})")
-  ckpt = Checkpointer(directory, read_only=True, asynchronous=False)
-  if step is None:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no finished checkpoint in {directory} ({flag})")
-  elif step not in ckpt.all_steps():
-    raise FileNotFoundError(f"checkpoint step {step} is not in {directory}; it has "
-                            f"{sorted(ckpt.all_steps())} ({flag})")
-  return ckpt, step
+    return []
+  steps = [int(n) for n in storage.listdir(directory) if n.isdigit()]
+  if storage.is_remote(directory):
+    steps = [s for s in steps
+             if storage.exists(storage.join(directory, str(s), "commit_success.txt"))]
+  return sorted(steps)
 
 
 def latest_finished_step(directory: str) -> Optional[int]:
-  """The latest finished step under `directory` (None: none), read-only."""
-  ckpt = Checkpointer(directory, read_only=True, asynchronous=False)
-  try:
-    return ckpt.latest_step()
-  finally:
-    ckpt.close()
+  steps = finished_steps(directory)
+  return steps[-1] if steps else None
 
 
 def resolve_step_dir(path: str, flag: str = "--checkpoint") -> str:
-  """A step directory from "<dir>/<step>" or "<dir>" (its latest finished step)."""
-  ckpt, step = open_for_restore(path, flag)
-  ckpt.close()
-  return storage.join(ckpt.directory, str(step))
+  """A step directory from "<dir>/<step>" or "<dir>" (its latest finished step). `flag`
+  names where the path came from, for the error messages."""
+  directory, step = split_checkpoint_path(path)
+  if not storage.isdir(directory):
+    raise FileNotFoundError(f"checkpoint directory {directory} does not exist ({flag})")
+  steps = finished_steps(directory)
+  if step is None:
+    if not steps:
+      raise FileNotFoundError(f"no finished checkpoint in {directory} ({flag})")
+    step = steps[-1]
+  elif step not in steps:
+    raise FileNotFoundError(f"checkpoint step {step} is not in {directory}; it has {steps} "
+                            f"({flag})")
+  return storage.join(directory, str(step))
 
 
-def state_metadata(step_dir: str) -> Any:
-  """The saved state's tree, with shapes and dtypes, read without loading any array."""
-  path = epath.Path(storage.absolute(step_dir)) / STATE
-  if not path.exists():
-    raise FileNotFoundError(f"{step_dir} holds no train state (no '{STATE}' item)")
-  return ocp.PyTreeCheckpointHandler().metadata(path).tree
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  """One finished checkpoint step, opened once: where it is, its `meta` record and the saved
+  state's tree (shapes and dtypes, no arrays). `open` takes "<dir>/<step>" or "<dir>" (its
+  latest step); `read` loads a subtree as host arrays."""
+  step_dir: str
+  step: int
+  meta: Dict[str, Any]
+  tree: Any
 
+  @classmethod
+  def open(cls, path: str, flag: str = "--checkpoint") -> "Checkpoint":
+    step_dir = resolve_step_dir(path, flag)
+    state = epath.Path(storage.absolute(step_dir)) / STATE
+    if not state.exists():
+      raise FileNotFoundError(f"{step_dir} holds no train state (no '{STATE}' item)")
+    meta_path = storage.join(step_dir, META, "metadata")
+    meta = json.loads(storage.read_text(meta_path)) if storage.exists(meta_path) else {}
+    return cls(step_dir, int(storage.basename(step_dir)), meta,
+               ocp.PyTreeCheckpointHandler().metadata(state).tree)
 
-def read_meta(step_dir: str) -> Dict[str, Any]:
-  """The step's `meta` dict ({} for a checkpoint saved without one)."""
-  path = storage.join(step_dir, META, "metadata")
-  if not storage.exists(path):
-    return {}
-  return json.loads(storage.read_text(path))
+  @property
+  def directory(self) -> str:
+    """The checkpoints folder (WORKDIR/checkpoints, WORKDIR/best, an import's --out)."""
+    return storage.dirname(self.step_dir)
 
+  @property
+  def workdir(self) -> str:
+    return storage.dirname(self.directory)
 
-def read_subtree(step_dir: str, keys: Sequence[str] = ("params",)) -> Any:
-  """One subtree of the saved state (by default the parameters, without the optimizer
-  state) as host NumPy arrays, whatever mesh it was saved from."""
-  tree = state_metadata(step_dir)
-  sub = tree
-  for i, key in enumerate(keys):
-    if not isinstance(sub, dict) or key not in sub:
-      raise KeyError(f"{step_dir}: the saved state has no {'/'.join(keys[:i + 1])} "
-                     f"(it has {sorted(sub) if isinstance(sub, dict) else type(sub).__name__})")
-    sub = sub[key]
-  item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), sub)
-  for key in reversed(keys):
-    item = {key: item}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  restored = ocp.PyTreeCheckpointer().restore(
-      epath.Path(storage.absolute(storage.join(step_dir, STATE))),
-      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
-  for key in keys:
-    restored = restored[key]
-  return restored
+  @property
+  def params(self) -> Dict[str, Any]:
+    """The saved parameters' tree (metadata: shapes and dtypes)."""
+    return self.tree.get("params", {})
+
+  def read(self, keys: Sequence[str] = ("params",)) -> Any:
+    """One subtree of the saved state (by default the parameters, without the optimizer
+    state) as host NumPy arrays, whatever mesh it was saved from."""
+    sub = self.tree
+    for i, key in enumerate(keys):
+      if not isinstance(sub, dict) or key not in sub:
+        raise KeyError(f"{self.step_dir}: the saved state has no {'/'.join(keys[:i + 1])} (it "
+                       f"has {sorted(sub) if isinstance(sub, dict) else type(sub).__name__})")
+      sub = sub[key]
+    item = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), sub)
+    for key in reversed(keys):
+      item = {key: item}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = ocp.PyTreeCheckpointer().restore(
+        epath.Path(storage.absolute(storage.join(self.step_dir, STATE))),
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                    partial_restore=True))
+    for key in keys:
+      restored = restored[key]
+    return restored

@@ -18,23 +18,23 @@ import os  # noqa: E402
 from absl import flags  # noqa: E402
 
 from uniemox_jax import config_utils  # noqa: E402
-from uniemox_jax import main as main_lib  # noqa: E402
+from uniemox_jax import runs  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The pretraining workdir; "
+                               "fine-tuning goes to its finetune/.")
+_FORCE_UNLOCK = flags.DEFINE_bool("force_unlock", False, "as for uniemox_jax.main")
 
 
 def main(argv):
   del argv
   demo_config = config_utils.repository_config("demo")
   demo_finetune = config_utils.repository_config("demo_finetune")
-  # --workdir (main's flag): the pretraining workdir; fine-tuning goes to its finetune/.
-  workdir = flags.FLAGS.workdir or "workdirs/demo"
+  workdir, force = _WORKDIR.value, _FORCE_UNLOCK.value
   pretrain_config = demo_config.get_config()
-  force = flags.FLAGS.force_unlock
-  main_lib.report(pretrain_config, workdir,
-                  main_lib.run_task(pretrain_config, workdir, force))
+  runs.report(pretrain_config, workdir, runs.run_task(pretrain_config, workdir, force))
   finetune_config = demo_finetune.get_config(f"pretrained={workdir}")
   finetune_dir = os.path.join(workdir, "finetune")
-  main_lib.report(finetune_config, finetune_dir,
-                  main_lib.run_task(finetune_config, finetune_dir, force))
+  runs.report(finetune_config, finetune_dir, runs.run_task(finetune_config, finetune_dir, force))
 
 
 if __name__ == "__main__":

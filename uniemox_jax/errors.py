@@ -85,11 +85,15 @@ class Checks:
     checks = Checks()
     with checks.check():
       ...               # a UserError (or ValueError, KeyError, OSError) is kept
-    checks.raise_any()  # UserError for one problem, Problems for several
+    checks.raise_any()  # that error for one problem, Problems (one line each) for several
   """
 
   def __init__(self):
-    self.problems = []
+    self.errors = []
+
+  @property
+  def problems(self):
+    return [p for e in self.errors for p in (getattr(e, "problems", None) or [message(e)])]
 
   @contextlib.contextmanager
   def check(self):
@@ -98,12 +102,12 @@ class Checks:
         yield
     except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
             PermissionError) as e:
-      self.problems.extend(getattr(e, "problems", None) or [message(e)])
+      self.errors.append(e)
 
   def raise_any(self) -> None:
-    if len(self.problems) == 1:
-      raise UserError(self.problems[0])
-    if self.problems:
+    if len(self.errors) == 1:
+      raise self.errors[0]
+    if self.errors:
       raise Problems(self.problems)
 
 

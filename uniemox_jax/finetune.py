@@ -1,16 +1,21 @@
-"""Classification fine-tuning (docs/method.md §5) on the shared training loop.
+"""Classification fine-tuning (docs/method.md §5) as a task of the shared training loop.
 
 Encoder from a pretrained checkpoint (config.init.encoder through an importer), global-average
 pooled head, layer-wise lr decay on the encoder blocks, drop path; on the host RandAugment,
 on device (inside the step) random erasing, mixup/cutmix and label smoothing; softmax
-cross-entropy, or binary cross-entropy for multi-label data (EMOTIC). Validation runs every
-`config.eval_every_epochs`; the best validation state is kept in WORKDIR/best (with
-WORKDIR/best.json), apart from the latest checkpoints in WORKDIR/checkpoints.
+cross-entropy, or binary cross-entropy for multi-label data (EMOTIC).
+
+Validation is an ordinary evaluator ("validation": classification on config.data.eval_split,
+every `config.eval_every_epochs`) with a keep-best policy (`KeepBest`): the best state goes to
+WORKDIR/best (with WORKDIR/best.json), apart from the latest checkpoints. At the end, the
+config's "classification" evaluator (config.test_split) scores the best state, its report in
+WORKDIR/evaluations/best-<step>/classification/ like any evaluation of that checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from absl import logging
 import jax
@@ -22,23 +27,27 @@ from data_pipelines import storage
 from uniemox_jax import augment
 from uniemox_jax import checkpointing
 from uniemox_jax import datasets
-from uniemox_jax import evaluate
-from uniemox_jax import evaluators
 from uniemox_jax import importers
 from uniemox_jax import metrics
 from uniemox_jax import models
 from uniemox_jax import optim
 from uniemox_jax import trainer
+from uniemox_jax.evaluators import base as evaluators_base
+from uniemox_jax.evaluators import classification
+from uniemox_jax.evaluators import reports
 from uniemox_jax.models import classifier
 from uniemox_jax.models import vit
 
 BEST_DIR, BEST_FILE = "best", "best.json"
+VALIDATION, TEST = "validation", "classification"
 
 
-def classification_loss(model, aug, num_classes: int, multi_label: bool, params, batch, key):
+def classification_loss(model, aug, num_classes: int, multi_label: bool, params, constants,
+                        batch, key):
   """The fine-tuning objective on a uint8 batch: normalize, random erasing, label smoothing
   (single-label), mixup/cutmix, then softmax (or, multi-label, sigmoid) cross-entropy.
-  `aug` is config.augment. Returns (loss, {"loss": loss})."""
+  `aug` is config.augment; there are no step constants. Returns (loss, {"loss": loss})."""
+  del constants
   k_erase, k_mix, k_drop = jax.random.split(key, 3)
   images = augment.random_erasing(k_erase, augment.normalize(batch["image"]), aug.erase_prob)
   if multi_label:
@@ -57,121 +66,112 @@ def classification_loss(model, aug, num_classes: int, multi_label: bool, params,
   return loss, {"loss": loss}
 
 
-class FinetuneTrainer(trainer.TrainLoop):
-  """One fine-tuning run; `run()` trains, validating and keeping the best state."""
-  LOSS = "loss"
-  reads = evaluators.base.CLASSIFIER
+class KeepBest:
+  """The best validation state so far: saved to WORKDIR/best (one step) and described in
+  WORKDIR/best.json (step, headline value, split, report) whenever the validation headline
+  (top-1, or mAP) improves. Read once at start: afterwards every process updates it from the
+  same (gathered) evaluation, so they agree on when to save without reading a file process 0
+  rewrites."""
 
-  def check_data(self) -> None:
-    datasets.check_dataset(self.config, self.info)
+  def __init__(self, workdir: str, split: str, meta: Dict[str, Any]):
+    self.workdir, self.split, self.meta = workdir, split, meta
+    self.store = checkpointing.Checkpointer(storage.join(workdir, BEST_DIR), keep=1,
+                                            asynchronous=False)
+    self.best = read_best(workdir)
 
-  def setup(self):
-    config = self.config
-    self.class_names = list(self.info["class_names"])
-    self.multi_label = bool(self.info.get("multi_label"))
-    self.model = models.classification_model(config.model, len(self.class_names))
-    self.dataset = input_pipeline.finetune_dataset(
-        self.data_dir, config.data.split, batch_size=self.local_batch,
-        image_size=config.model.image_size, rand_augment=config.augment.rand_augment,
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        draft_decode=config.data.get("draft_decode", True))
-    # Validation: the classification evaluator on config.data.eval_split.
-    self.validator = evaluators.Classification(
-        "validation", {"type": "classification", "split": config.data.eval_split,
-                       "data": self.data_dir}, config, self.workdir, self.mesh)
-    self.eval_every = config.get("eval_every_steps", 0) or max(
-        1, int(round(config.eval_every_epochs * self.schedule.steps_per_epoch)))
-    self.best = checkpointing.Checkpointer(storage.join(self.workdir, BEST_DIR), keep=1,
-                                           asynchronous=False)
-    # Read once: afterwards every process updates it from the same (gathered) evaluation, so
-    # they agree on when to save the best state without reading a file process 0 rewrites.
-    self._best = self.best_so_far()
-
-  def init_params(self, key):
-    size = self.config.model.image_size
-    return self.model.init({"params": key, "dropout": key},
-                           jnp.zeros((1, size, size, 3), jnp.float32))["params"]
-
-  def batch_keys(self, host_batch):
-    return ["image", "labels" if self.multi_label else "label"]
-
-  def required_splits(self) -> Dict[str, str]:
-    splits = super().required_splits()
-    splits.setdefault(self.config.data.eval_split, "config.data.eval_split")
-    if self.config.get("test_split"):
-      splits.setdefault(self.config.test_split, "config.test_split")
-    return splits
-
-  def check_checkpoint(self, step_dir: str) -> None:
-    """A resumed or explicit checkpoint must have this dataset's head and classes."""
-    evaluate.check_classes(step_dir, self.info)
-
-  def lr_multipliers(self, params):
-    decay = self.config.optim.get("layer_decay", 1.0)
-    if decay >= 1.0:
-      return None
-    depth = vit.decode_variant(self.config.model.variant).depth
-    return optim.layerwise_multipliers(params, depth, decay)
-
-  def loss_fn(self, params, consts, batch, key):
-    del consts
-    return classification_loss(self.model, self.config.augment, len(self.class_names),
-                               self.multi_label, params, batch, key)
-
-  def from_pretrained(self, state):
-    host = jax.device_get(state["params"])
-    encoder = importers.import_encoder(self.config, host["encoder"])
-    params, load_report = classifier.load_encoder_params(host, encoder)
-    logging.info("Fine-tuning from %s: %s", self.config.init.encoder, load_report.summary())
-    return dict(state, params=self.place_params(params))
-
-  def checkpoint_meta(self) -> Dict[str, Any]:
-    return {"task": "finetune", "dataset": self.config.get("dataset", ""),
-            "class_names": self.class_names, "multi_label": self.multi_label}
-
-  # --- validation and the best state ------------------------------------------------------
-
-  def best_so_far(self) -> Dict[str, Any]:
-    path = storage.join(self.workdir, BEST_FILE)
-    if not storage.exists(path):
-      return {"step": 0, "value": float("-inf")}
-    return json.loads(storage.read_text(path))
-
-  def after_step(self, step: int, state) -> Dict[str, float]:
-    if step % self.eval_every and step != self.schedule.total_steps:
+  def __call__(self, step: int, name: str, result, state) -> Dict[str, float]:
+    if name != VALIDATION:
       return {}
-    split = self.config.data.eval_split
-    evaluation = self.validator.run(state["params"])
-    result = evaluation.report
-    value = metrics.headline(result)
-    best = self._best
-    if value > best["value"]:
-      if step not in self.best.all_steps():   # a rerun after a crash re-evaluates the same
-        self.best.save(step, {"step": state["step"], "params": state["params"]},
-                       meta=self.checkpoint_meta())
-      best = self._best = {"step": step, "value": value, "split": split, "report": result}
+    value = metrics.headline(result.report)
+    if value > self.best["value"]:
+      if step not in self.store.all_steps():   # a rerun after a crash re-evaluates the same
+        self.store.save(step, {"step": state["step"], "params": state["params"]},
+                        meta=self.meta)
+      self.best = {"step": step, "value": value, "split": self.split, "report": result.report}
       if jax.process_index() == 0:
-        storage.write_text(storage.join(self.workdir, BEST_FILE), json.dumps(best, indent=2))
-    scalars = {f"{split}_{k}": v for k, v in evaluation.scalars.items()}
-    scalars[f"best_{split}"] = best["value"]
-    return scalars
+        storage.write_text(storage.join(self.workdir, BEST_FILE),
+                           json.dumps(self.best, indent=2))
+    return {f"{VALIDATION}/best": self.best["value"]}
 
-  def close(self) -> None:
-    super().close()
-    self.best.close()
+
+def read_best(workdir: str) -> Dict[str, Any]:
+  path = storage.join(workdir, BEST_FILE)
+  if not storage.exists(path):
+    return {"step": 0, "value": float("-inf")}
+  return json.loads(storage.read_text(path))
+
+
+def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
+  config, info = setup.config, setup.info
+  with setup.checks.check():
+    datasets.check_dataset(config, info)
+  with setup.checks.check():
+    trainer.check_splits(info, setup.data_dir, {
+        split: field for field, split in (("config.test_split", config.test_split),
+                                          ("config.data.eval_split", config.data.eval_split))
+        if split})
+  if setup.checks.errors:
+    return None          # what follows would only restate them; `trainer.build` reports them
+  names, multi = list(info.class_names), info.multi_label
+  model = models.classification_model(config.model, len(names))
+  dataset = input_pipeline.finetune_dataset(
+      setup.data_dir, config.data.split, batch_size=setup.local_batch,
+      image_size=config.model.image_size, rand_augment=config.augment.rand_augment,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      draft_decode=config.data.draft_decode)
+  eval_every = config.eval_every_steps or max(
+      1, int(round(config.eval_every_epochs * setup.schedule.steps_per_epoch)))
+  validation = classification.Classification(
+      VALIDATION, {"type": "classification", "split": config.data.eval_split,
+                   "data": setup.data_dir, "period": eval_every},
+      config, setup.workdir, setup.mesh)
+  meta = {"task": "finetune", "dataset": config.dataset, "class_names": names,
+          "multi_label": multi}
+  keep_best = KeepBest(setup.workdir, config.data.eval_split, meta)
+  size = config.model.image_size
+
+  def init(key):
+    return model.init({"params": key, "dropout": key},
+                      jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+
+  def load_pretrained(params: Dict[str, Any]) -> Dict[str, Any]:
+    encoder = importers.import_encoder(config, params["encoder"])
+    params, load_report = classifier.load_encoder_params(params, encoder)
+    logging.info("Fine-tuning from %s: %s", config.init.encoder, load_report.summary())
+    return params
+
+  def lr_multipliers(params):
+    if config.optim.layer_decay >= 1.0:
+      return None
+    return optim.layerwise_multipliers(params, vit.decode_variant(config.model.variant).depth,
+                                       config.optim.layer_decay)
+
+  def after_training(loop: trainer.TrainLoop) -> Dict[str, Any]:
+    """The best state's report on config.test_split (none without one)."""
+    best = {k: v for k, v in read_best(setup.workdir).items() if k != "report"}
+    if not config.test_split:
+      return {"best": best}
+    ckpt = checkpointing.Checkpoint.open(storage.join(setup.workdir, BEST_DIR))
+    test = classification.Classification(
+        TEST, dict(config.evals[TEST], split=config.test_split, data=setup.data_dir,
+                   period=0), config, setup.workdir, setup.mesh)
+    result = test.run(ckpt.read(("params",)))
+    result.report.update(checkpoint=ckpt.step_dir, split=config.test_split)
+    files = test.write(result, reports.out_dir(ckpt.step_dir))
+    return {"best": best, "test": dict(result.report, files=files)}
+
+  loss = functools.partial(classification_loss, model, config.augment, len(names), multi)
+  return trainer.Task(
+      init=init, loss=loss, dataset=dataset,
+      batch_keys=("image", "labels" if multi else "label"), loss_name="loss",
+      reads=evaluators_base.CLASSIFIER, meta=meta, load_pretrained=load_pretrained,
+      lr_multipliers=lr_multipliers,
+      check_checkpoint=lambda ckpt: classification.check_classes(ckpt, info),
+      evaluators={VALIDATION: validation}, on_evaluation=keep_best,
+      after_training=after_training, close=keep_best.store.close)
 
 
 def finetune(config, workdir: str) -> Dict[str, Any]:
   """Fine-tunes, then (with config.test_split) evaluates the best state on the test split;
   returns the last training metrics, the best validation value and the test report."""
-  t = FinetuneTrainer(config, workdir)
-  try:
-    last = t.run()
-  finally:
-    t.close()
-  result = {"train": last, "best": {k: v for k, v in t.best_so_far().items() if k != "report"}}
-  if config.get("test_split"):
-    result["test"] = evaluate.evaluate_checkpoint(
-        config, storage.join(workdir, BEST_DIR), config.test_split, workdir)
-  return result
+  return trainer.train(config, workdir, make_task)

@@ -4,7 +4,7 @@ Each importer maps (path, the encoder params of the model being initialized, as 
 encoder params in this codebase's layout (host arrays; a final `norm` may be present and is
 dropped by classifiers). Registered here: `uniemox_jax` (a checkpoint written here, or by the
 PyTorch import) and `torch_mae`, `torch_vit`, `torch_uniemox_pretrain`,
-`torch_uniemox_finetune` (.pth files, through uniemox_jax/tools/import_torch.py). Training and
+`torch_uniemox_finetune` (.pth files, through uniemox_jax/torch_import.py). Training and
 evaluation both read encoders through this module; it imports neither.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict
 from absl import logging
 
 from uniemox_jax import checkpointing
+from uniemox_jax import torch_import
 
 # format name -> importer.
 ENCODER_IMPORTERS: Dict[str, Callable[[str, Any], Any]] = {}
@@ -27,8 +28,7 @@ def _import_uniemox_jax(path: str, template: Any) -> Any:
   """The encoder of a checkpoint written here (pretraining or fine-tuning): `<dir>/<step>`
   or `<dir>` for its latest step."""
   del template
-  step_dir = checkpointing.resolve_step_dir(path, "config.init.encoder")
-  return checkpointing.read_subtree(step_dir, ("params", "encoder"))
+  return checkpointing.Checkpoint.open(path, "config.init.encoder").read(("params", "encoder"))
 
 
 register_encoder_importer("uniemox_jax", _import_uniemox_jax)
@@ -36,13 +36,12 @@ register_encoder_importer("uniemox_jax", _import_uniemox_jax)
 
 def _torch_importer(kind: str) -> Callable[[str, Any], Any]:
   def load(path: str, template: Any) -> Any:
-    from uniemox_jax.tools import import_torch  # pylint: disable=g-import-not-at-top
-    return import_torch.encoder_importer(kind)(path, template)
+    return torch_import.encoder_importer(kind)(path, template)
   return load
 
 
 # PyTorch files (MAE, timm / fine-tuned ViTs, the authors' UniEmoX), read with the optional
-# torch extra: see uniemox_jax/tools/import_torch.py.
+# torch extra: see uniemox_jax/torch_import.py.
 for _kind in ("mae", "vit", "uniemox_pretrain", "uniemox_finetune"):
   register_encoder_importer(f"torch_{_kind}", _torch_importer(_kind))
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from data_pipelines import input_pipeline
+from data_pipelines import dataset_info
 from uniemox_jax import datasets
 from uniemox_jax import importers
+from uniemox_jax import models
 from uniemox_jax import sharding
 from uniemox_jax.evaluators import linear_probe as probe_lib
 
@@ -19,15 +20,18 @@ NAME = "linear_probe"
 def linear_probe(config, workdir: str) -> Dict[str, Any]:
   """Features once, a classifier per weight decay, the best on validation reported on test."""
   data_dir = datasets.resolve_data_dir(config, workdir)
-  datasets.check_dataset(config, input_pipeline.load_info(data_dir))
+  datasets.check_dataset(config, dataset_info.DatasetInfo.load(data_dir, "config.data.dir"))
   if not config.init.encoder:
     raise ValueError("config.init.encoder is empty: a linear probe needs a pretrained encoder")
   spec = dict(config.probe, type=NAME, data=data_dir, train_split=config.data.split,
               val_split=config.data.eval_split,
-              split=config.get("test_split") or config.data.eval_split)
+              split=config.test_split or config.data.eval_split)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   evaluator = probe_lib.LinearProbe(NAME, spec, config, workdir, mesh, progress=True)
-  result = evaluator.run({"encoder": importers.import_encoder(config, None)})
+  # The importers read the encoder into the layout of config.model's encoder (its position
+  # table, a final norm), of which the probe uses all but the norm.
+  template = models.encoder_template(config.model)
+  result = evaluator.run({"encoder": importers.import_encoder(config, template)})
   report = dict(result.report, checkpoint=config.init.encoder,
                 files=evaluator.write(result, workdir))
   return {"best_weight_decay": report["weight_decay"], "val": report.get("val"),

@@ -147,5 +147,5 @@ def from_config(cfg, micro_batch: int = 0, devices: int = 1) -> Objective:
   weights = dict(cfg.loss_weights)
   check_weights(weights)
   return Objective(weights=tuple(sorted((k, float(v)) for k, v in weights.items())),
-                   l1_group_size=l1_group_size(cfg.get("l1_group", "global"), micro_batch,
+                   l1_group_size=l1_group_size(cfg.l1_group, micro_batch,
                                                devices))

@@ -31,9 +31,9 @@ def resolve_schedule(config, num_examples: int) -> Schedule:
   if steps_per_epoch < 1:
     raise ValueError(f"config.batch_size={config.batch_size} exceeds the {num_examples} "
                      "training examples")
-  total = config.total_steps if config.get("total_steps", 0) > 0 else int(
+  total = config.total_steps if config.total_steps > 0 else int(
       round(config.total_epochs * steps_per_epoch))
-  warmup = config.optim.warmup_steps if config.optim.get("warmup_steps", 0) > 0 else int(
+  warmup = config.optim.warmup_steps if config.optim.warmup_steps > 0 else int(
       round(config.optim.warmup_epochs * steps_per_epoch))
   if total < 1:
     raise ValueError("the run has no steps: set config.total_epochs or config.total_steps")
@@ -50,7 +50,7 @@ def learning_rate(config, schedule: Schedule) -> Callable[[Any], Any]:
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=schedule.warmup_steps,
       decay_steps=max(schedule.total_steps, schedule.warmup_steps + 1),
-      end_value=config.optim.get("min_lr", 0.0))
+      end_value=config.optim.min_lr)
 
 
 def decay_mask(params: Any) -> Any:
@@ -103,7 +103,7 @@ def make_optimizer(config, lr_schedule, multipliers: Optional[Any] = None,
   """`multipliers`: an optional tree (like the params) of per-parameter lr multipliers."""
   o = config.optim
   parts = []
-  if o.get("grad_clip", 0.0) > 0:
+  if o.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip))
   parts.append(optax.adamw(lr_schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
                            mask=decay_mask))

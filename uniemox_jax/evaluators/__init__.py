@@ -6,22 +6,30 @@
   zero_shot        a pretrained UniEmoX's gamma against CLIP text embeddings of the classes
   reconstruction   a grid of fixed images: original | masked | reconstruction
 
-Every entry of `config.evals` runs every `period` steps of a training run (any task) and from
-the evaluation command (`python -m uniemox_jax.evaluate`) on any checkpoint.
+Every entry of `config.evals` runs every `period` steps of a training run (any task), and
+`evaluate_checkpoint` (the evaluation command, `python -m uniemox_jax.evaluate`) runs any of
+them on any checkpoint. What they share: exactly-once gathering of a split (`gathering`), the
+classification report and its files (`reports`), classifier checkpoints (`classification`).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
+import jax
+
+from data_pipelines import storage
+from uniemox_jax import checkpointing
 from uniemox_jax import errors
+from uniemox_jax import sharding
 from uniemox_jax.evaluators import base
+from uniemox_jax.evaluators import classification
+from uniemox_jax.evaluators import reports
 from uniemox_jax.evaluators.base import Evaluator, Result  # noqa: F401  (the interface)
-from uniemox_jax.evaluators.classification import Classification
 from uniemox_jax.evaluators.linear_probe import LinearProbe
 from uniemox_jax.evaluators.reconstruction import Reconstruction
 from uniemox_jax.evaluators.zero_shot import ZeroShot
 
-REGISTRY = {"classification": Classification, "linear_probe": LinearProbe,
+REGISTRY = {"classification": classification.Classification, "linear_probe": LinearProbe,
             "zero_shot": ZeroShot, "reconstruction": Reconstruction}
 
 
@@ -39,7 +47,7 @@ def build(config, workdir: str, mesh, names: Optional[Sequence[str]] = None, *,
   the run's parameters (base.PRETRAIN or base.CLASSIFIER), refusing evaluators that cannot
   score them; `overrides`: fields set on every chosen entry by the command's flags (--split,
   --data), which its messages then name."""
-  evals = dict(config.get("evals") or {})
+  evals = dict(config.evals)
   if training:     # only those a training run will run: a period of 0 is the command's
     chosen = [n for n, spec in evals.items() if int(spec.get("period", 0)) > 0]
   else:
@@ -65,3 +73,41 @@ def build(config, workdir: str, mesh, names: Optional[Sequence[str]] = None, *,
       out[name] = cls(name, spec, config, workdir, mesh, teacher=teacher, progress=progress,
                       origins=origins)
   return out
+
+
+def evaluate_checkpoint(config, checkpoint: str, names: Optional[Sequence[str]] = None,
+                        split: str = "", data: str = "", out_dir: Optional[str] = None,
+                        progress: bool = True) -> Dict[str, Dict[str, Any]]:
+  """Runs the evaluators of `config.evals` (only `names`, when given; `split` and `data`, the
+  command's --split and --data, override their fields) on a checkpoint ("<dir>" or
+  "<dir>/<step>"); each writes its report under OUT/<name>-<dataset>-<split>-<fingerprint>/
+  (`base.Evaluator.setting_folder`): another dataset, split or setting gets another folder,
+  and none is a training run's OUT/<name>/. OUT: `out_dir`, else the checkpoint's
+  evaluations folder (`reports.out_dir`). Returns {name: report with "scalars" and "files"}."""
+  checks = errors.Checks()          # both problems at once, before any work
+  if out_dir and jax.process_index() == 0:
+    with checks.check():
+      storage.check_writable(out_dir)
+  with checks.check():
+    ckpt = checkpointing.Checkpoint.open(checkpoint)
+  checks.raise_any()
+  with errors.as_user_errors():
+    if not out_dir:
+      out_dir = reports.out_dir(ckpt.step_dir)
+      if jax.process_index() == 0:
+        storage.check_writable(out_dir)
+    if "head" in ckpt.params:
+      config = classification.with_checkpoint_pool(config, ckpt)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    chosen = build(config, ckpt.workdir, mesh, names, progress=progress,
+                   overrides={"split": split, "data": data})
+    for evaluator in chosen.values():
+      evaluator.check_checkpoint(ckpt)
+    params = ckpt.read(("params",))
+  results = {}
+  for name, evaluator in chosen.items():
+    result = evaluator.run(params)
+    files = evaluator.write(result, out_dir, folder=evaluator.setting_folder())
+    results[name] = dict(result.report, checkpoint=ckpt.step_dir, split=evaluator.split,
+                         scalars=result.scalars, files=files)
+  return results

@@ -18,12 +18,15 @@ from typing import Any, Dict, List, Optional
 import jax
 import numpy as np
 
-from data_pipelines import input_pipeline
+from data_pipelines import dataset_info
 from data_pipelines import storage
+from uniemox_jax import checkpointing
 from uniemox_jax import datasets
 from uniemox_jax import errors
 from uniemox_jax import sharding
 from uniemox_jax import summaries
+from uniemox_jax.evaluators import gathering
+from uniemox_jax.evaluators import reports
 
 # What parameters an evaluator reads: a pretraining model's (encoder, decoder, fuse), a
 # classifier's (encoder, fc_norm, head), or either (only params["encoder"]).
@@ -62,14 +65,14 @@ class Evaluator:
     self._teacher = teacher
     self.progress = progress
     self.data_dir = self.spec["data"] or datasets.resolve_data_dir(config, workdir)
-    self.info = input_pipeline.load_info(
+    self.info = dataset_info.DatasetInfo.load(
         self.data_dir, self.origin["data"] if self.spec["data"] else "config.data.dir")
     self.batch_size      # checks the eval batch divides over the devices and processes
     for split in self.splits():
-      if split not in self.info["splits"]:
+      if split not in self.info.splits:
         where = self.origin["split"] if split == self.split else self.field
         raise errors.UserError(f"{where}: the split {split!r} is not in {self.data_dir} "
-                               f"(it has {', '.join(sorted(self.info['splits']))})")
+                               f"(it has {', '.join(sorted(self.info.splits))})")
 
   def splits(self) -> List[str]:
     """Every split the evaluator reads (checked when it is built)."""
@@ -90,13 +93,11 @@ class Evaluator:
   @property
   def batch_size(self) -> int:
     """This process's share of the eval batch (config.eval_batch_size, else batch_size)."""
-    from uniemox_jax import evaluate  # pylint: disable=g-import-not-at-top
-    return evaluate.check_batch(self.config.get("eval_batch_size", self.config.batch_size),
-                                self.mesh)
+    return gathering.check_batch(self.config.eval_batch_size, self.mesh)
 
-  def check_checkpoint(self, step_dir: str, tree: Dict[str, Any]) -> None:
-    """Fails, naming the checkpoint, when `tree` (its state's metadata) cannot be scored."""
-    params = tree.get("params", {})
+  def check_checkpoint(self, ckpt: checkpointing.Checkpoint) -> None:
+    """Fails, naming the checkpoint, when its parameters cannot be scored here."""
+    params, step_dir = ckpt.params, ckpt.step_dir
     if self.reads == PRETRAIN and "decoder" not in params:
       raise errors.UserError(f"{step_dir} is not a UniEmoX pretraining checkpoint (no "
                              f"params/decoder): {self.field} ({self.spec['type']}) needs one")
@@ -126,19 +127,18 @@ class Evaluator:
     a path (and never a training run's <name>/)."""
     text = json.dumps(self.settings(), sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-    dataset = re.sub(r"[^A-Za-z0-9_.]+", "_", str(self.info.get("name") or "data"))
+    dataset = re.sub(r"[^A-Za-z0-9_.]+", "_", self.info.name or "data")
     return f"{self.name}-{dataset}-{self.split}-{digest}"
 
   def write(self, result: Result, out_dir: str, folder: Optional[str] = None) -> List[str]:
     """OUT/<folder>/ (default: OUT/<name>/, a training run's): the report (as
-    `evaluate.write_report` writes it) and each image as PNG; with a `folder`, also
+    `reports.write_report` writes it) and each image as PNG; with a `folder`, also
     settings.json (what `setting_folder`'s fingerprint stands for). Process 0 writes; returns
     the paths."""
     if jax.process_index() != 0:
       return []
-    from uniemox_jax import evaluate  # pylint: disable=g-import-not-at-top
     folder = storage.join(out_dir, folder or self.name)
-    files = list(evaluate.write_report(result.report, folder, self.split).values()) \
+    files = list(reports.write_report(result.report, folder, self.split).values()) \
         if result.report else []
     for key, image in result.images.items():
       path = storage.join(folder, f"{key}_{self.split}.png")

@@ -1,13 +1,103 @@
 """A fine-tuned classifier on one split: every example counted exactly once, the report of
-`uniemox_jax.evaluate` (top-1/top-3, per-class accuracy, macro F1, confusion matrix; mAP and
-per-class AP for multi-label data)."""
+`reports.report` (top-1/top-3, per-class accuracy, macro F1, confusion matrix; mAP and
+per-class AP for multi-label data). Also what every classifier checkpoint needs: its classes
+checked against the data, its pooling as recorded, its parameters placed on the mesh."""
 from __future__ import annotations
 
-from typing import Any, Dict
+import copy
+import functools
+from typing import Any, Callable, Dict, Optional
 
-from uniemox_jax import evaluate
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from data_pipelines import dataset_info
+from data_pipelines import input_pipeline
+from uniemox_jax import augment
+from uniemox_jax import checkpointing
+from uniemox_jax import errors
 from uniemox_jax import models
+from uniemox_jax import sharding
 from uniemox_jax.evaluators import base
+from uniemox_jax.evaluators import gathering
+from uniemox_jax.evaluators import reports
+
+
+def check_classes(ckpt: checkpointing.Checkpoint, info: dataset_info.DatasetInfo) -> None:
+  """The checkpoint's head must predict this dataset's classes (by count, and by name when
+  the checkpoint recorded them)."""
+  names = list(info.class_names)
+  head = ckpt.params.get("head")
+  if head is None:
+    raise errors.UserError(f"{ckpt.step_dir} has no classification head (params/head): it is "
+                           "not a fine-tuned checkpoint; use --config.init.encoder to "
+                           "fine-tune from it")
+  width = head["kernel"].shape[-1]
+  if width != len(names):
+    raise errors.UserError(f"{ckpt.step_dir}: the head predicts {width} classes but the "
+                           f"dataset {info.name} has {len(names)} ({names})")
+  saved = ckpt.meta.get("class_names")
+  if saved is not None and list(saved) != names:
+    raise errors.UserError(f"{ckpt.step_dir} was trained on classes {saved}, the dataset has "
+                           f"{names}")
+
+
+def with_checkpoint_pool(config, ckpt: checkpointing.Checkpoint):
+  """`config`, or a copy whose model pools as the checkpoint records (an imported timm ViT
+  classifies its CLS token: `pool` "token"; see models/classifier.py)."""
+  pool = ckpt.meta.get("pool")
+  if pool is None or pool == config.model.pool:
+    return config
+  logging.info("%s pools %r (recorded in the checkpoint); config.model.pool set to it",
+               ckpt.step_dir, pool)
+  config = copy.deepcopy(config)
+  with config.unlocked():
+    config.model.pool = pool
+  return config
+
+
+def classifier_scorer(model, multi_label: bool):
+  """A jitted (params, device batch) -> {"scores"}: softmax probabilities, or per-class
+  sigmoids for multi-label data. Keep one per model: jit caches by function."""
+  @jax.jit
+  def fn(params, batch):
+    logits, _ = model.apply({"params": params}, augment.normalize(batch["image"]), train=False)
+    return {"scores": jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits)}
+  return fn
+
+
+def place_classifier(model, params, mesh, image_size: int, what: str = "the checkpoint"):
+  """Host params -> global arrays with the model's logical shardings; a tree that does not
+  fit the model the config builds is refused with every differing array named."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
+  models.check_params(params, nn.unbox(abstract),
+                      f"{what} (config.model: variant {model.variant}, "
+                      f"pos_embed {model.pos_embed!r}, pool {model.pool!r})")
+  shardings = sharding.param_shardings(abstract, mesh)
+  return sharding.host_to_global(params, shardings)
+
+
+def evaluate_classifier(config, params, split: str, mesh, info: dataset_info.DatasetInfo,
+                        data_dir: str, progress: bool = True,
+                        scorer: Optional[Callable] = None,
+                        params_source: Optional[str] = None) -> Dict[str, Any]:
+  """The report of a classifier (host or global params) on `split` of `data_dir`.
+  `scorer`: a `classifier_scorer` to reuse (a training run evaluating every epoch)."""
+  model = models.classification_model(config.model, info.num_classes)
+  scorer = scorer or classifier_scorer(model, info.multi_label)
+  local = gathering.check_batch(config.eval_batch_size, mesh)
+  dataset = input_pipeline.eval_dataset(
+      data_dir, split, batch_size=local, image_size=config.model.image_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+    params = place_classifier(model, params, mesh, config.model.image_size,
+                              what=str(params_source or "the parameters"))
+  outputs = gathering.gather_split(functools.partial(scorer, params), dataset, mesh,
+                                   progress=progress, description=f"eval {split}")
+  return reports.report(outputs.pop("scores"), outputs, info)
 
 
 class Classification(base.Evaluator):
@@ -15,16 +105,15 @@ class Classification(base.Evaluator):
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    self.model = models.classification_model(self.config.model, len(self.info["class_names"]))
+    self.model = models.classification_model(self.config.model, self.info.num_classes)
     # One jitted scorer for the evaluator's life: a run evaluating every epoch compiles once.
-    self.scorer = evaluate.classifier_scorer(self.model, bool(self.info.get("multi_label")))
+    self.scorer = classifier_scorer(self.model, self.info.multi_label)
 
-  def check_checkpoint(self, step_dir: str, tree: Dict[str, Any]) -> None:
-    super().check_checkpoint(step_dir, tree)
-    evaluate.check_classes(step_dir, self.info)
+  def check_checkpoint(self, ckpt: checkpointing.Checkpoint) -> None:
+    super().check_checkpoint(ckpt)
+    check_classes(ckpt, self.info)
 
   def run(self, params) -> base.Result:
-    report = evaluate.evaluate_classifier(self.config, params, self.split, self.mesh,
-                                          self.info, self.data_dir, progress=self.progress,
-                                          scorer=self.scorer)
+    report = evaluate_classifier(self.config, params, self.split, self.mesh, self.info,
+                                 self.data_dir, progress=self.progress, scorer=self.scorer)
     return base.Result(base.float_scalars(report), report)

@@ -24,18 +24,20 @@ import optax
 
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
-from uniemox_jax import evaluate
 from uniemox_jax import metrics
 from uniemox_jax.evaluators import base
+from uniemox_jax.evaluators import gathering
+from uniemox_jax.evaluators import reports
 from uniemox_jax.models import vit
 
 
-def feature_fn(config):
+def feature_fn(config, pos_embed: str = "sincos"):
   """A jitted (encoder params, batch) -> {"features"}: pooled as the fine-tuning head pools:
   the encoder without its final norm, the mean of the patch tokens, then fc_norm as the head
-  starts (a LayerNorm with unit scale, zero bias)."""
+  starts (a LayerNorm with unit scale, zero bias). `pos_embed` as the encoder has it: the
+  fixed table of a pretraining encoder, or a learned one (an imported timm ViT)."""
   m = config.model
-  encoder = vit.Encoder(m.variant, m.image_size, final_norm=False)
+  encoder = vit.Encoder(m.variant, m.image_size, final_norm=False, pos_embed=pos_embed)
 
   @jax.jit
   def fn(p, batch):
@@ -51,15 +53,15 @@ def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_d
                      progress: bool = True, fn=None) -> Dict[str, Dict[str, np.ndarray]]:
   """For each split: {"features" [N, D], "label" (and "labels")} of every record, in order,
   through `fn` (a `feature_fn`). The encoder is placed and compiled once for all of them."""
-  fn = fn or feature_fn(config)
+  fn = fn or feature_fn(config, "learned" if "pos_embed" in encoder_params else "sincos")
   encoder_params = base.place({k: v for k, v in encoder_params.items() if k != "norm"}, mesh)
-  batch_size = evaluate.check_batch(config.get("eval_batch_size", config.batch_size), mesh)
+  batch_size = gathering.check_batch(config.eval_batch_size, mesh)
   out = {}
   for split in splits:
     dataset = input_pipeline.eval_dataset(
         data_dir, split, batch_size=batch_size, image_size=config.model.image_size,
         process_index=jax.process_index(), process_count=jax.process_count())
-    out[split] = evaluate.gather_split(functools.partial(fn, encoder_params), dataset, mesh,
+    out[split] = gathering.gather_split(functools.partial(fn, encoder_params), dataset, mesh,
                                        progress=progress, description=f"features {split}")
   return out
 
@@ -105,8 +107,14 @@ class LinearProbe(base.Evaluator):
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    self.fn = feature_fn(self.config)
-    self.multi = bool(self.info.get("multi_label"))
+    self.fns = {}         # one compiled feature function per position table kind
+    self.multi = self.info.multi_label
+
+  def feature_fn(self, encoder_params):
+    kind = "learned" if "pos_embed" in encoder_params else "sincos"
+    if kind not in self.fns:
+      self.fns[kind] = feature_fn(self.config, kind)
+    return self.fns[kind]
 
   def splits(self) -> List[str]:
     return list(dict.fromkeys(
@@ -116,20 +124,20 @@ class LinearProbe(base.Evaluator):
   def run(self, params) -> base.Result:
     spec = self.spec
     feats = encoder_features(self.config, params["encoder"], self.splits(), self.mesh,
-                             self.data_dir, self.progress, self.fn)
+                             self.data_dir, self.progress, self.feature_fn(params["encoder"]))
     train = feats[spec["train_split"]]
     mean = train["features"].mean(axis=0)
     std = train["features"].std(axis=0) + 1e-6
     for f in feats.values():
       f["features"] = (f["features"] - mean) / std
-    num_classes = len(self.info["class_names"])
+    num_classes = self.info.num_classes
     targets = train["labels"] if self.multi else np.eye(num_classes)[train["label"]]
     select = feats[spec["val_split"] or self.split]
     best = None
     for wd in spec["weight_decays"]:
       w, b = train_linear(train["features"], targets, self.multi, int(spec["steps"]),
                           float(spec["lr"]), float(wd), self.config.seed)
-      result = evaluate.report(_scores(select["features"], w, b, self.multi), select,
+      result = reports.report(_scores(select["features"], w, b, self.multi), select,
                                self.info)
       logging.info("%s: weight decay %g: %s %s %.4f", self.field, wd,
                    spec["val_split"] or self.split, "mAP" if self.multi else "top-1",
@@ -138,7 +146,7 @@ class LinearProbe(base.Evaluator):
         best = (w, b, result, wd)
     w, b, selected, wd = best
     test = feats[self.split]
-    report = evaluate.report(_scores(test["features"], w, b, self.multi), test, self.info)
+    report = reports.report(_scores(test["features"], w, b, self.multi), test, self.info)
     report.update(weight_decay=float(wd), split=self.split,
                   selected_on=spec["val_split"] or self.split)
     scalars = base.float_scalars(report)

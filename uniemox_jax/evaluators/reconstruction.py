@@ -116,11 +116,11 @@ class Reconstruction(base.Evaluator):
                                self.config.model.image_size)
     self.apply = reconstructor(self.model, self.config.seed, self.mesh)
 
-  def check_checkpoint(self, step_dir: str, tree: Dict[str, Any]) -> None:
-    super().check_checkpoint(step_dir, tree)
-    if "pred" not in tree["params"]["decoder"]:
-      raise errors.UserError(f"{step_dir} was trained without the reconstruction term (L3's "
-                             "weight 0), so it has no decoder head: nothing to show")
+  def check_checkpoint(self, ckpt) -> None:
+    super().check_checkpoint(ckpt)
+    if "pred" not in ckpt.params["decoder"]:
+      raise errors.UserError(f"{ckpt.step_dir} was trained without the reconstruction term "
+                             "(L3's weight 0), so it has no decoder head: nothing to show")
 
   def run(self, params) -> base.Result:
     panels = self.apply(self.place(params), self.images["image"], self.images["person"])

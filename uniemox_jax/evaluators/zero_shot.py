@@ -17,9 +17,10 @@ import numpy as np
 
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
-from uniemox_jax import evaluate
 from uniemox_jax import models
 from uniemox_jax.evaluators import base
+from uniemox_jax.evaluators import gathering
+from uniemox_jax.evaluators import reports
 from uniemox_jax.models.uniemox import UniEmoX
 
 TEMPLATES = (
@@ -47,9 +48,9 @@ class ZeroShot(base.Evaluator):
     super().__init__(*args, **kwargs)
     model = models.pretrain_model(self.config.model)
     # The class prompts are embedded once, by the teacher the run distils from.
-    text = jnp.asarray(class_embeddings(self.teacher, self.info["class_names"]))
+    text = jnp.asarray(class_embeddings(self.teacher, self.info.class_names))
     scale = self.teacher.logit_scale(self.teacher.params)
-    multi = bool(self.info.get("multi_label"))
+    multi = self.info.multi_label
 
     @jax.jit
     def scores(p, batch):
@@ -66,10 +67,10 @@ class ZeroShot(base.Evaluator):
         self.data_dir, self.split, batch_size=self.batch_size,
         image_size=self.config.model.image_size, process_index=jax.process_index(),
         process_count=jax.process_count(), person_view=True)
-    outputs = evaluate.gather_split(functools.partial(self.scores, self.place(params)),
+    outputs = gathering.gather_split(functools.partial(self.scores, self.place(params)),
                                     dataset, self.mesh, keys=("image", "person"),
                                     progress=self.progress,
                                     description=f"zero-shot {self.split}")
-    report = evaluate.report(outputs.pop("scores"), outputs, self.info)
+    report = reports.report(outputs.pop("scores"), outputs, self.info)
     report.update(split=self.split, templates=list(TEMPLATES))
     return base.Result(base.float_scalars(report), report)

@@ -1,6 +1,8 @@
 """MAE mask decoder and the pixel (un)patchify helpers."""
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,29 +51,24 @@ class MaskDecoder(nn.Module):
   depth: int = 8
   heads: int = 16
   mlp_ratio: int = 4
-  remat: "str | bool" = "none"
-  scan: bool = False
-  dtype: vit.Dtype = jnp.float32
-  param_dtype: vit.Dtype = jnp.float32
-  attention: str = "auto"
-  attention_pad: int = 0
+  # Its blocks never drop paths (the decoder is not regularized so; MAE's neither).
+  student: vit.StudentConfig = vit.StudentConfig()
 
   def setup(self):
+    c = self.student
     self.embed = nn.Dense(
-        self.width, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.width, dtype=c.dtype, param_dtype=c.param_dtype,
         kernel_init=nn.with_logical_partitioning(vit.dense_init(), ("embed", "decoder_embed")),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("decoder_embed",)))
     self.mask_token = self.param(
         "mask_token", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                    (None, None, "decoder_embed")),
-        (1, 1, self.width), self.param_dtype)
-    self.transformer = vit.Transformer(
-        self.depth, self.heads, self.width * self.mlp_ratio, remat=self.remat, scan=self.scan,
-        dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
-        attention_pad=self.attention_pad)
-    self.norm = vit.layer_norm(None, self.dtype, self.param_dtype, "decoder_embed")
+        (1, 1, self.width), c.param_dtype)
+    self.transformer = vit.Transformer(self.depth, self.heads, self.width * self.mlp_ratio,
+                                       dataclasses.replace(c, drop_path=0.0))
+    self.norm = vit.layer_norm(None, c.dtype, c.param_dtype, "decoder_embed")
     self.pred = nn.Dense(
-        self.patch * self.patch * 3, dtype=self.dtype, param_dtype=self.param_dtype,
+        self.patch * self.patch * 3, dtype=c.dtype, param_dtype=c.param_dtype,
         kernel_init=nn.with_logical_partitioning(vit.dense_init(), ("decoder_embed", None)),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (None,)))
 

@@ -9,6 +9,8 @@ teacher's parameters can never reach the optimizer.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Dict, Tuple
 
 import flax.linen as nn
@@ -52,33 +54,26 @@ class UniEmoX(nn.Module):
   variant: str = "B/16"
   image_size: int = 224
   mask_ratio: float = 0.75
-  drop_path: float = 0.0
   decoder_width: int = 512
   decoder_depth: int = 8
   decoder_heads: int = 16
   fusion: str = "easy"
   fusion_heads: int = 8
   norm_pix_loss: bool = False
-  remat: "str | bool" = "none"   # a block policy, or "encoder" / "decoder" (MODEL_REMAT)
-  scan: bool = False
-  dtype: vit.Dtype = jnp.float32
-  param_dtype: vit.Dtype = jnp.float32
-  attention: str = "auto"
-  attention_pad: int = 0
+  # Its remat is a block policy, or "encoder" / "decoder" (MODEL_REMAT): the policy there only.
+  student: vit.StudentConfig = vit.StudentConfig()
 
   def setup(self):
-    encoder_remat, decoder_remat = remat_policies(self.remat)
-    self.encoder = vit.Encoder(self.variant, self.image_size, self.drop_path,
-                               remat=encoder_remat, scan=self.scan, dtype=self.dtype,
-                               param_dtype=self.param_dtype, attention=self.attention,
-                               attention_pad=self.attention_pad)
+    c = self.student
+    encoder_remat, decoder_remat = remat_policies(c.remat)
+    self.encoder = vit.Encoder(self.variant, self.image_size,
+                               student=dataclasses.replace(c, remat=encoder_remat))
     self.decoder = decoder_lib.MaskDecoder(
         self.encoder.num_patches, self.encoder.shape.patch, self.decoder_width,
-        self.decoder_depth, self.decoder_heads, remat=decoder_remat, scan=self.scan,
-        dtype=self.dtype, param_dtype=self.param_dtype, attention=self.attention,
-        attention_pad=self.attention_pad)
+        self.decoder_depth, self.decoder_heads,
+        student=dataclasses.replace(c, remat=decoder_remat))
     self.fuse = fusion_lib.get_fusion(self.fusion)(
-        dtype=self.dtype, param_dtype=self.param_dtype, heads=self.fusion_heads)
+        dtype=c.dtype, param_dtype=c.param_dtype, heads=self.fusion_heads)
 
   def __call__(self, scene: jax.Array, person: jax.Array, *, train: bool = True,
                decode: bool = True) -> Dict[str, jax.Array]:

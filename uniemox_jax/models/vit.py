@@ -33,6 +33,20 @@ VIT_SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
+class StudentConfig:
+  """How the student's transformer stacks compute, one record for every module of the student
+  (encoder, decoder, UniEmoX, classifier), built once from `config.model`
+  (`uniemox_jax.models.student_config`, which checks each field)."""
+  drop_path: float = 0.0              # the deepest block's stochastic-depth rate
+  remat: "str | bool" = "none"        # a policy of BLOCK_REMAT_POLICIES
+  scan: bool = False                  # blocks as one nn.scan (parameters gain a layers axis)
+  dtype: Dtype = jnp.float32          # compute
+  param_dtype: Dtype = jnp.float32
+  attention: str = "auto"             # the kernel (models/attention.py)
+  attention_pad: int = 0              # cuDNN's sequence multiple; 0: the kernel's default
+
+
+@dataclasses.dataclass(frozen=True)
 class VitShape:
   width: int
   depth: int
@@ -209,20 +223,18 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + DropPath(Attn(LN(x))), x + DropPath(MLP(LN(x)))."""
   heads: int
   mlp_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention: str = "auto"
-  attention_pad: int = 0
+  student: StudentConfig = StudentConfig()
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_path_rate, deterministic: bool) -> jax.Array:
+    c = self.student
     x = nn.with_logical_constraint(x, ("batch", None, None))
-    y = layer_norm("norm1", self.dtype, self.param_dtype)(x)
-    y = Attention(self.heads, self.dtype, self.param_dtype, self.attention, self.attention_pad,
+    y = layer_norm("norm1", c.dtype, c.param_dtype)(x)
+    y = Attention(self.heads, c.dtype, c.param_dtype, c.attention, c.attention_pad,
                   name="attn")(y)
     x = x + DropPath(name="drop_path1")(y, drop_path_rate, deterministic)
-    y = layer_norm("norm2", self.dtype, self.param_dtype)(x)
-    y = Mlp(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+    y = layer_norm("norm2", c.dtype, c.param_dtype)(x)
+    y = Mlp(self.mlp_dim, c.dtype, c.param_dtype, name="mlp")(y)
     return x + DropPath(name="drop_path2")(y, drop_path_rate, deterministic)
 
 
@@ -244,24 +256,18 @@ class Transformer(nn.Module):
   depth: int
   heads: int
   mlp_dim: int
-  drop_path: float = 0.0
-  remat: "str | bool" = "none"
-  scan: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention: str = "auto"
-  attention_pad: int = 0
+  student: StudentConfig = StudentConfig()
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    c = self.student
     # Stochastic depth grows linearly with depth, as in MAE/timm.
-    rates = np.linspace(0.0, self.drop_path, self.depth)
+    rates = np.linspace(0.0, c.drop_path, self.depth)
     # Without drop path no block needs a "dropout" key, even in training.
-    deterministic = deterministic or self.drop_path == 0.0
-    policy = block_remat(self.remat)
-    args = (self.heads, self.mlp_dim, self.dtype, self.param_dtype, self.attention,
-            self.attention_pad)
-    if self.scan:
+    deterministic = deterministic or c.drop_path == 0.0
+    policy = block_remat(c.remat)
+    args = (self.heads, self.mlp_dim, c)
+    if c.scan:
       block = _ScanBlock
       if policy != "none":
         block = nn.remat(block, prevent_cse=False, static_argnums=(3,),
@@ -318,17 +324,11 @@ class Encoder(nn.Module):
   """
   variant: str = "B/16"
   image_size: int = 224
-  drop_path: float = 0.0
   final_norm: bool = True
   # "sincos": MAE's fixed table (pretraining). "learned": a parameter `pos_embed` [1, 1 + N, D]
   # initialized to that table (CLS row zero), as MAE fine-tuning and timm ViTs train it.
   pos_embed: str = "sincos"
-  remat: "str | bool" = "none"
-  scan: bool = False
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention: str = "auto"
-  attention_pad: int = 0
+  student: StudentConfig = StudentConfig()
 
   @property
   def shape(self) -> VitShape:
@@ -346,13 +346,13 @@ class Encoder(nn.Module):
     if images.shape[1:] != (self.image_size, self.image_size, 3):
       raise ValueError(f"Encoder expects [B, {self.image_size}, {self.image_size}, 3] images, "
                        f"got {images.shape}")
-    x = PatchEmbed(shape.patch, shape.width, self.dtype, self.param_dtype,
-                   name="patch_embed")(images)
+    c = self.student
+    x = PatchEmbed(shape.patch, shape.width, c.dtype, c.param_dtype, name="patch_embed")(images)
     table = sincos_2d(shape.width, gs, cls_token=True)
     if self.pos_embed == "learned":
       pos = self.param("pos_embed", nn.with_logical_partitioning(
           lambda key, shp, dtype: jnp.asarray(table, dtype)[None], (None, None, "embed")),
-                       (1, gs * gs + 1, shape.width), self.param_dtype).astype(x.dtype)
+                       (1, gs * gs + 1, shape.width), c.param_dtype).astype(x.dtype)
     elif self.pos_embed == "sincos":
       pos = jnp.asarray(table, x.dtype)[None]
     else:
@@ -362,14 +362,13 @@ class Encoder(nn.Module):
       x = jnp.take_along_axis(x, ids_keep[:, :, None], axis=1)
     cls = self.param("cls_token", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (None, None, "embed")), (1, 1, shape.width),
-                     self.param_dtype)
+                     c.param_dtype)
     cls = cls.astype(x.dtype) + pos[:, :1]     # the fixed table's CLS row is zero
     x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, shape.width)), x], axis=1)
-    x = Transformer(shape.depth, shape.heads, shape.mlp_dim, self.drop_path, self.remat,
-                    self.scan, self.dtype, self.param_dtype, self.attention,
-                    self.attention_pad, name="transformer")(x, deterministic=not train)
+    x = Transformer(shape.depth, shape.heads, shape.mlp_dim, c,
+                    name="transformer")(x, deterministic=not train)
     aux = {"pre_norm": x}
     if self.final_norm:
-      x = layer_norm("norm", self.dtype, self.param_dtype)(x)
+      x = layer_norm("norm", c.dtype, c.param_dtype)(x)
     aux["cls"] = x[:, 0]
     return x, aux

@@ -28,5 +28,4 @@ def load_teacher(config, workdir: str) -> clip.ClipTeacher:
   return clip.ClipTeacher.load(name, dtype=models.dtype(config.teacher.dtype,
                                                         "config.teacher.dtype"),
                                normalization=config.teacher.normalization,
-                               impl=config.teacher.get("impl", "transformers"),
-                               attention=config.teacher.get("attention", "auto"))
+                               impl=config.teacher.impl, attention=config.teacher.attention)

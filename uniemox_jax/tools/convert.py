@@ -24,6 +24,7 @@ import os
 import sys
 
 from data_pipelines import convert
+from data_pipelines import dataset_info
 from data_pipelines import images
 from data_pipelines import sources
 from data_pipelines import storage
@@ -147,9 +148,9 @@ def main(argv=None) -> int:
   print(convert.summary(info, report, report_path))
   check = verify.verify(args.out)
   print(check.summary())
-  shards = sum(len(s["shards"]) for s in info["splits"].values())
+  shards = sum(len(s.shards) for s in info.splits.values())
   print(f"wrote: {storage.absolute(args.out)} ({shards} shards with indexes, "
-        f"{convert.INFO_FILE}, {convert.REPORT_FILE}" + (
+        f"{dataset_info.INFO_FILE}, {convert.REPORT_FILE}" + (
             "" if args.no_tfds_metadata else ", dataset_info.json, features.json") + ")")
   if not check.ok:
     return 1
