@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -29,7 +28,6 @@ import numpy as np
 
 from data_pipelines import dataset_info
 from data_pipelines import records
-from data_pipelines import storage
 from data_pipelines import tfrecord
 from data_pipelines import verify
 

@@ -166,32 +166,20 @@ def _remote(path: str) -> Iterator[None]:
     raise better from e
 
 
-def exists(path: str) -> bool:
-  if not is_remote(path):
-    return os.path.exists(_local(path))
-  with _remote(path):
-    return filesystem(path).exists(path)
+def _either(local_fn, remote_name: str):
+  """A query of a path: `local_fn` on a local path, the fsspec method `remote_name` on a URL."""
+  def query(path: str):
+    if not is_remote(path):
+      return local_fn(_local(path))
+    with _remote(path):
+      return getattr(filesystem(path), remote_name)(path)
+  return query
 
 
-def isdir(path: str) -> bool:
-  if not is_remote(path):
-    return os.path.isdir(_local(path))
-  with _remote(path):
-    return filesystem(path).isdir(path)
-
-
-def isfile(path: str) -> bool:
-  if not is_remote(path):
-    return os.path.isfile(_local(path))
-  with _remote(path):
-    return filesystem(path).isfile(path)
-
-
-def getsize(path: str) -> int:
-  if not is_remote(path):
-    return os.path.getsize(_local(path))
-  with _remote(path):
-    return int(filesystem(path).size(path))
+exists = _either(os.path.exists, "exists")
+isdir = _either(os.path.isdir, "isdir")
+isfile = _either(os.path.isfile, "isfile")
+getsize = _either(os.path.getsize, "size")
 
 
 def listdir(path: str) -> List[str]:

@@ -43,10 +43,68 @@ def synthetic_data(tmp_path_factory):
   return str(root / "raw"), str(out)
 
 
+@pytest.fixture(scope="session")
+def odd_data(tmp_path_factory):
+  """A converted set whose test split has 13 records: divides neither 8 devices nor the
+  eval batches of the tests."""
+  from data_pipelines import synthetic
+  from uniemox_jax.tools import convert as convert_command
+  root = tmp_path_factory.mktemp("odd")
+  synthetic.generate(str(root / "raw"), (2, 1, 2), 40, seed=1)
+  test_files = sorted(p for p in (root / "raw" / "test").rglob("*.jpg"))
+  for p in test_files[:3]:
+    p.unlink()
+  convert_command.main(["--source", "split_tree", "--root", str(root / "raw"), "--name", "odd",
+                        "--out", str(root / "shards"), "--workers", "1", "--no_progress",
+                        "--allow_empty_classes"])
+  return str(root / "shards")
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+  """The demo pretraining, shortened: a workdir with checkpoints/, synthetic/, tiny_clip/."""
+  from configs import demo
+  from uniemox_jax import pretrain
+  workdir = tmp_path_factory.mktemp("pretrained")
+  config = demo.get_config()
+  config.unlock()
+  config.update_from_flattened_dict({"total_steps": 60, "data.synthetic_per_class": "16,4,4",
+                                     "checkpoint.every_steps": 60, "log_every_steps": 5})
+  pretrain.pretrain(config, str(workdir))
+  return str(workdir)
+
+
+def _finetune_config(pretrained, **overrides):
+  from configs import demo_finetune
+  config = demo_finetune.get_config(f"pretrained={pretrained}")
+  config.unlock()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.fixture(scope="session")
+def finetune_config(pretrained):
+  """(**overrides) -> the demo's fine-tuning config of the `pretrained` encoder."""
+  return lambda **overrides: _finetune_config(pretrained, **overrides)
+
+
+@pytest.fixture(scope="session")
+def finetuned(pretrained, tmp_path_factory):
+  """A fine-tuning of `pretrained`: (workdir, config, result)."""
+  from uniemox_jax import finetune
+  workdir = str(tmp_path_factory.mktemp("finetuned"))
+  # Besides validation, a periodic evaluator of config.evals (the test split, every 20 steps).
+  config = _finetune_config(pretrained, total_epochs=10, eval_every_epochs=2,
+                            **{"evals.classification.period": 20})
+  result = finetune.finetune(config, workdir)
+  return workdir, config, result
+
+
 # The files that take longest (worker seconds on the 2-core dev machine), started first: each
 # file runs on one xdist worker (--dist loadfile), and a long file started last leaves the
 # other worker idle at the end. pytest.ini turns off xdist's own order (most tests first).
-_LONGEST_FIRST = ("test_trainer.py", "test_finetune.py", "test_cloud_storage.py",
+_LONGEST_FIRST = ("test_trainer.py", "test_finetune.py", "test_evaluators.py",
+                  "test_cloud_storage.py",
                   "test_benchmarks.py", "test_lifecycle.py", "test_attention.py",
                   "test_datasets.py", "test_main.py", "test_teacher.py", "test_uniemox.py")
 

@@ -346,7 +346,6 @@ def test_import_evaluate_predict_and_finetune_from_the_bucket(server, bucket_dat
   import functools
   import torch
   from timm.models.vision_transformer import VisionTransformer
-  from data_pipelines import input_pipeline
   from data_pipelines import storage
   data, convert_cache = bucket_data
   names = list(dataset_info.DatasetInfo.load(data).class_names)
