@@ -434,7 +434,9 @@ def test_a_failed_save_stops_the_run_and_keeps_the_last_checkpoint(data, small_d
       f"error: could not save checkpoint 20 in {workdir}/checkpoints: No space left on device "
       f"(ENOSPC); the last good checkpoint, step {kept}, is kept; free space on that disk, or "
       "write elsewhere, then rerun the same command to resume"]
-  assert max(_steps(workdir)) < environment.SHORT_RUN_STEPS     # it stopped there
+  # Stopped at the failure (how many steps ran until the slow save failed depends on the
+  # machine; that it is noticed at the next step is test_trainer's test): nothing saved after
+  # the kept step.
   assert max(_checkpoints(workdir)) == kept
   assert all(name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints")))
   os.remove(os.path.join(small_disk, "filler"))

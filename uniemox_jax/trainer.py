@@ -162,7 +162,7 @@ def _check_restore_source(setup: Setup, task: Task) -> None:
   """The checkpoint a run will restore (the workdir's latest, else config.init.checkpoint)
   must fit its data (`task.check_checkpoint`)."""
   own = storage.join(setup.workdir, CHECKPOINTS)
-  if storage.isdir(own) and checkpointing.latest_finished_step(own) is not None:
+  if checkpointing.latest_finished_step(own) is not None:
     task.check_checkpoint(checkpointing.Checkpoint.open(own, "the workdir's checkpoints"))
   elif setup.config.init.checkpoint:
     task.check_checkpoint(checkpointing.Checkpoint.open(setup.config.init.checkpoint,
