@@ -65,9 +65,6 @@ class DatasetInfo:
     """Records of a split, or of several joined by '+' ("train+val"); absent ones count 0."""
     return sum(self.splits[s].num_records for s in split.split("+") if s in self.splits)
 
-  def missing_splits(self, split: str) -> Tuple[str, ...]:
-    return tuple(s for s in split.split("+") if s not in self.splits)
-
   @classmethod
   def from_json(cls, data: Mapping[str, Any], path: str = INFO_FILE) -> "DatasetInfo":
     """The record of a parsed info file; `path` names it when it is not one."""
