@@ -8,7 +8,7 @@ the same run.
 
 The step is the one `uniemox_jax.finetune` trains with (`classification_loss`, the optimizer
 of `uniemox_jax.optim`), on synthetic device-resident uint8 batches. MFU is the analytic model
-FLOPs (benchmarks/flops.py) per second against --peak_tflops; on CPU it is left out.
+FLOPs (uniemox_jax/flops.py) per second against --peak_tflops; on CPU it is left out.
 """
 import argparse
 import os
@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import flops as flops_lib  # noqa: E402
+from uniemox_jax import flops as flops_lib  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from configs import finetune as finetune_config  # noqa: E402
 from uniemox_jax import finetune  # noqa: E402

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks import flops as flops_lib  # noqa: E402
+from uniemox_jax import flops as flops_lib  # noqa: E402
 from uniemox_jax.models.vit import decode_variant, sincos_2d  # noqa: E402
 
 

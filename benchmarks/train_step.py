@@ -10,7 +10,7 @@ download; a tiny one for sizes below B): our fused tower (`--teacher fused`, the
 transformers' FlaxCLIPModel (`--teacher transformers`, needs transformers 4.x). Text
 embeddings come with the batch, as with data converted with --text_embeddings.
 
-MFU is the analytic model FLOPs (benchmarks/flops.py: matmuls, forward x3 for trained layers,
+MFU is the analytic model FLOPs (uniemox_jax/flops.py: matmuls, forward x3 for trained layers,
 x1 for the teacher, no recomputation) per second over --peak_tflops; XLA's own count of the
 compiled step is printed beside it. Images/s is the median of --windows timed windows of
 --steps steps (min-max beside it); compile time is lowering + compilation. --find_max_batch
@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks import flops as flops_lib  # noqa: E402
+from uniemox_jax import flops as flops_lib  # noqa: E402
 from benchmarks import timing  # noqa: E402
 from configs import pretrain  # noqa: E402
 from uniemox_jax import losses  # noqa: E402

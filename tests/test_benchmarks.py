@@ -60,7 +60,7 @@ def test_analytic_flops_match_xla_cost_analysis(model, variant):
   """XLA counts every operation, the analytic count only matrix products: XLA's is a little
   larger, never smaller (measured 0.9-1.4% for these steps)."""
   sys.path.insert(0, ROOT)
-  from benchmarks import flops
+  from uniemox_jax import flops
   from benchmarks import train_step
   batch = 8
   if model == "mae":
@@ -80,7 +80,7 @@ def test_analytic_flops_match_xla_cost_analysis(model, variant):
 def test_analytic_flops_of_the_published_census():
   """The census in docs/benchmarks.md (GFLOP per image, batch 256)."""
   sys.path.insert(0, ROOT)
-  from benchmarks import flops
+  from uniemox_jax import flops
   assert round(flops.per_image("uniemox", "L/16", teacher_cls_only=False) / 1e9, 1) == 251.5
   assert round(flops.per_image("uniemox", "B/16", teacher_cls_only=False) / 1e9, 1) == 119.9
   assert round(flops.per_image("uniemox", "L/16") / 1e9, 1) == 249.0

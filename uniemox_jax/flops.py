@@ -62,18 +62,21 @@ def _decoder(variant: str, image_size: int, kept_tokens: int, views: int, width:
 
 def per_image(model: str, variant: str, *, mask_ratio: float = 0.75, image_size: int = 224,
               global_batch: int = 256, teacher_cls_only: bool = True,
-              teacher: clip_vision.VisionConfig = CLIP_B16, decoder_depth: int = 8) -> float:
+              teacher: clip_vision.VisionConfig = CLIP_B16, decoder_depth: int = 8,
+              decoder_width: int = 512) -> float:
   """Training FLOPs per image of one step: model "uniemox" (two views, teacher, L1-L3) or
-  "mae" (one view, L3 only); the decoder has `decoder_depth` blocks of width 512."""
+  "mae" (one view, L3 only); the decoder has `decoder_depth` blocks of `decoder_width` (the
+  recipe's: 8 of 512, the teacher's embedding width)."""
   s = vit.decode_variant(variant)
   patches = (image_size // s.patch) ** 2
   kept = masking.num_kept(patches, mask_ratio) + 1
   views = 2 if model == "uniemox" else 1
   patch, blocks = _encoder(variant, image_size, kept)
-  trained = views * blocks + _decoder(variant, image_size, kept, views, depth=decoder_depth)
+  trained = views * blocks + _decoder(variant, image_size, kept, views, width=decoder_width,
+                                      depth=decoder_depth, mlp=4 * decoder_width)
   total = 3.0 * trained + 2.0 * views * patch
   if model == "uniemox":
-    emb = 512
+    emb = teacher.embed_dim
     fusion = 2.0 * emb * emb
     similarity = 2 * 2.0 * global_batch * emb       # student and teacher B x B logits, per row
     total += 3.0 * fusion + 2.0 * similarity + teacher_forward(teacher_cls_only, teacher)
