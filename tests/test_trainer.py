@@ -152,7 +152,7 @@ config.update_from_flattened_dict({"total_steps": 30,
                                    "data.synthetic_per_class": "6,2,2",
                                    "data.synthetic_image_size": 48})
 t = trainer.build(config, sys.argv[1], pretrain.make_task)
-state = t.checkpointer.restore(30, t.abstract_state)
+state = t.checkpointer.restore(30, t.program.abstract_state)
 leaves = jax.tree.leaves(state["params"])
 print(json.dumps({"devices": len(jax.devices()),
                   "shards": max(len(x.sharding.device_set) for x in leaves),
@@ -230,14 +230,14 @@ def test_gradient_accumulation_averages_device_local_micro_batches(tmp_path, syn
   batch["text_emb"] = t.task.teacher.embed_texts(["The overall emotion conveyed is awe."] * 32)
   batch = {k: (v.astype(np.float32) / 255 if v.dtype == np.uint8 else v)
            for k, v in batch.items()}
-  state = t.init(jax.random.key(0))
-  teacher_params = sharding.host_to_global(t.task.teacher.params, t.replicated)
+  state = t.program.init(jax.random.key(0))
+  teacher_params = sharding.host_to_global(t.task.teacher.params, t.program.replicated)
   key = jax.random.key(3)
-  grads, terms = jax.jit(t.gradients)(state["params"], teacher_params, batch, key)
+  grads, terms = jax.jit(t.program.gradients)(state["params"], teacher_params, batch, key)
   # By hand: device d holds rows 4d..4d+3; micro-batch i takes rows 4d+2i, 4d+2i+1 of each.
   rows = [[4 * d + 2 * i + j for d in range(8) for j in range(2)] for i in range(2)]
   config.optim.accum_steps = 1
-  single = jax.jit(t.gradients)      # traced afresh (it reads accum_steps), then once for both
+  single = jax.jit(t.program.gradients)   # traced afresh (it reads accum_steps), once for both
   parts = [single(state["params"], teacher_params, {k: v[r] for k, v in batch.items()},
                   jax.random.fold_in(key, i)) for i, r in enumerate(rows)]
   expect = jax.tree.map(lambda a, b: (a + b) / 2, parts[0], parts[1])
@@ -269,7 +269,7 @@ def test_resume_order_explicit_checkpoint_then_encoder_importer(reference, tmp_p
                                                            template))
   t = make(tmp_path / "b", encoder="unused.file", encoder_format="test_plus_one")
   state = t.initial_state(None)
-  fresh = t.init(jax.random.key(t.config.seed))
+  fresh = t.program.init(jax.random.key(t.config.seed))
   assert int(state["step"]) == 0
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.asarray(b) + 1.0, rtol=1e-6),
                state["params"]["encoder"], fresh["params"]["encoder"])

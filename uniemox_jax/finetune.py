@@ -13,6 +13,7 @@ WORKDIR/evaluations/best-<step>/classification/ like any evaluation of that chec
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from typing import Any, Dict, Optional
@@ -20,6 +21,7 @@ from typing import Any, Dict, Optional
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from data_pipelines import input_pipeline
@@ -101,33 +103,11 @@ def read_best(workdir: str) -> Dict[str, Any]:
   return json.loads(storage.read_text(path))
 
 
-def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
-  config, info = setup.config, setup.info
-  with setup.checks.check():
-    datasets.check_dataset(config, info)
-  with setup.checks.check():
-    trainer.check_splits(info, setup.data_dir, {
-        split: field for field, split in (("config.test_split", config.test_split),
-                                          ("config.data.eval_split", config.data.eval_split))
-        if split})
-  if setup.checks.errors:
-    return None          # what follows would only restate them; `trainer.build` reports them
-  names, multi = list(info.class_names), info.multi_label
-  model = models.classification_model(config.model, len(names))
-  dataset = input_pipeline.finetune_dataset(
-      setup.data_dir, config.data.split, batch_size=setup.local_batch,
-      image_size=config.model.image_size, rand_augment=config.augment.rand_augment,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      draft_decode=config.data.draft_decode)
-  eval_every = config.eval_every_steps or max(
-      1, int(round(config.eval_every_epochs * setup.schedule.steps_per_epoch)))
-  validation = classification.Classification(
-      VALIDATION, {"type": "classification", "split": config.data.eval_split,
-                   "data": setup.data_dir, "period": eval_every},
-      config, setup.workdir, setup.mesh)
-  meta = {"task": "finetune", "dataset": config.dataset, "class_names": names,
-          "multi_label": multi}
-  keep_best = KeepBest(setup.workdir, config.data.eval_split, meta)
+def step_task(config, num_classes: int, multi_label: bool) -> trainer.Task:
+  """The task as the step sees it, without data: the classifier, its loss, the batch's
+  entries, the pretrained encoder and layer-wise lr decay. `make_task` adds the data,
+  validation and the final test; `uniemox_jax.aot` compiles it as it is."""
+  model = models.classification_model(config.model, num_classes)
   size = config.model.image_size
 
   def init(key):
@@ -146,6 +126,44 @@ def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
     return optim.layerwise_multipliers(params, vit.decode_variant(config.model.variant).depth,
                                        config.optim.layer_decay)
 
+  labels = {"labels": ((num_classes,), np.float32)} if multi_label else {
+      "label": ((), np.int32)}
+  loss = functools.partial(classification_loss, model, config.augment, num_classes,
+                           multi_label)
+  return trainer.Task(
+      init=init, loss=loss, dataset=None,
+      example={"image": ((size, size, 3), np.uint8), **labels}, loss_name="loss",
+      reads=evaluators_base.CLASSIFIER, meta={"task": "finetune"},
+      load_pretrained=load_pretrained, lr_multipliers=lr_multipliers)
+
+
+def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
+  config, info = setup.config, setup.info
+  with setup.checks.check():
+    datasets.check_dataset(config, info)
+  with setup.checks.check():
+    trainer.check_splits(info, setup.data_dir, {
+        split: field for field, split in (("config.test_split", config.test_split),
+                                          ("config.data.eval_split", config.data.eval_split))
+        if split})
+  if setup.checks.errors:
+    return None          # what follows would only restate them; `trainer.build` reports them
+  names, multi = list(info.class_names), info.multi_label
+  dataset = input_pipeline.finetune_dataset(
+      setup.data_dir, config.data.split, batch_size=setup.local_batch,
+      image_size=config.model.image_size, rand_augment=config.augment.rand_augment,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      draft_decode=config.data.draft_decode)
+  eval_every = config.eval_every_steps or max(
+      1, int(round(config.eval_every_epochs * setup.schedule.steps_per_epoch)))
+  validation = classification.Classification(
+      VALIDATION, {"type": "classification", "split": config.data.eval_split,
+                   "data": setup.data_dir, "period": eval_every},
+      config, setup.workdir, setup.mesh)
+  meta = {"task": "finetune", "dataset": config.dataset, "class_names": names,
+          "multi_label": multi}
+  keep_best = KeepBest(setup.workdir, config.data.eval_split, meta)
+
   def after_training(loop: trainer.TrainLoop) -> Dict[str, Any]:
     """The best state's report on config.test_split (none without one)."""
     best = {k: v for k, v in read_best(setup.workdir).items() if k != "report"}
@@ -160,12 +178,8 @@ def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
     files = test.write(result, reports.out_dir(ckpt.step_dir))
     return {"best": best, "test": dict(result.report, files=files)}
 
-  loss = functools.partial(classification_loss, model, config.augment, len(names), multi)
-  return trainer.Task(
-      init=init, loss=loss, dataset=dataset,
-      batch_keys=("image", "labels" if multi else "label"), loss_name="loss",
-      reads=evaluators_base.CLASSIFIER, meta=meta, load_pretrained=load_pretrained,
-      lr_multipliers=lr_multipliers,
+  return dataclasses.replace(
+      step_task(config, len(names), multi), dataset=dataset, meta=meta,
       check_checkpoint=lambda ckpt: classification.check_classes(ckpt, info),
       evaluators={VALIDATION: validation}, on_evaluation=keep_best,
       after_training=after_training, close=keep_best.store.close)

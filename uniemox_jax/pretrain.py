@@ -6,11 +6,13 @@ losses from the model's outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
@@ -33,22 +35,16 @@ def pretraining_loss(model, objective_fn: objective.Objective, teacher, params, 
   return terms[objective.TOTAL], terms
 
 
-def make_task(setup: trainer.Setup) -> trainer.Task:
-  config = setup.config
+def step_task(config, mesh, teacher: clip.ClipTeacher,
+              text_emb_dim: Optional[int]) -> trainer.Task:
+  """The task as the step sees it, without data: the model, the objective, the teacher's
+  weights as constants, the batch's entries (text embeddings of `text_emb_dim` when the data
+  carries them, else token ids). `make_task` adds the data; `uniemox_jax.aot` compiles it."""
   model = models.pretrain_model(config.model)
   objective_fn = objective.from_config(config.model,
                                        config.batch_size // config.optim.accum_steps,
-                                       setup.mesh.devices.size)
-  teacher = loading.load_teacher(config, setup.workdir)
+                                       mesh.devices.size)
   objective.check_compatible(model, teacher)
-  # Without stored text embeddings, the pipeline tokenizes each record's prompt.
-  tokenize = None if setup.info.text_emb_dim else functools.partial(clip.tokenize_one,
-                                                                     teacher.tokenizer)
-  dataset = input_pipeline.pretrain_dataset(
-      setup.data_dir, config.data.split, batch_size=setup.local_batch,
-      image_size=config.model.image_size, person_view=config.data.person_view,
-      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenize=tokenize, draft_decode=config.data.draft_decode)
   size = config.model.image_size
 
   def init(key):
@@ -61,13 +57,29 @@ def make_task(setup: trainer.Setup) -> trainer.Task:
     models.check_params(encoder, params["encoder"], "config.init.encoder")
     return dict(params, encoder=encoder)
 
-  keys = ("scene", "person") + (("text_emb",) if setup.info.text_emb_dim else
-                                ("input_ids", "attention_mask"))
+  image = ((size, size, 3), np.uint8)
+  text = {"text_emb": ((text_emb_dim,), np.float32)} if text_emb_dim else {
+      k: ((clip.MAX_TEXT_TOKENS,), np.int32) for k in ("input_ids", "attention_mask")}
   loss = functools.partial(pretraining_loss, model, objective_fn, teacher)
-  return trainer.Task(init=init, loss=loss, dataset=dataset, batch_keys=keys,
+  return trainer.Task(init=init, loss=loss, dataset=None,
+                      example={"scene": image, "person": image, **text},
                       loss_name=objective.TOTAL, reads=evaluators_base.PRETRAIN,
                       meta={"task": "pretrain"}, constants=teacher.params, teacher=teacher,
                       load_pretrained=load_pretrained)
+
+
+def make_task(setup: trainer.Setup) -> trainer.Task:
+  config = setup.config
+  teacher = loading.load_teacher(config, setup.workdir)
+  task = step_task(config, setup.mesh, teacher, setup.info.text_emb_dim)
+  # Without stored text embeddings, the pipeline tokenizes each record's prompt.
+  tokenize = None if setup.info.text_emb_dim else functools.partial(clip.tokenize_one,
+                                                                     teacher.tokenizer)
+  return dataclasses.replace(task, dataset=input_pipeline.pretrain_dataset(
+      setup.data_dir, config.data.split, batch_size=setup.local_batch,
+      image_size=config.model.image_size, person_view=config.data.person_view,
+      seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
+      tokenize=tokenize, draft_decode=config.data.draft_decode))
 
 
 def pretrain(config, workdir: str) -> Dict[str, Any]:

@@ -6,9 +6,10 @@ checkpoints with exact resume, evaluators, preemption and Ctrl-C, TensorBoard su
 Read top to bottom: `Setup` (before the first step: the mesh, the data, the schedule; every
 problem found at once), `Task` (what a task adds: a record of functions and its data, built by
 `pretrain.make_task` or `finetune.make_task`), `train` and `TrainLoop` (restore or initialize,
-compile, the steps, the end), then the parts the loop is made of: `MetricsLog` (metric windows,
-progress lines, finiteness), `StopSignals`, and `Hooks` (test-only, inert unless a test passes
-one in or sets their environment variables).
+compile, the steps, the end), then the parts the loop is made of: `StepProgram` (the jitted
+step, from shapes alone: what `uniemox_jax.aot` compiles for a TPU slice), `MetricsLog`
+(metric windows, progress lines, finiteness), `StopSignals`, and `Hooks` (test-only, inert
+unless a test passes one in or sets their environment variables).
 
 Resume order (first that applies): the latest checkpoint in WORKDIR/checkpoints, then
 `config.init.checkpoint` (an explicit path, state and data position), then
@@ -109,7 +110,8 @@ class Task:
   loss: Callable[..., Tuple[jax.Array, Dict]]   # (params, constants, batch, key) -> (loss,
   #                                               metrics); metrics[loss_name] is the loss
   dataset: Any                                  # a grain MapDataset of this process's batches
-  batch_keys: Sequence[str]                     # the host batch's entries that go to devices
+  # The batch's entries that go to devices: name -> (one example's shape, dtype).
+  example: Dict[str, Tuple[Tuple[int, ...], Any]]
   loss_name: str
   reads: str                                    # what evaluators may score (evaluators.base)
   meta: Dict[str, Any]                          # kept with every checkpoint
@@ -181,41 +183,12 @@ class TrainLoop:
     config = self.config = setup.config
     self.mesh = setup.mesh
     self.logs = storage.LocalMirror(setup.workdir)    # events and metrics, pushed to WORKDIR
-    self.lr = optim.learning_rate(config, setup.schedule)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
-    self.replicated = sharding.replicated(self.mesh)
-    abstract_boxed = jax.eval_shape(task.init, jax.random.key(0))
-    params = nn.unbox(abstract_boxed)
-    self.tx = optim.make_optimizer(
-        config, self.lr, task.lr_multipliers(params) if task.lr_multipliers else None)
-    # The state's abstract tree from the abstract parameters (one trace of the model, not two).
-    abstract_state = jax.eval_shape(lambda p: self._state(p, self.tx.init(p)), abstract_boxed)
-    self.state_shardings = nn.logical_to_mesh_sharding(
-        nn.get_partition_spec(abstract_state), self.mesh, sharding.LOGICAL_RULES)
-    self.abstract_state = checkpointing.abstract_with_shardings(nn.unbox(abstract_state),
-                                                                self.state_shardings)
-    self.init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
-                        out_shardings=self.state_shardings)
-    # The logical axis rules are in scope while the step is traced, so the models' activation
-    # annotations become sharding constraints.
-    self.step = jax.jit(sharding.with_rules(self.train_step, self.mesh),
-                        in_shardings=(self.state_shardings, self.replicated,
-                                      self.batch_sharding, self.replicated),
-                        out_shardings=(self.state_shardings, self.replicated),
-                        donate_argnums=(0,))
+    self.program = StepProgram(config, self.mesh, task, setup.schedule)
     ckpt = config.checkpoint
     self.checkpointer = checkpointing.Checkpointer(
         storage.join(setup.workdir, CHECKPOINTS), keep=ckpt.keep, keep_every=ckpt.keep_every,
         asynchronous=ckpt.asynchronous)
     self.final_state = None
-
-  @staticmethod
-  def _state(params, opt_state):
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
-
-  def _init_boxed(self, key):
-    params = self.task.init(key)
-    return self._state(params, self.tx.init(params))
 
   def run(self) -> Dict[str, float]:
     """Trains to the schedule's last step, or saves and stops at a stop signal (SIGTERM,
@@ -227,8 +200,9 @@ class TrainLoop:
     iterator = input_pipeline.make_iterator(self.task.dataset, workers=config.data.workers)
     state = self.initial_state(iterator)
     start = int(jax.device_get(state["step"]))
+    program = self.program
     constants = None if self.task.constants is None else sharding.host_to_global(
-        self.task.constants, self.replicated)
+        self.task.constants, program.replicated)
     base_key = jax.random.key(config.seed + 1)
     log = MetricsLog(self, start)
     stops = StopSignals(config.preemption_poll_steps)
@@ -237,8 +211,8 @@ class TrainLoop:
     stopped = None
     try:
       batch = self.next_batch(iterator, start + 1) if start < total else None
-      step_fn = self.step if batch is None else distributed.compile_together(
-          self.step, state, constants, batch, base_key, name="train step")
+      step_fn = program.step if batch is None else distributed.compile_together(
+          program.step, state, constants, batch, base_key, name="train step")
       for step in range(start + 1, total + 1):
         state, metrics = step_fn(state, constants, batch, base_key)
         self.hooks.trace("step", step)
@@ -288,66 +262,28 @@ class TrainLoop:
     latest = self.checkpointer.latest_step()
     if latest is not None:
       logging.info("Resuming from %s/%d", self.checkpointer.directory, latest)
-      return self.checkpointer.restore(latest, self.abstract_state, iterator)
+      return self.checkpointer.restore(latest, self.program.abstract_state, iterator)
     if init.checkpoint:
       with errors.as_user_errors():
         ckpt, step = checkpointing.open_for_restore(init.checkpoint)
       logging.info("Starting from checkpoint %s/%d", ckpt.directory, step)
-      state = ckpt.restore(step, self.abstract_state, iterator)
+      state = ckpt.restore(step, self.program.abstract_state, iterator)
       ckpt.close()
       return state
-    state = self.init(jax.random.key(self.config.seed))
+    state = self.program.init(jax.random.key(self.config.seed))
     if init.encoder:
       with errors.as_user_errors():
         params = self.task.load_pretrained(jax.device_get(state["params"]))
-      state = dict(state, params=sharding.host_to_global(params,
-                                                         self.state_shardings["params"]))
+      state = dict(state, params=sharding.host_to_global(
+          params, self.program.state_shardings["params"]))
     return state
-
-  def train_step(self, state, constants, batch, base_key):
-    key = jax.random.fold_in(base_key, state["step"])
-    grads, terms = self.gradients(state["params"], constants, batch, key)
-    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = dict(terms, grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params),
-                   update_norm=optax.tree.norm(updates),
-                   learning_rate=self.lr(state["step"]))
-    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-  def gradients(self, params, constants, batch, key):
-    """Gradients and metrics of one global batch, in `config.optim.accum_steps`
-    micro-batches whose gradients are averaged (to bound activation memory). Each
-    micro-batch takes the same rows of every device's shard, so no data moves between
-    devices; batch-wide terms (pretraining's L1, mixup's partner) then span one micro-batch."""
-    grad_fn = jax.value_and_grad(self.task.loss, has_aux=True)
-    accum = self.config.optim.accum_steps
-    if accum == 1:
-      (_, terms), grads = grad_fn(params, constants, batch, key)
-      return grads, terms
-    shards = self.mesh.devices.size
-
-    def split(x):   # [B, ...] -> [accum, B / accum, ...], rows kept on their device
-      x = x.reshape((shards, accum, x.shape[0] // (shards * accum)) + x.shape[1:])
-      return jnp.swapaxes(x, 0, 1).reshape((accum, x.shape[0] * x.shape[2]) + x.shape[3:])
-    micro_batches = jax.tree.map(split, batch)
-
-    def body(carry, inputs):
-      i, micro = inputs
-      (_, terms), grads = grad_fn(params, constants, micro, jax.random.fold_in(key, i))
-      return jax.tree.map(jnp.add, carry, (grads, terms)), None
-    (_, terms_shape), grads_shape = jax.eval_shape(
-        grad_fn, params, constants, jax.tree.map(lambda x: x[0], micro_batches), key)
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, terms_shape))
-    (grads, terms), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro_batches))
-    return jax.tree.map(lambda g: g / accum, (grads, terms))
 
   def next_batch(self, iterator, step: int) -> Dict[str, jax.Array]:
     """The batch of `step`, read from the pipeline and placed on the devices."""
     host = next(iterator)
     self.hooks.batch(step, host)
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, host[k])
-            for k in self.task.batch_keys}
+    return {k: jax.make_array_from_process_local_data(self.program.batch_sharding, host[k])
+            for k in self.task.example}
 
   def evaluate(self, log: "MetricsLog", step: int, state) -> Dict[str, float]:
     """The evaluators due at `step`: their reports (WORKDIR/evaluations/checkpoints-<step>/
@@ -396,6 +332,98 @@ class TrainLoop:
   def close(self) -> None:
     self.checkpointer.close()
     self.task.close()
+
+
+# --- the step ----------------------------------------------------------------------------------
+
+
+class StepProgram:
+  """The jitted train step of a task on a mesh, built from shapes alone: the optimizer, the
+  state's logical shardings and abstract tree, `init` and `step`. Nothing in it reads data or
+  touches a device, so the same program is also compiled ahead of time for a TPU slice that
+  is not here (`uniemox_jax.aot`)."""
+
+  def __init__(self, config, mesh, task: Task, schedule: optim.Schedule):
+    self.config, self.mesh, self.task = config, mesh, task
+    self.lr = optim.learning_rate(config, schedule)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.replicated = sharding.replicated(mesh)
+    abstract_boxed = jax.eval_shape(task.init, jax.random.key(0))
+    params = nn.unbox(abstract_boxed)
+    self.tx = optim.make_optimizer(
+        config, self.lr, task.lr_multipliers(params) if task.lr_multipliers else None)
+    # The state's abstract tree from the abstract parameters (one trace of the model, not two).
+    abstract_state = jax.eval_shape(lambda p: self._state(p, self.tx.init(p)), abstract_boxed)
+    self.state_shardings = nn.logical_to_mesh_sharding(
+        nn.get_partition_spec(abstract_state), mesh, sharding.LOGICAL_RULES)
+    self.abstract_state = checkpointing.abstract_with_shardings(nn.unbox(abstract_state),
+                                                                self.state_shardings)
+    self.init = jax.jit(lambda key: nn.unbox(self._init_boxed(key)),
+                        out_shardings=self.state_shardings)
+    # The logical axis rules are in scope while the step is traced, so the models' activation
+    # annotations become sharding constraints.
+    self.step = jax.jit(sharding.with_rules(self.train_step, mesh),
+                        in_shardings=(self.state_shardings, self.replicated,
+                                      self.batch_sharding, self.replicated),
+                        out_shardings=(self.state_shardings, self.replicated),
+                        donate_argnums=(0,))
+
+  @staticmethod
+  def _state(params, opt_state):
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state}
+
+  def _init_boxed(self, key):
+    params = self.task.init(key)
+    return self._state(params, self.tx.init(params))
+
+  def abstract_inputs(self, batch: Dict[str, jax.ShapeDtypeStruct]):
+    """The step's arguments as shapes with their shardings, for `step.lower`: the state, the
+    task's constants, `batch` (global shapes) and the key."""
+    constants = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.replicated),
+        self.task.constants)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+             for k, v in batch.items()}
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
+    return self.abstract_state, constants, batch, key
+
+  def train_step(self, state, constants, batch, base_key):
+    key = jax.random.fold_in(base_key, state["step"])
+    grads, terms = self.gradients(state["params"], constants, batch, key)
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(terms, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params),
+                   update_norm=optax.tree.norm(updates),
+                   learning_rate=self.lr(state["step"]))
+    return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
+
+  def gradients(self, params, constants, batch, key):
+    """Gradients and metrics of one global batch, in `config.optim.accum_steps`
+    micro-batches whose gradients are averaged (to bound activation memory). Each
+    micro-batch takes the same rows of every device's shard, so no data moves between
+    devices; batch-wide terms (pretraining's L1, mixup's partner) then span one micro-batch."""
+    grad_fn = jax.value_and_grad(self.task.loss, has_aux=True)
+    accum = self.config.optim.accum_steps
+    if accum == 1:
+      (_, terms), grads = grad_fn(params, constants, batch, key)
+      return grads, terms
+    shards = self.mesh.devices.size
+
+    def split(x):   # [B, ...] -> [accum, B / accum, ...], rows kept on their device
+      x = x.reshape((shards, accum, x.shape[0] // (shards * accum)) + x.shape[1:])
+      return jnp.swapaxes(x, 0, 1).reshape((accum, x.shape[0] * x.shape[2]) + x.shape[3:])
+    micro_batches = jax.tree.map(split, batch)
+
+    def body(carry, inputs):
+      i, micro = inputs
+      (_, terms), grads = grad_fn(params, constants, micro, jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (grads, terms)), None
+    (_, terms_shape), grads_shape = jax.eval_shape(
+        grad_fn, params, constants, jax.tree.map(lambda x: x[0], micro_batches), key)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, terms_shape))
+    (grads, terms), _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro_batches))
+    return jax.tree.map(lambda g: g / accum, (grads, terms))
 
 
 # --- metrics ---------------------------------------------------------------------------------
