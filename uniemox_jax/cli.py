@@ -129,7 +129,7 @@ def guarded(main: Callable[[Sequence[str]], None]) -> Callable[[Sequence[str]], 
   def wrapped(argv):
     import jax  # pylint: disable=g-import-not-at-top
     try:
-      main(argv)
+      return main(argv)
     except errors.Preempted as e:          # and errors.Interrupted
       print(str(e), file=sys.stderr, flush=True)
       _last_words()

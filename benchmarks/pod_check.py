@@ -1,0 +1,113 @@
+r"""The pod check's table: the real pretraining and fine-tuning steps compiled by the TPU
+compiler for named slices on this CPU host (`uniemox_jax.aot`), beside the naive MAE step of
+`benchmarks/train_step.py` (data parallel, XLA attention, no teacher) compiled for the same
+slice as the baseline of the ratio.
+
+  python benchmarks/pod_check.py --topologies v5e:2x2,v4:2x2x1,v5p:2x2x1 --vit B/16,L/16 \
+      --per_chip 32 --tasks mae,pretrain,finetune --json pod_check.json
+
+Every figure is the compiler's estimate (its cost model, else the roofline of its FLOP and
+byte counts: the table says which), not a measurement. Rows print as they finish.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from benchmarks import train_step  # noqa: E402
+from configs import finetune as finetune_config  # noqa: E402
+from configs import pretrain as pretrain_config  # noqa: E402
+from uniemox_jax import aot  # noqa: E402
+from uniemox_jax import flops  # noqa: E402
+from uniemox_jax import sharding  # noqa: E402
+
+HEADER = ("| slice | step | per-chip batch | mesh | GiB per chip (of HBM) | estimate | ms | "
+          "img/s/chip | MFU | x MAE | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def mae_report(variant: str, topology: str, per_chip: int) -> aot.Report:
+  """The naive MAE step (benchmarks/train_step.py), data parallel over the slice."""
+  devices = aot.topology_devices(topology)
+  mesh = sharding.make_mesh(-1, 1, devices=devices)
+  init, step, _ = train_step.mae_fns(variant, jnp.bfloat16, "xla", "none")
+  batch = {"scene": jax.ShapeDtypeStruct((per_chip * len(devices), 224, 224, 3), jnp.bfloat16)}
+  state = jax.eval_shape(init, jax.random.key(0), batch)
+  replicated, rows = NamedSharding(mesh, PartitionSpec()), sharding.batch_sharding(mesh)
+  state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                       state)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in batch.items()}
+  key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+  jitted = jax.jit(step, out_shardings=(replicated, replicated), donate_argnums=(0,))
+  started = time.perf_counter()
+  lowered = jitted.lower(state, {}, batch, key)
+  lower_s, started = time.perf_counter() - started, time.perf_counter()
+  with aot.no_persistent_cache():
+    compiled = lowered.compile()
+  return aot.report_of(compiled, topology=topology, chips=len(devices), task="mae-naive",
+                       variant=variant, per_chip_batch=per_chip, mesh=dict(mesh.shape),
+                       analytic_flops=flops.per_image("mae", variant) * per_chip,
+                       lower_s=lower_s, compile_s=time.perf_counter() - started)
+
+
+def task_report(task: str, variant: str, topology: str, per_chip: int, fsdp: int) -> aot.Report:
+  if task == "pretrain":
+    config = pretrain_config.get_config(f"vit={variant}")
+  else:
+    config = finetune_config.get_config(f"dataset=emoset,vit={variant}")
+  config.batch_size = per_chip * len(aot.topology_devices(topology))
+  config.mesh.fsdp = fsdp
+  return aot.compile_step(config, topology)
+
+
+def row(r: aot.Report, baseline: float) -> str:
+  ratio = f"{r.images_per_s / baseline:.2f}" if baseline else "-"
+  estimate = "cost model" if r.cost_model_s > 0 else "roofline"
+  return (f"| {r.topology} | {r.task} {r.variant} | {r.per_chip_batch} | "
+          f"{r.mesh['data']}x{r.mesh['fsdp']} | {r.peak_bytes / aot.GIB:.1f} "
+          f"({r.hbm_bytes / aot.GIB:.0f}){'' if r.fits else ' over'} | {estimate} | "
+          f"{r.seconds * 1e3:.1f} | {r.images_per_s:.0f} | {100 * r.mfu:.1f}% | {ratio} | "
+          f"{r.compile_s:.0f} |")
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--topologies", default="v5e:2x2")
+  p.add_argument("--vit", default="B/16")
+  p.add_argument("--per_chip", type=int, default=32)
+  p.add_argument("--fsdp", type=int, default=1, help="the mesh's fsdp axis of our steps")
+  p.add_argument("--tasks", default="mae,pretrain,finetune")
+  p.add_argument("--json", default="")
+  args = p.parse_args()
+  print(f"jax {jax.__version__}; host: {os.cpu_count()} CPUs; libtpu compiles", flush=True)
+  print(HEADER, flush=True)
+  results = []
+  for topology in args.topologies.split(","):
+    for variant in args.vit.split(","):
+      baseline = 0.0
+      for task in args.tasks.split(","):
+        try:
+          if task == "mae":
+            r = mae_report(variant, topology, args.per_chip)
+            baseline = r.images_per_s
+          else:
+            r = task_report(task, variant, topology, args.per_chip, args.fsdp)
+        except aot.CompileRefused as e:
+          print(f"| {topology} | {task} {variant} | {args.per_chip} | refused: {e} |",
+                flush=True)
+          continue
+        print(row(r, baseline if task == "pretrain" else 0.0), flush=True)
+        results.append(r.to_json())
+        if args.json:
+          with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

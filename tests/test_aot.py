@@ -1,0 +1,147 @@
+"""The pod check: a task's real train step compiled by the TPU compiler (libtpu) for a named
+slice on this CPU host, its printed numbers against the compiled program's own."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests import environment
+
+pytest.importorskip("libtpu", reason="libtpu (the tpu extra, which `make test` installs) "
+                    "compiles for TPU slices")
+
+from uniemox_jax import aot  # noqa: E402
+from uniemox_jax import trainer  # noqa: E402
+from uniemox_jax import pretrain  # noqa: E402
+from uniemox_jax import finetune  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny demo model at 8 images per chip: minutes of the TPU compiler become seconds.
+DEMO = ["--config", "configs/demo.py:evals=False", "--config.batch_size=32"]
+
+
+def _aot(*args, timeout=900):
+  # The processes of both test workers load libtpu side by side: its lock file would refuse
+  # the second, unless the tool allows it (aot.quiet_libtpu), as it does by default.
+  env = {k: v for k, v in environment.subprocess_env().items()
+         if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+  return subprocess.run([sys.executable, "-m", "uniemox_jax.tools.aot", *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def compiled_v5e(tmp_path_factory):
+  """The pod check run as a user runs it (v5e:2x2, fsdp 4), and its JSON."""
+  out = tmp_path_factory.mktemp("aot") / "v5e.json"
+  proc = _aot(*DEMO, "--config.mesh.fsdp=4", "--topology", "v5e:2x2", "--json", str(out))
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_the_command_prints_the_compilers_numbers(compiled_v5e):
+  stdout, report = compiled_v5e
+  assert report["chips"] == 4 and report["per_chip_batch"] == 8
+  assert report["mesh"] == {"data": 1, "fsdp": 4}
+  assert report["fits"] and 0 < report["peak_bytes"] < report["hbm_bytes"] == 16 * 2**30
+  assert report["seconds"] > 0 and report["compiler_flops"] > 0 and report["bytes_accessed"] > 0
+  if report["cost_model_s"] <= 0:     # the roofline of the compiler's counts stands in
+    assert report["seconds"] == pytest.approx(max(report["compiler_flops"] / 197e12,
+                                                  report["bytes_accessed"] / 819e9))
+  assert report["images_per_s"] == pytest.approx(8 / report["seconds"])
+  assert report["mfu"] == pytest.approx(
+      report["analytic_flops"] / report["seconds"] / 197e12)
+  # fsdp 4: the weights are gathered where they are used, the gradients reduce-scattered.
+  assert report["collectives"]["all-gather"][0] > 0
+  assert report["collectives"]["reduce-scatter"][0] + report["collectives"]["all-reduce"][0] > 0
+  for line in ("on v5e:2x2 (4 chips", "GiB HBM: fits", "collectives: ", "an estimate, not a "
+               "measurement", "compiled in"):
+    assert line in stdout, stdout
+
+
+def test_the_numbers_are_the_compiled_programs(compiled_v5e, tmp_path):
+  """The same step compiled here, in this process: what the command printed is what the
+  compiled object reports."""
+  _, report = compiled_v5e
+  from configs import demo
+  config = demo.get_config("evals=False")
+  config.batch_size, config.mesh.fsdp = 32, 4
+  devices = aot.topology_devices("v5e:2x2")
+  from uniemox_jax import sharding
+  mesh = sharding.make_mesh(1, 4, devices=devices)
+  task = aot.step_task(config, mesh, str(tmp_path))
+  from uniemox_jax import optim
+  program = trainer.StepProgram(config, mesh, task, optim.resolve_schedule(config, 32_000))
+  batch = {k: jax.ShapeDtypeStruct((32,) + shape, dtype)
+           for k, (shape, dtype) in task.example.items()}
+  with aot.no_persistent_cache():
+    compiled = program.step.lower(*program.abstract_inputs(batch)).compile()
+  memory = compiled.memory_analysis()
+  assert report["memory"]["temp"] == memory.temp_size_in_bytes
+  assert report["memory"]["argument"] == memory.argument_size_in_bytes
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert report["cost_model_s"] == pytest.approx(cost["optimal_seconds"], rel=1e-6)
+  assert report["bytes_accessed"] == pytest.approx(cost["bytes accessed"], rel=1e-6)
+  assert report["compiler_flops"] == pytest.approx(cost["flops"], rel=1e-6)
+  # The state's parameters are sharded over the 4 chips: each holds a quarter of the
+  # largest (fsdp) arrays.
+  sharded = [x for x in jax.tree.leaves(program.abstract_state["params"])
+             if x.sharding.spec and any(x.sharding.spec)]
+  assert sharded, "no parameter is sharded at fsdp 4"
+
+
+def test_finetuning_step_compiles_for_v4(tmp_path):
+  proc = _aot("--config", "configs/demo_finetune.py", "--config.batch_size=16",
+              "--topology", "v4:2x2x1", "--json", str(tmp_path / "v4.json"))
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  report = json.loads((tmp_path / "v4.json").read_text())
+  assert report["task"] == "finetune" and report["chips"] == 4 and report["per_chip_batch"] == 4
+  assert report["hbm_bytes"] == 32 * 2**30 and report["fits"]
+  # Data parallel: the gradients are summed over the chips.
+  assert report["collectives"]["all-reduce"][0] > 0
+
+
+def test_refusals_are_one_line(tmp_path):
+  bad_chip = _aot(*DEMO, "--topology", "v9z:2x2", timeout=300)
+  assert bad_chip.returncode == 2
+  assert bad_chip.stderr.strip().splitlines()[-1].startswith("error: --topology v9z:2x2"), \
+      bad_chip.stderr
+  bad_shape = _aot(*DEMO, "--topology", "v5e:3x7", timeout=300)
+  assert bad_shape.returncode == 2, bad_shape.stderr[-2000:]
+  last = bad_shape.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: --topology v5e:3x7: libtpu cannot describe it"), last
+  uneven = _aot(*DEMO, "--config.batch_size=30", "--topology", "v5e:2x2", timeout=300)
+  assert uneven.returncode == 2
+  assert "config.batch_size=30" in uneven.stderr.strip().splitlines()[-1], uneven.stderr
+
+
+@pytest.mark.parametrize("task,config", [("pretrain", "configs/demo.py"),
+                                         ("finetune", "configs/demo_finetune.py")])
+def test_the_compiled_batch_is_the_pipelines(task, config, tmp_path, synthetic_data):
+  """What the pod check compiles for is what the run's input pipeline gives: the same
+  entries, shapes and dtypes."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("c", os.path.join(ROOT, config))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  cfg.data.dir = synthetic_data[1]
+  cfg.data.workers = 0
+  cfg.batch_size = 8
+  cfg.init.encoder = ""
+  if task == "finetune":
+    cfg.num_classes = 8
+  make = pretrain.make_task if task == "pretrain" else finetune.make_task
+  loop = trainer.build(cfg, str(tmp_path), make)
+  try:
+    host = loop.task.dataset[0]
+    compiled_for = {k: (tuple(np.shape(host[k])[1:]), np.asarray(host[k]).dtype)
+                    for k in loop.task.example}
+    assert compiled_for == {k: (tuple(s), np.dtype(d)) for k, (s, d) in
+                            loop.task.example.items()}
+  finally:
+    loop.close()
