@@ -145,3 +145,14 @@ def test_the_compiled_batch_is_the_pipelines(task, config, tmp_path, synthetic_d
                             loop.task.example.items()}
   finally:
     loop.close()
+
+
+def test_search_batch_doubles_to_the_largest_that_fits(tmp_path):
+  proc = _aot(*DEMO, "--topology", "v5e:2x2", "--search_batch", "--largest", "32",
+              "--json", str(tmp_path / "search.json"))
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  found = json.loads((tmp_path / "search.json").read_text())
+  assert sorted(int(k) for k in found["tried"]) == [8, 16, 32]       # from the config's 8
+  assert all("fits" in v and "not" not in v for v in found["tried"].values())
+  assert found["best"]["per_chip_batch"] == 32 and found["best"]["fits"]
+  assert "largest per-chip batch that fits: 32 (--largest 32)" in proc.stdout

@@ -315,20 +315,21 @@ def report_of(compiled, *, topology: str, **fields) -> Report:
       hbm_gb_s=hbm_gb_s, **fields)
 
 
-def search_batch(config, topology: str, num_slices: int = 1, start: int = 0,
+def search_batch(config, topology: str, num_slices: int = 1, largest: int = 1024,
                  log=print) -> Tuple[Optional[Report], Dict[int, str]]:
-  """The largest per-chip batch (doubling from `start`, else the config's) whose step
-  compiles and fits: (its report or None, {per-chip batch: what happened})."""
+  """The largest per-chip batch, doubling from the config's up to `largest`, whose step
+  compiles and fits: (its report or None, {per-chip batch tried: what happened})."""
   chips = len(topology_devices(topology, num_slices))
-  per_chip = start or max(1, config.batch_size // chips)
+  per_chip = max(1, config.batch_size // chips)
   best, tried = None, {}
-  while True:
+  while per_chip <= largest:
     trial = config.copy_and_resolve_references()
     trial.batch_size = per_chip * chips
     try:
       report = compile_step(trial, topology, num_slices)
     except CompileRefused as e:
       tried[per_chip] = str(e)
+      log(f"per-chip batch {per_chip}: {e}")
       break
     tried[per_chip] = (f"{report.peak_bytes / GIB:.2f} GiB per chip, "
                        f"{'fits' if report.fits else 'does not fit'}")

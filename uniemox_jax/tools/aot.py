@@ -32,8 +32,10 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "A TPU slice: v5e:2x2, v5e:4x4
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined over the data-center "
                                    "network (the mesh's data axis spans them).")
 _SEARCH = flags.DEFINE_bool("search_batch", False, "Double the per-chip batch from the "
-                            "config's until the step no longer compiles or fits; report the "
-                            "largest that fits.")
+                            "config's until the step no longer compiles or fits (or passes "
+                            "--largest); report the largest that fits.")
+_LARGEST = flags.DEFINE_integer("largest", 1024, "--search_batch: the largest per-chip batch "
+                                "to try.")
 _JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
 
 
@@ -41,11 +43,13 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if _SEARCH.value:
-    best, tried = aot.search_batch(config, _TOPOLOGY.value, _NUM_SLICES.value)
+    best, tried = aot.search_batch(config, _TOPOLOGY.value, _NUM_SLICES.value, _LARGEST.value)
     if best is None:
-      print(f"no per-chip batch fits {_TOPOLOGY.value}: {tried}")
+      print(f"no per-chip batch tried fits {_TOPOLOGY.value}: {tried}")
     else:
-      print(f"largest per-chip batch that fits: {best.per_chip_batch}")
+      print(f"largest per-chip batch that fits: {best.per_chip_batch}"
+            + (f" (--largest {_LARGEST.value})" if 2 * best.per_chip_batch > _LARGEST.value
+               else ""))
       print(best.summary())
     if _JSON.value:
       storage.write_text(_JSON.value, json.dumps(
