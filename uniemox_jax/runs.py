@@ -61,6 +61,8 @@ def use_compilation_cache(config) -> None:
     # Every program, the small ones too: the first checkpoint save compiles one slice per
     # array shape (~150 for the demo, 7 s on a CPU), which a threshold would never keep.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # XLA's own caches beside it (GPU autotuning results and kernels).
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "all")
 
 
 def run_task(config, workdir: str, force_unlock: bool = False):

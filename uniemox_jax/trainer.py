@@ -210,9 +210,8 @@ class TrainLoop:
     self._log_start(start, total)
     stopped = None
     try:
+      step_fn = self.compile_step(state, constants, base_key) if start < total else None
       batch = self.next_batch(iterator, start + 1) if start < total else None
-      step_fn = program.step if batch is None else distributed.compile_together(
-          program.step, state, constants, batch, base_key, name="train step")
       for step in range(start + 1, total + 1):
         state, metrics = step_fn(state, constants, batch, base_key)
         self.hooks.trace("step", step)
@@ -277,6 +276,22 @@ class TrainLoop:
       state = dict(state, params=sharding.host_to_global(
           params, self.program.state_shardings["params"]))
     return state
+
+  def compile_step(self, state, constants, key):
+    """The train step compiled before the first batch is read (the batch as shapes, from
+    `task.example`), its time logged; then every process waits for the others (a step's first
+    collective would time out on the process that compiled first)."""
+    program = self.program
+    batch = {k: jax.ShapeDtypeStruct((self.config.batch_size,) + tuple(shape), dtype,
+                                     sharding=program.batch_sharding)
+             for k, (shape, dtype) in self.task.example.items()}
+    started = time.perf_counter()
+    compiled = program.step.lower(state, constants, batch, key).compile()
+    cache = jax.config.jax_compilation_cache_dir
+    logging.info("Compiled the train step in %.1f s%s", time.perf_counter() - started,
+                 f" (the persistent cache, {cache}, keeps it for the next run)" if cache else "")
+    distributed.barrier("train step compiled")
+    return compiled
 
   def next_batch(self, iterator, step: int) -> Dict[str, jax.Array]:
     """The batch of `step`, read from the pipeline and placed on the devices."""
