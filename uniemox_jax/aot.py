@@ -97,7 +97,7 @@ class Report:
 
   @property
   def images_per_s(self) -> float:
-    """Per chip, by the cost model."""
+    """Per chip, by the estimate (`seconds`)."""
     return self.per_chip_batch / self.seconds if self.seconds > 0 else float("nan")
 
   @property
@@ -276,10 +276,9 @@ def compile_step(config, topology: str, num_slices: int = 1,
   # The schedule's lengths are constants of the program, not shapes: any will do.
   schedule = optim.resolve_schedule(config, config.batch_size * 1000)
   program = trainer.StepProgram(config, mesh, task, schedule)
-  batch = {k: jax.ShapeDtypeStruct((config.batch_size,) + tuple(shape), dtype)
-           for k, (shape, dtype) in task.example.items()}
+  per_chip = config.batch_size // len(devices)
   started = time.perf_counter()
-  lowered = program.step.lower(*program.abstract_inputs(batch))
+  lowered = program.step.lower(*program.abstract_inputs())
   lower_s = time.perf_counter() - started
   started = time.perf_counter()
   # Not through JAX's persistent cache: a program compiled for devices that are not here
@@ -289,9 +288,8 @@ def compile_step(config, topology: str, num_slices: int = 1,
       compiled = lowered.compile()
     except Exception as e:  # pylint: disable=broad-except
       raise CompileRefused(f"the TPU compiler refused the step for {topology} (per-chip "
-                           f"batch {config.batch_size // len(devices)}): {_refusal(e)}") from None
+                           f"batch {per_chip}): {_refusal(e)}") from None
   compile_s = time.perf_counter() - started
-  per_chip = config.batch_size // len(devices)
   teacher = task.teacher.vision_config if task.teacher is not None else None
   return report_of(compiled, topology=topology if num_slices == 1 else
                    f"{num_slices}x {topology}", chips=len(devices), task=config.task,

@@ -282,11 +282,8 @@ class TrainLoop:
     `task.example`), its time logged; then every process waits for the others (a step's first
     collective would time out on the process that compiled first)."""
     program = self.program
-    batch = {k: jax.ShapeDtypeStruct((self.config.batch_size,) + tuple(shape), dtype,
-                                     sharding=program.batch_sharding)
-             for k, (shape, dtype) in self.task.example.items()}
     started = time.perf_counter()
-    compiled = program.step.lower(state, constants, batch, key).compile()
+    compiled = program.step.lower(state, constants, program.batch_shapes(), key).compile()
     cache = jax.config.jax_compilation_cache_dir
     logging.info("Compiled the train step in %.1f s%s", time.perf_counter() - started,
                  f" (the persistent cache, {cache}, keeps it for the next run)" if cache else "")
@@ -391,16 +388,21 @@ class StepProgram:
     params = self.task.init(key)
     return self._state(params, self.tx.init(params))
 
-  def abstract_inputs(self, batch: Dict[str, jax.ShapeDtypeStruct]):
+  def batch_shapes(self) -> Dict[str, jax.ShapeDtypeStruct]:
+    """The global batch the step takes (`task.example` at config.batch_size), as shapes with
+    the batch sharding."""
+    return {k: jax.ShapeDtypeStruct((self.config.batch_size,) + tuple(shape), dtype,
+                                    sharding=self.batch_sharding)
+            for k, (shape, dtype) in self.task.example.items()}
+
+  def abstract_inputs(self):
     """The step's arguments as shapes with their shardings, for `step.lower`: the state, the
-    task's constants, `batch` (global shapes) and the key."""
+    task's constants, the batch and the key."""
     constants = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self.replicated),
         self.task.constants)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
-             for k, v in batch.items()}
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
-    return self.abstract_state, constants, batch, key
+    return self.abstract_state, constants, self.batch_shapes(), key
 
   def train_step(self, state, constants, batch, base_key):
     key = jax.random.fold_in(base_key, state["step"])
