@@ -141,7 +141,9 @@ def test_fused_tower_equals_transformers_in_float32(tiny_clip_dir):
   np.testing.assert_allclose(fused.logit_scale(fused.params), ref.logit_scale(ref.params))
 
 
-def test_fused_tower_equals_transformers_with_exact_gelu_and_more_layers(tmp_path):
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_tower_equals_transformers_with_exact_gelu_and_more_layers(scan):
+  """Unrolled or scanned (blocks 0-1 stacked into one nn.scan, the CLS-only block 2 after)."""
   from transformers import CLIPConfig, FlaxCLIPModel
   config = CLIPConfig(text_config=dict(hidden_size=16, intermediate_size=32,
                                        num_hidden_layers=1, num_attention_heads=2),
@@ -156,7 +158,10 @@ def test_fused_tower_equals_transformers_with_exact_gelu_and_more_layers(tmp_pat
   assert (vision.depth, vision.act, vision.eps, vision.embed_dim) == (3, "gelu", 1e-6, 24)
   fused = clip.ClipTeacher.from_vision_tower(
       vision, clip_vision.from_transformers(model.params, vision),
-      float(model.params["logit_scale"]))
+      float(model.params["logit_scale"]), scan=scan)
+  if scan:
+    assert fused.params["vision"]["blocks"]["fc1"]["kernel"].shape == (2, 48, 96)
+    assert "block_0" not in fused.params["vision"] and "block_2" in fused.params["vision"]
   images = _random_images(2, 48)
   np.testing.assert_allclose(fused.image_embed(fused.params, images),
                              ref.image_embed(ref.params, images), atol=1e-5, rtol=0)

@@ -130,7 +130,9 @@ class ClipTeacher:
 
   With `impl="fused"`, `params` holds the fused tower's weights under "vision" beside
   transformers' text tower ("text_model", "text_projection") and "logit_scale"; `model` may
-  then be None (no text tower: the data must carry text embeddings).
+  then be None (no text tower: the data must carry text embeddings). With `scan`, the fused
+  tower runs its blocks as one `nn.scan` (`clip_vision.ClipVisionTower`), its weights
+  stacked here once.
   """
   model: Any
   params: Any
@@ -140,6 +142,7 @@ class ClipTeacher:
   vision_config: Optional[clip_vision.VisionConfig] = None
   dtype: Any = jnp.float32
   attention: str = "auto"
+  scan: bool = False
 
   def __post_init__(self):
     if self.normalization not in NORMALIZATIONS:
@@ -149,11 +152,18 @@ class ClipTeacher:
       raise ValueError(f"config.teacher.impl={self.impl!r}: choose one of {IMPLEMENTATIONS}")
     if self.impl == "fused" and self.vision_config is None:
       self.vision_config = clip_vision.VisionConfig.from_clip_config(self.model.config)
+    if self.scan:
+      if self.impl != "fused":
+        raise ValueError("config.teacher.scan=True needs config.teacher.impl='fused' "
+                         "(transformers' tower is not scanned)")
+      self.params = dict(self.params, vision=clip_vision.scan_layout(
+          self.params["vision"], self.vision_config.depth))
 
   @classmethod
   def load(cls, name_or_dir: str = DEFAULT_CLIP, *, dtype: Any = jnp.float32,
            normalization: str = "clip", with_tokenizer: bool = True,
-           impl: str = "transformers", attention: str = "auto") -> "ClipTeacher":
+           impl: str = "transformers", attention: str = "auto", scan: bool = False
+           ) -> "ClipTeacher":
     """Loads a hub id (for example "openai/clip-vit-base-patch16") or a local directory
     written by `save_pretrained` (Flax weights, or PyTorch's `model.safetensors` /
     `pytorch_model.bin`). Compute runs in `dtype`; weights stay as stored."""
@@ -166,18 +176,18 @@ class ClipTeacher:
       config = clip_vision.VisionConfig.from_clip_config(model.config)
       params = {"vision": clip_vision.from_transformers(params, config),
                 **{k: params[k] for k in ("text_model", "text_projection", "logit_scale")}}
-      return cls(model, params, tokenizer, normalization, impl, config, dtype, attention)
-    return cls(model, params, tokenizer, normalization, impl, None, dtype, attention)
+      return cls(model, params, tokenizer, normalization, impl, config, dtype, attention, scan)
+    return cls(model, params, tokenizer, normalization, impl, None, dtype, attention, scan)
 
   @classmethod
   def from_vision_tower(cls, config: clip_vision.VisionConfig, vision_params: Any,
                         logit_scale: float = float(np.log(100.0)), *, dtype: Any = jnp.float32,
-                        normalization: str = "clip", attention: str = "auto"
-                        ) -> "ClipTeacher":
+                        normalization: str = "clip", attention: str = "auto",
+                        scan: bool = False) -> "ClipTeacher":
     """A fused image tower alone (no transformers, no text tower): for benchmarks and for
     data that carries text embeddings."""
     params = {"vision": vision_params, "logit_scale": np.float32(logit_scale)}
-    return cls(None, params, None, normalization, "fused", config, dtype, attention)
+    return cls(None, params, None, normalization, "fused", config, dtype, attention, scan)
 
   @property
   def embed_dim(self) -> int:
@@ -203,7 +213,7 @@ class ClipTeacher:
       x = jax.image.resize(x, (x.shape[0], size, size, x.shape[3]), method="bicubic")
     if self.impl == "fused":
       tower = clip_vision.ClipVisionTower(self.vision_config, dtype=self.dtype,
-                                          attention=self.attention)
+                                          attention=self.attention, scan=self.scan)
       feats = tower.apply({"params": params["vision"]}, x.astype(self.dtype))
     else:
       feats = self.model.get_image_features(jnp.transpose(x, (0, 3, 1, 2)), params=params)

@@ -95,13 +95,26 @@ class _Block(nn.Module):
     return x + y
 
 
+class _ScanBlock(_Block):
+  """`_Block` with nn.scan's (carry, per-layer input) -> (carry, output) signature."""
+
+  @nn.compact
+  def __call__(self, x, _):  # pytype: disable=signature-mismatch
+    return super().__call__(x), None
+
+
 class ClipVisionTower(nn.Module):
   """CLIP-normalized [B, H, W, 3] pixels -> [B, embed_dim] image features (not normalized),
-  equal to transformers' `get_image_features`."""
+  equal to transformers' `get_image_features`.
+
+  With `scan`, every block but the last (the CLS-only one) runs as one `nn.scan` named
+  "blocks", its parameters stacked on a leading axis (`scan_layout`): one block to compile
+  instead of depth - 1."""
   config: VisionConfig = VisionConfig()
   dtype: Any = jnp.float32
   attention: str = "auto"
   attention_pad: int = 0
+  scan: bool = False
 
   @nn.compact
   def __call__(self, pixels: jax.Array) -> jax.Array:
@@ -118,9 +131,15 @@ class ClipVisionTower(nn.Module):
     cls = jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, c.width))
     x = jnp.concatenate([cls, x], axis=1) + pos.astype(x.dtype)[None]
     x = nn.LayerNorm(epsilon=c.eps, dtype=self.dtype, name="pre_norm")(x)
-    for i in range(c.depth):
-      x = _Block(c, cls_only=i == c.depth - 1, dtype=self.dtype, attention=self.attention,
-                 attention_pad=self.attention_pad, name=f"block_{i}")(x)
+    kwargs = dict(dtype=self.dtype, attention=self.attention, attention_pad=self.attention_pad)
+    if self.scan:
+      stack = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                      length=c.depth - 1)
+      x, _ = stack(c, name="blocks", **kwargs)(x, None)
+    else:
+      for i in range(c.depth - 1):
+        x = _Block(c, name=f"block_{i}", **kwargs)(x)
+    x = _Block(c, cls_only=True, name=f"block_{c.depth - 1}", **kwargs)(x)
     pooled = nn.LayerNorm(epsilon=c.eps, dtype=self.dtype, name="post_norm")(x[:, 0])
     return nn.Dense(c.embed_dim, use_bias=False, dtype=self.dtype, name="projection")(pooled)
 
@@ -161,6 +180,18 @@ def from_transformers(params: Mapping[str, Any], config: VisionConfig) -> dict:
         "fc1": {k: np.asarray(v) for k, v in layer["mlp"]["fc1"].items()},
         "fc2": {k: np.asarray(v) for k, v in layer["mlp"]["fc2"].items()},
     }
+  return out
+
+
+def scan_layout(params: Mapping[str, Any], depth: int) -> dict:
+  """The tower's parameters in the scanned layout: block_0 .. block_{depth-2} stacked into
+  "blocks"; a tree already in that layout is returned as it is."""
+  if "blocks" in params:
+    return dict(params)
+  out = {k: v for k, v in params.items() if not k.startswith("block_")}
+  out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs),
+                               *[params[f"block_{i}"] for i in range(depth - 1)])
+  out[f"block_{depth - 1}"] = params[f"block_{depth - 1}"]
   return out
 
 

@@ -32,7 +32,8 @@ def load_teacher(config, workdir: str) -> clip.ClipTeacher:
   return clip.ClipTeacher.load(name, dtype=models.dtype(config.teacher.dtype,
                                                         "config.teacher.dtype"),
                                normalization=config.teacher.normalization,
-                               impl=config.teacher.impl, attention=config.teacher.attention)
+                               impl=config.teacher.impl, attention=config.teacher.attention,
+                               scan=config.teacher.scan)
 
 
 # The image towers of the hub ids the configs name: a step is compiled ahead of time on hosts
@@ -68,9 +69,10 @@ def teacher_shapes(config, workdir: str) -> clip.ClipTeacher:
           f"config.teacher.name={name!r}: its architecture is unknown here (no config.json in "
           f"that folder, in the hub cache, or among {sorted(KNOWN_TOWERS)})") from None
   size = vision.image_size
-  tower = clip_vision.ClipVisionTower(vision)
+  tower = clip_vision.ClipVisionTower(vision, scan=config.teacher.scan)
   params = jax.eval_shape(tower.init, jax.random.key(0),
                           jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))["params"]
   return clip.ClipTeacher.from_vision_tower(
       vision, params, dtype=models.dtype(config.teacher.dtype, "config.teacher.dtype"),
-      normalization=config.teacher.normalization, attention=config.teacher.attention)
+      normalization=config.teacher.normalization, attention=config.teacher.attention,
+      scan=config.teacher.scan)
