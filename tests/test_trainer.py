@@ -20,6 +20,7 @@ from uniemox_jax import importers
 from uniemox_jax import sharding
 from uniemox_jax import trainer
 from uniemox_jax import pretrain
+from uniemox_jax.models import surgery
 from tests import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,30 +147,43 @@ import json, sys
 import jax, numpy as np
 from configs import demo
 from uniemox_jax import pretrain, trainer
+from uniemox_jax.models import surgery
 config = demo.get_config("evals=False")
 config.unlock()
 config.update_from_flattened_dict({"total_steps": 30,
                                    "data.synthetic_per_class": "6,2,2",
                                    "data.synthetic_image_size": 48})
+saved_scanned = config.model.scan
+if sys.argv[2] == "other_layout":
+  config.model.scan = not saved_scanned
 t = trainer.build(config, sys.argv[1], pretrain.make_task)
 state = t.checkpointer.restore(30, t.program.abstract_state)
-leaves = jax.tree.leaves(state["params"])
-print(json.dumps({"devices": len(jax.devices()),
-                  "shards": max(len(x.sharding.device_set) for x in leaves),
-                  "sums": [float(np.asarray(x, np.float64).sum()) for x in leaves]}))
+live = jax.tree.leaves(state["params"])
+back = surgery.to_layout(jax.device_get(state), scanned=saved_scanned)
+sums = lambda tree: [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(tree)]
+print(json.dumps({"devices": len(jax.devices()), "layout": surgery.layout(state["params"]),
+                  "shards": max(len(x.sharding.device_set) for x in live),
+                  "sums": sums(back["params"]), "opt_sums": sorted(sums(back["opt_state"]))}))
 """
 
 
-@pytest.mark.parametrize("devices", [4, 1])
-def test_restore_on_fewer_devices(reference, devices):
-  proc = subprocess.run([sys.executable, "-c", _RESTORE, reference], cwd=ROOT,
+@pytest.mark.parametrize("devices,layout", [(4, "same_layout"), (1, "same_layout"),
+                                            (4, "other_layout")])
+def test_restore_on_fewer_devices_and_into_the_other_block_layout(reference, devices, layout):
+  """Restored on fewer devices, and into a model of the other layout (config.model.scan
+  flipped: unrolled blocks stacked, or scanned ones unstacked, optimizer state too), the state
+  is bitwise the saved one."""
+  proc = subprocess.run([sys.executable, "-c", _RESTORE, reference, layout], cwd=ROOT,
                         env=_env(devices), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads(proc.stdout.strip().splitlines()[-1])
   assert out["devices"] == devices and out["shards"] == devices
-  params, _ = _params(reference)
-  expect = [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(params)]
-  assert out["sums"] == expect          # bitwise: same values, summed the same way
+  saved_layout = surgery.layout(_params(reference)[0])
+  assert (out["layout"] == saved_layout) == (layout == "same_layout"), out["layout"]
+  params, opt_state = _params(reference)
+  sums = lambda tree: [float(np.asarray(x, np.float64).sum()) for x in jax.tree.leaves(tree)]
+  assert out["sums"] == sums(params)          # bitwise: same values, summed the same way
+  assert out["opt_sums"] == sorted(sums(opt_state))
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -22,11 +22,14 @@ from absl import logging
 from etils import epath
 import grain
 import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import orbax.checkpoint as ocp
 
 from data_pipelines import storage
 from uniemox_jax import errors
+from uniemox_jax.models import surgery
 
 STATE, DATA, META = "state", "data", "meta"
 # What orbax names a step's directory while it is being written.
@@ -135,12 +138,29 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iterator=None) -> Any:
     """The state at `step`, placed as `abstract_state`'s shardings say; the iterator (if
-    given, and if the checkpoint has one) is moved to where it was at that step."""
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
+    given, and if the checkpoint has one) is moved to where it was at that step. A state saved
+    with the other block layout (unrolled against scanned: `config.model.scan`) is read in
+    its own layout and converted on the devices."""
     saved = self._manager.item_metadata(step)
+    live = surgery.layout(abstract_state)
+    stored = surgery.layout(dict(saved[STATE])) if saved is not None and saved.get(STATE) \
+        else live
+    target = abstract_state
+    if stored and live and stored != live:
+      logging.info("Checkpoint %d holds %s blocks: converting them to this run's %s layout",
+                   step, stored, live)
+      target = (surgery.unstack_blocks(abstract_state, index=_layer_of) if live == "scanned"
+                else surgery.stack_blocks(abstract_state, stack=_stacked))
+    items = {STATE: ocp.args.StandardRestore(target)}
     if data_iterator is not None and saved is not None and DATA in saved:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+    state = self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
+    if target is abstract_state:
+      return state
+    relayout = (lambda t: surgery.stack_blocks(t, stack=jnp.stack)) if live == "scanned" \
+        else surgery.unstack_blocks
+    return jax.jit(relayout, out_shardings=jax.tree.map(lambda x: x.sharding,
+                                                        abstract_state))(state)
 
   def restore_as_saved(self, step: int) -> Any:
     """The state at `step` with the shardings it was saved with (same device count)."""
@@ -159,6 +179,21 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _layer_of(x: jax.ShapeDtypeStruct, i: int) -> jax.ShapeDtypeStruct:
+  """One layer of a stacked abstract array (its sharding without the layers axis)."""
+  del i
+  spec = PartitionSpec(*tuple(x.sharding.spec)[1:])
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=NamedSharding(x.sharding.mesh, spec))
+
+
+def _stacked(xs: Sequence[jax.ShapeDtypeStruct]) -> jax.ShapeDtypeStruct:
+  """Abstract arrays stacked on a new, unsharded leading (layers) axis."""
+  x = xs[0]
+  spec = PartitionSpec(None, *tuple(x.sharding.spec))
+  return jax.ShapeDtypeStruct((len(xs),) + tuple(x.shape), x.dtype,
+                              sharding=NamedSharding(x.sharding.mesh, spec))
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:

@@ -54,8 +54,8 @@ def step_task(config, mesh, teacher: clip.ClipTeacher,
 
   def load_pretrained(params: Dict[str, Any]) -> Dict[str, Any]:
     encoder = importers.import_encoder(config, params["encoder"])
-    models.check_params(encoder, params["encoder"], "config.init.encoder")
-    return dict(params, encoder=encoder)
+    return dict(params, encoder=models.check_params(encoder, params["encoder"],
+                                                    "config.init.encoder"))
 
   image = ((size, size, 3), np.uint8)
   text = {"text_emb": ((text_emb_dim,), np.float32)} if text_emb_dim else {

@@ -24,6 +24,7 @@ from uniemox_jax import sharding
 from uniemox_jax.evaluators import base
 from uniemox_jax.evaluators import classification
 from uniemox_jax.evaluators import reports
+from uniemox_jax.models import surgery
 from uniemox_jax.evaluators.base import Evaluator, Result  # noqa: F401  (the interface)
 from uniemox_jax.evaluators.linear_probe import LinearProbe
 from uniemox_jax.evaluators.reconstruction import Reconstruction
@@ -103,7 +104,8 @@ def evaluate_checkpoint(config, checkpoint: str, names: Optional[Sequence[str]] 
                    overrides={"split": split, "data": data})
     for evaluator in chosen.values():
       evaluator.check_checkpoint(ckpt)
-    params = ckpt.read(("params",))
+    # Saved unrolled or scanned: read into the layout of the model the config builds.
+    params = surgery.to_layout(ckpt.read(("params",)), scanned=config.model.scan)
   results = {}
   for name, evaluator in chosen.items():
     result = evaluator.run(params)

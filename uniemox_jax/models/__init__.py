@@ -78,7 +78,10 @@ def encoder_template(cfg) -> Any:
   return nn.unbox(abstract)
 
 
-def check_params(tree: Any, template: Any, what: str) -> None:
-  """Raises a user error naming every array of `tree` that is missing from, extra to or
-  shaped differently than `template` (a model's parameters)."""
-  surgery.fit(tree, template)[1].check(what)
+def check_params(tree: Any, template: Any, what: str) -> Any:
+  """`tree` in `template`'s layout (blocks stacked or unstacked, dtypes cast); raises a user
+  error naming every array of `tree` that is missing from, extra to or shaped differently
+  than `template` (a model's parameters)."""
+  fitted, report = surgery.fit(tree, template)
+  report.check(what)
+  return fitted

@@ -1,7 +1,7 @@
 """One way to put a tree of arrays into the layout of a model's parameters, with a report:
 every array of the source is loaded, dropped on purpose (`drop`) or unexpected; every array of
 the model is loaded, kept from its initialization on purpose (`keep`) or missing; shapes are
-checked and dtypes cast; unrolled blocks are stacked for a scanned model. The parameter checks
+checked and dtypes cast; blocks are stacked for a scanned model, unstacked for an unrolled one. The parameter checks
 (`models.check_params`), a classifier's pretrained encoder (`classifier.load_encoder_params`)
 and the PyTorch import (`torch_import.fit_to`) all go through `fit`.
 """
@@ -47,8 +47,7 @@ def fit(source: Any, template: Any, *, drop: Sequence[str] = (), keep: Sequence[
   """(`source` in the layout of `template`, the report). Keys are "/"-joined paths, reported
   with `prefix`; a kept array takes `template`'s value (its initialization)."""
   target = traverse_util.flatten_dict(dict(template), sep="/")
-  if any("/blocks/" in k for k in target):
-    source = stack_blocks(source)
+  source = to_layout(source, scanned=layout(template) == "scanned")
   given = traverse_util.flatten_dict(dict(source), sep="/")
   report, out = Fit(), {}
   for key, value in given.items():
@@ -70,11 +69,57 @@ def fit(source: Any, template: Any, *, drop: Sequence[str] = (), keep: Sequence[
   return traverse_util.unflatten_dict(out, sep="/"), report
 
 
-def stack_blocks(tree: Any) -> Any:
-  """Unrolled {"block_0": .., "block_1": ..} -> scanned {"blocks": stacked}, recursively."""
-  if not isinstance(tree, dict):
-    return tree
-  if tree and all(re.fullmatch(r"block_\d+", k) for k in tree):
-    blocks = [tree[f"block_{i}"] for i in range(len(tree))]
-    return {"blocks": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
-  return {k: stack_blocks(v) for k, v in tree.items()}
+_BLOCK = re.compile(r"block_\d+")
+
+
+def _map_dicts(tree: Any, fn) -> Any:
+  """`fn` applied bottom-up to every dict of a tree of dicts, lists, tuples and namedtuples
+  (a parameter tree, or a whole train state with its optimizer state)."""
+  if isinstance(tree, dict):
+    return fn({k: _map_dicts(v, fn) for k, v in tree.items()})
+  if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+    return type(tree)(*(_map_dicts(x, fn) for x in tree))
+  if isinstance(tree, (tuple, list)):
+    return type(tree)(_map_dicts(x, fn) for x in tree)
+  return tree
+
+
+def stack_blocks(tree: Any, stack=np.stack) -> Any:
+  """Unrolled {"block_0": .., "block_1": ..} -> scanned {"blocks": stacked}, wherever such a
+  dict sits in `tree`. `stack` joins one leaf's per-layer values (NumPy's by default)."""
+  def fn(d):
+    if d and all(_BLOCK.fullmatch(k) for k in d):
+      blocks = [d[f"block_{i}"] for i in range(len(d))]
+      return {"blocks": jax.tree.map(lambda *xs: stack(xs), *blocks)}
+    return d
+  return _map_dicts(tree, fn)
+
+
+def unstack_blocks(tree: Any, index=lambda x, i: x[i]) -> Any:
+  """Scanned {"blocks": stacked} -> unrolled {"block_0": .., ...}, wherever it sits.
+  `index(leaf, i)` takes layer i of a stacked leaf."""
+  def fn(d):
+    if set(d) == {"blocks"}:
+      depth = jax.tree.leaves(d["blocks"])[0].shape[0]
+      return {f"block_{i}": jax.tree.map(lambda x, i=i: index(x, i), d["blocks"])
+              for i in range(depth)}
+    return d
+  return _map_dicts(tree, fn)
+
+
+def layout(tree: Any) -> str:
+  """"scanned" if a stacked "blocks" dict sits in `tree`, "unrolled" if "block_<i>" dicts
+  do, "" if neither (a tree without transformer stacks)."""
+  found = set()
+
+  def fn(d):
+    found.update("scanned" if k == "blocks" else "unrolled" for k in d
+                 if k == "blocks" or _BLOCK.fullmatch(k))
+    return d
+  _map_dicts(tree, fn)
+  return found.pop() if len(found) == 1 else ""
+
+
+def to_layout(tree: Any, scanned: bool) -> Any:
+  """`tree` (host arrays) in the scanned or the unrolled layout, whichever it was in."""
+  return stack_blocks(tree) if scanned else unstack_blocks(tree)
