@@ -94,6 +94,26 @@ def test_the_numbers_are_the_compiled_programs(compiled_v5e, tmp_path):
   assert sharded, "no parameter is sharded at fsdp 4"
 
 
+def test_a_scanned_step_takes_its_time_from_its_unrolled_twin(compiled_v5e, tmp_path):
+  """Scanned stacks are loops whose bodies the compiler counts once: without the twin no time
+  is given; with it, the time is the unrolled program's (the fixture's), the memory its own."""
+  scanned = [*DEMO, "--config.mesh.fsdp=4", "--topology", "v5e:2x2",
+             "--config.model.scan=True", "--config.teacher.scan=True"]
+  alone = _aot(*scanned, "--json", str(tmp_path / "alone.json"))
+  assert alone.returncode == 0, alone.stdout + alone.stderr[-3000:]
+  report = json.loads((tmp_path / "alone.json").read_text())
+  assert report["loops"] >= 1 and not report["time_from"]    # the 2-block encoder at least
+  assert not report["seconds"] > 0 and "no time estimate" in alone.stdout, alone.stdout
+  twin = _aot(*scanned, "--unrolled_twin", "--json", str(tmp_path / "twin.json"))
+  assert twin.returncode == 0, twin.stdout + twin.stderr[-3000:]
+  report, unrolled = json.loads((tmp_path / "twin.json").read_text()), compiled_v5e[1]
+  assert report["time_from"].startswith("the unrolled twin") and unrolled["loops"] == 0
+  for key in ("cost_model_s", "compiler_flops", "bytes_accessed", "seconds", "mfu"):
+    assert report[key] == pytest.approx(unrolled[key], rel=1e-6), key
+  assert report["memory"]["temp"] != unrolled["memory"]["temp"]
+  assert "of the unrolled twin" in twin.stdout, twin.stdout
+
+
 def test_finetuning_step_compiles_for_v4(tmp_path):
   proc = _aot("--config", "configs/demo_finetune.py", "--config.batch_size=16",
               "--topology", "v4:2x2x1", "--json", str(tmp_path / "v4.json"))

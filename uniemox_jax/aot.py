@@ -7,10 +7,12 @@ task's constants and a batch as shapes, then compiled by the TPU compiler. What 
 the compiler's: per-chip memory against the chip's HBM, the collectives by kind and bytes,
 and its cost model's step time, from which images/s per chip and MFU (the analytic FLOPs of
 `uniemox_jax.flops` over the chip's peak) follow. The cost model is an estimate, not a
-measurement; it counts a while loop's body once (a scanned stack, windowed einsums), and for
-some programs it gives a negative time: the estimate is then the roofline of the compiler's
-FLOP and byte counts (the slower of FLOPs over the peak and bytes over HBM bandwidth), and
-the report says which it is.
+measurement; for some programs it gives a negative time: the estimate is then the roofline of
+the compiler's FLOP and byte counts (the slower of FLOPs over the peak and bytes over HBM
+bandwidth), and the report says which it is. Both count a while loop's body once (a scanned
+stack, windowed einsums): a program with such loops gets its time from its unrolled twin (the
+same config with `model.scan` and `teacher.scan` off, compiled for the time alone:
+`unrolled_twin=True`), else no time at all.
 
   report = aot.compile_step(config, "v5e:2x2")
   print(report.summary())
@@ -73,6 +75,8 @@ class Report:
   hbm_gb_s: float
   lower_s: float
   compile_s: float
+  loops: int = 0                  # while loops (their bodies count once)
+  time_from: str = ""             # "": this program's counts; else the program that gave them
 
   @property
   def fits(self) -> bool:
@@ -87,13 +91,21 @@ class Report:
 
   @property
   def seconds(self) -> float:
-    """The step time estimated: the cost model's, else the roofline's."""
+    """The step time estimated: the cost model's, else the roofline's; NaN for a program with
+    loops whose time no unrolled twin gave."""
+    if self.loops and not self.time_from:
+      return float("nan")
     return self.cost_model_s if self.cost_model_s > 0 else self.roofline_s
 
   @property
   def estimate(self) -> str:
-    return "cost model" if self.cost_model_s > 0 else (
+    if self.loops and not self.time_from:
+      return (f"no time estimate: {self.loops} while loops (scanned stacks, windowed einsums) "
+              "whose bodies the compiler counts once; --unrolled_twin takes the time of the "
+              "unrolled program")
+    kind = "cost model" if self.cost_model_s > 0 else (
         f"roofline (the cost model gave {self.cost_model_s:.3g} s)")
+    return f"{kind} of {self.time_from}" if self.time_from else kind
 
   @property
   def images_per_s(self) -> float:
@@ -102,24 +114,25 @@ class Report:
 
   @property
   def mfu(self) -> float:
-    if self.seconds <= 0:
+    if not self.seconds > 0:
       return float("nan")
     return self.analytic_flops / self.seconds / (self.peak_tflops * 1e12)
 
   def summary(self) -> str:
     collectives = ", ".join(f"{kind} {n} ({b / 2**20:.1f} MiB)"
                             for kind, (n, b) in self.collectives.items() if n) or "none"
+    time = f"  {self.estimate}" if not self.seconds > 0 else (
+        f"  {self.estimate}, an estimate, not a measurement: step {self.seconds * 1e3:.3g} ms, "
+        f"{self.images_per_s:.0f} images/s per chip, MFU {100 * self.mfu:.1f}% "
+        f"({self.analytic_flops / 1e12:.3g} analytic TFLOP per chip per step over "
+        f"{self.peak_tflops:.0f} TFLOP/s; the compiler counts {self.compiler_flops / 1e12:.3g})")
     return "\n".join([
         f"{self.task} {self.variant} on {self.topology} ({self.chips} chips, mesh "
         f"{self.mesh}), {self.per_chip_batch} images per chip",
         f"  memory per chip: {self.peak_bytes / GIB:.2f} GiB of {self.hbm_bytes / GIB:.0f} GiB"
         f" HBM: {'fits' if self.fits else 'DOES NOT FIT'} (arguments "
         f"{self.memory['argument'] / GIB:.2f}, temporaries {self.memory['temp'] / GIB:.2f})",
-        f"  collectives: {collectives}",
-        f"  {self.estimate}, an estimate, not a measurement: step {self.seconds * 1e3:.3g} ms, "
-        f"{self.images_per_s:.0f} images/s per chip, MFU {100 * self.mfu:.1f}% "
-        f"({self.analytic_flops / 1e12:.3g} analytic TFLOP per chip per step over "
-        f"{self.peak_tflops:.0f} TFLOP/s; the compiler counts {self.compiler_flops / 1e12:.3g})",
+        f"  collectives: {collectives}", time,
         f"  lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s"])
 
   def to_json(self) -> Dict[str, Any]:
@@ -260,10 +273,17 @@ def no_persistent_cache():
     compilation_cache.reset_cache()
 
 
-def compile_step(config, topology: str, num_slices: int = 1,
-                 workdir: Optional[str] = None) -> Report:
+def loops(hlo: str) -> int:
+  """The while loops of an optimized HLO module (the TPU compiler's text gives no trip
+  counts; it unrolls the loops it keeps none of)."""
+  return len(re.findall(r"^\s*(?:ROOT\s+)?%\S+ = .*\swhile\(", hlo, re.M))
+
+
+def compile_step(config, topology: str, num_slices: int = 1, workdir: Optional[str] = None,
+                 unrolled_twin: bool = False) -> Report:
   """Compiles `config`'s train step for `num_slices` slices of `topology`; raises
-  `CompileRefused` (one line) when the TPU compiler refuses it."""
+  `CompileRefused` (one line) when the TPU compiler refuses it. With `unrolled_twin`, a
+  program with loops takes its time estimate from the same step unrolled (compiled too)."""
   devices = topology_devices(topology, num_slices)
   with errors.as_user_errors():
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
@@ -291,26 +311,40 @@ def compile_step(config, topology: str, num_slices: int = 1,
                            f"batch {per_chip}): {_refusal(e)}") from None
   compile_s = time.perf_counter() - started
   teacher = task.teacher.vision_config if task.teacher is not None else None
-  return report_of(compiled, topology=topology if num_slices == 1 else
-                   f"{num_slices}x {topology}", chips=len(devices), task=config.task,
-                   variant=config.model.variant,
-                   per_chip_batch=per_chip, mesh=dict(mesh.shape),
-                   analytic_flops=analytic_flops(config, teacher) * per_chip, lower_s=lower_s,
-                   compile_s=compile_s)
+  report = report_of(compiled, topology=topology if num_slices == 1 else
+                     f"{num_slices}x {topology}", chips=len(devices), task=config.task,
+                     variant=config.model.variant,
+                     per_chip_batch=per_chip, mesh=dict(mesh.shape),
+                     analytic_flops=analytic_flops(config, teacher) * per_chip,
+                     lower_s=lower_s, compile_s=compile_s)
+  if report.loops and unrolled_twin and (config.model.scan or config.get("teacher", {}).get(
+      "scan", False)):
+    twin = config.copy_and_resolve_references()
+    twin.model.scan = False
+    if "teacher" in twin:
+      twin.teacher.scan = False
+    unrolled = compile_step(twin, topology, num_slices, workdir)
+    if unrolled.loops:        # loops of the compiler's own (windowed einsums): no time either
+      return report
+    report = dataclasses.replace(
+        report, cost_model_s=unrolled.cost_model_s, compiler_flops=unrolled.compiler_flops,
+        bytes_accessed=unrolled.bytes_accessed,
+        time_from=f"the unrolled twin (compiled in {unrolled.compile_s:.0f} s)")
+  return report
 
 
 def report_of(compiled, *, topology: str, **fields) -> Report:
   """The report of a program compiled for `topology` (any step: the benchmarks compile a
   plain MAE step beside ours); `fields` are the Report's that the program does not give."""
   hbm, peak_tflops, hbm_gb_s = chip(topology.split(" ")[-1])
-  memory, cost = _memory(compiled), _cost(compiled)
+  memory, cost, hlo = _memory(compiled), _cost(compiled), compiled.as_text()
   return Report(
       topology=topology, hbm_bytes=hbm, peak_bytes=memory["peak"],
-      memory=memory, collectives=collectives(compiled.as_text()),
+      memory=memory, collectives=collectives(hlo),
       compiler_flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       cost_model_s=float(cost.get("optimal_seconds", 0.0)), peak_tflops=peak_tflops,
-      hbm_gb_s=hbm_gb_s, **fields)
+      hbm_gb_s=hbm_gb_s, loops=loops(hlo), **fields)
 
 
 def search_batch(config, topology: str, num_slices: int = 1, largest: int = 1024,

@@ -3,7 +3,7 @@ per-chip memory against HBM, the collectives, the TPU cost model's step time, im
 chip and MFU (the library: `uniemox_jax.aot`).
 
   python -m uniemox_jax.tools.aot --config configs/pretrain.py:vit=L/16 --topology v5e:2x2 \
-      --config.batch_size=128
+      --config.batch_size=128 --unrolled_twin
   python -m uniemox_jax.tools.aot --config configs/finetune.py:dataset=emoset --topology v4:2x2x1
   python -m uniemox_jax.tools.aot --config configs/pretrain.py --topology v5e:4x4 \
       --config.mesh.fsdp=16 --search_batch
@@ -36,6 +36,9 @@ _SEARCH = flags.DEFINE_bool("search_batch", False, "Double the per-chip batch fr
                             "--largest); report the largest that fits.")
 _LARGEST = flags.DEFINE_integer("largest", 1024, "--search_batch: the largest per-chip batch "
                                 "to try.")
+_TWIN = flags.DEFINE_bool("unrolled_twin", False, "A step with scanned stacks (loops, whose "
+                          "bodies the compiler counts once) takes its time estimate from the "
+                          "same step unrolled, compiled too.")
 _JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
 
 
@@ -55,7 +58,8 @@ def main(argv):
       storage.write_text(_JSON.value, json.dumps(
           {"best": best.to_json() if best else None, "tried": tried}, indent=2))
     return 0 if best is not None else 1
-  report = aot.compile_step(config, _TOPOLOGY.value, _NUM_SLICES.value)
+  report = aot.compile_step(config, _TOPOLOGY.value, _NUM_SLICES.value,
+                            unrolled_twin=_TWIN.value)
   print(report.summary())
   if _JSON.value:
     storage.write_text(_JSON.value, json.dumps(report.to_json(), indent=2))
