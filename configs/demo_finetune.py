@@ -20,7 +20,8 @@ def get_config(arg=None):
   config = finetune.get_config("dataset=emoset,vit=mu/8")
   config.dataset = "synthetic"
   pretrain = demo.get_config()
-  config.model.update(image_size=pretrain.model.image_size, dtype="float32", drop_path=0.1)
+  config.model.update(image_size=pretrain.model.image_size, dtype="float32", drop_path=0.1,
+                      scan=pretrain.model.scan, remat=pretrain.model.remat)
   config.data.update(dir=os.path.join(arg.pretrained, "synthetic"), workers=0)
   config.init.encoder = os.path.join(arg.pretrained, "checkpoints")
   config.batch_size = 32

@@ -48,9 +48,14 @@ def model_config(vit: str, mask: float, fusion: str, losses: str,
       # rows: the reference's per-GPU L1) | N (groups of N rows)
       l1_group="global",
       loss_weights={name: 1.0 if name in enabled else 0.0 for name in ALL_LOSSES},
-      # none | full | dots | dots_no_batch (every block) | encoder | decoder (full, there only)
-      remat="none",
-      scan=False,
+      # Blocks as one nn.scan (parameters gain a leading layers axis): the step compiles one
+      # block per stack instead of every block. Scanned, each block's backward pass needs the
+      # activations the remat policy keeps: dots_no_batch keeps the weight matmuls' outputs and
+      # recomputes attention's and the elementwise ops (L/16 at 32 per chip on v5e: 9.0 GiB,
+      # below the unrolled program's 9.9; none: 16.9, over the chip's 16; docs/benchmarks.md).
+      # remat: none | full | dots | dots_no_batch (every block) | encoder | decoder (full, there)
+      remat="dots_no_batch",
+      scan=True,
       # auto: cuDNN flash attention on NVIDIA GPUs (bf16), XLA elsewhere | cudnn | xla
       attention="auto",
       attention_pad=0,     # cuDNN's sequence multiple; 0: odd lengths to 64, even ones unpadded
@@ -72,7 +77,7 @@ def get_config(arg=None):
   config.model = model_config(arg.vit, arg.mask, arg.fusion, arg.losses)
   # impl: fused (our CLIP image tower on the same weights, fast) | transformers (FlaxCLIPModel)
   config.teacher = dict(name=arg.teacher, tiny=False, normalization="clip", dtype="bfloat16",
-                        impl="fused", attention="auto")
+                        impl="fused", attention="auto", scan=True)
   config.batch_size = 4096                 # global: the recipe's, stated (see lr=)
   config.total_epochs = arg.epochs         # the released checkpoints: 100 and 200
   config.optim = dict(base_lr=LR_RULES[arg.lr], b1=0.9, b2=0.95, weight_decay=0.05,
