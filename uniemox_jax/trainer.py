@@ -23,7 +23,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import logging
 import flax.linen as nn
