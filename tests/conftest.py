@@ -103,7 +103,7 @@ def finetuned(pretrained, tmp_path_factory):
 # The files that take longest (worker seconds on the 2-core dev machine), started first: each
 # file runs on one xdist worker (--dist loadfile), and a long file started last leaves the
 # other worker idle at the end. pytest.ini turns off xdist's own order (most tests first).
-_LONGEST_FIRST = ("test_trainer.py", "test_finetune.py", "test_evaluators.py",
+_LONGEST_FIRST = ("test_trainer.py", "test_aot.py", "test_finetune.py", "test_evaluators.py",
                   "test_cloud_storage.py",
                   "test_benchmarks.py", "test_lifecycle.py", "test_attention.py",
                   "test_datasets.py", "test_main.py", "test_teacher.py", "test_uniemox.py")
