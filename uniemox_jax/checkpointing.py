@@ -145,20 +145,22 @@ class Checkpointer:
     live = surgery.layout(abstract_state)
     stored = surgery.layout(dict(saved[STATE])) if saved is not None and saved.get(STATE) \
         else live
-    target = abstract_state
+    target, relayout = abstract_state, None
     if stored and live and stored != live:
       logging.info("Checkpoint %d holds %s blocks: converting them to this run's %s layout",
                    step, stored, live)
-      target = (surgery.unstack_blocks(abstract_state, index=_layer_of) if live == "scanned"
-                else surgery.stack_blocks(abstract_state, stack=_stacked))
+      if live == "scanned":
+        target = surgery.unstack_blocks(abstract_state, index=_layer_of)
+        relayout = lambda t: surgery.stack_blocks(t, stack=jnp.stack)  # noqa: E731
+      else:
+        target, relayout = surgery.stack_blocks(abstract_state, stack=_stacked), \
+            surgery.unstack_blocks
     items = {STATE: ocp.args.StandardRestore(target)}
     if data_iterator is not None and saved is not None and DATA in saved:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
     state = self._manager.restore(step, args=ocp.args.Composite(**items))[STATE]
-    if target is abstract_state:
+    if relayout is None:
       return state
-    relayout = (lambda t: surgery.stack_blocks(t, stack=jnp.stack)) if live == "scanned" \
-        else surgery.unstack_blocks
     return jax.jit(relayout, out_shardings=jax.tree.map(lambda x: x.sharding,
                                                         abstract_state))(state)
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniemox_jax.models import attention as attention_lib
+from uniemox_jax.models import surgery
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,11 +189,9 @@ def scan_layout(params: Mapping[str, Any], depth: int) -> dict:
   "blocks"; a tree already in that layout is returned as it is."""
   if "blocks" in params:
     return dict(params)
-  out = {k: v for k, v in params.items() if not k.startswith("block_")}
-  out["blocks"] = jax.tree.map(lambda *xs: np.stack(xs),
-                               *[params[f"block_{i}"] for i in range(depth - 1)])
-  out[f"block_{depth - 1}"] = params[f"block_{depth - 1}"]
-  return out
+  scanned = {f"block_{i}": params[f"block_{i}"] for i in range(depth - 1)}
+  out = {k: v for k, v in params.items() if k not in scanned}
+  return dict(out, **surgery.stack_blocks(scanned))
 
 
 def _norm(tree: Mapping[str, Any]) -> dict:
