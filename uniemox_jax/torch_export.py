@@ -1,0 +1,281 @@
+r"""This codebase's checkpoints -> where PyTorch users work: the library of the export command
+(`python -m uniemox_jax.tools.export`), the inverse of `uniemox_jax.torch_import`.
+
+  python -m uniemox_jax.tools.export --checkpoint WORKDIR/best --format timm --out emo8-vit-l16
+  python -m uniemox_jax.tools.export --checkpoint WORKDIR/checkpoints --format mae --out pth/
+
+Formats:
+  timm  a folder as timm loads a hub model from: `model.safetensors` (timm's VisionTransformer
+        state dict) and `config.json` (architecture, num_classes, label_names, model_args with
+        the shape, global_pool and fc_norm, pretrained_cfg with the input size, mean/std, crop
+        and interpolation of our eval transform). `timm.create_model("local-dir:DIR",
+        pretrained=True)` builds it, as does "hf-hub:USER/REPO" once the folder is uploaded. A
+        fine-tuned classifier keeps its head and pooling (avg + fc_norm, or the CLS token after
+        the final norm); a pretraining checkpoint gives its encoder, no head (CLS features).
+  mae   `checkpoint-<step>.pth` holding {"model": state_dict} in facebookresearch/mae's names:
+        the encoder, the decoder (decoder_embed is also UniEmoX's student projection) with the
+        fixed position tables MAE keeps in its state dict, and the authors' fusion as
+        `fusion_model.{bn,linear}`; a classifier in MAE's fine-tuned layout (fc_norm, head).
+        No argparse `args` beside the weights, so `torch.load` with its default weights-only
+        loader reads the file. Importing it again (`tools.import_torch`) gives the same arrays
+        bit for bit.
+
+The checkpoint is read in the unrolled block layout whatever layout it was saved in, in
+float32. safetensors files are written without PyTorch; `.pth` needs it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+from typing import Any, Dict, List, Mapping, Optional
+
+import jax
+import numpy as np
+
+from data_pipelines import storage
+from uniemox_jax import checkpointing
+from uniemox_jax import errors
+from uniemox_jax.augment import IMAGENET_MEAN, IMAGENET_STD
+from uniemox_jax.models import surgery
+from uniemox_jax.models import vit
+
+FORMATS = ("timm", "mae")
+# Our eval transform (data_pipelines/input_pipeline.py EvalTransform): resize the shorter side
+# to size / 0.875, bicubic, center crop.
+CROP_PCT, INTERPOLATION = 0.875, "bicubic"
+# timm's registered names for our sizes; any other shape takes the base one, the shape given
+# in full by model_args (which timm applies over the architecture's defaults).
+TIMM_ARCHITECTURES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224",
+                      "S/32": "vit_small_patch32_224", "B/16": "vit_base_patch16_224",
+                      "B/32": "vit_base_patch32_224", "L/16": "vit_large_patch16_224",
+                      "L/32": "vit_large_patch32_224", "H/14": "vit_huge_patch14_224"}
+DEFAULT_ARCHITECTURE = "vit_base_patch16_224"
+FUSION_PREFIX = "fusion_model."     # the authors' module name
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderShape:
+  """A ViT encoder's shape, read from its parameters (the head count from the qkv kernel)."""
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+
+  @classmethod
+  def of(cls, encoder: Mapping[str, Any]) -> "EncoderShape":
+    kernel = encoder["patch_embed"]["proj"]["kernel"]          # [p, p, 3, width]
+    block = encoder["transformer"]["block_0"]
+    return cls(kernel.shape[-1], len(encoder["transformer"]),
+               block["attn"]["qkv"]["kernel"].shape[2], block["mlp"]["fc1"]["kernel"].shape[1],
+               kernel.shape[0])
+
+  @property
+  def variant(self) -> Optional[str]:
+    """Our size name ("L/16"), or None for a shape no size has."""
+    for name, size in vit.VIT_SIZES.items():
+      if size == (self.width, self.depth, self.heads, self.mlp_dim):
+        return f"{name}/{self.patch}"
+    return None
+
+
+@dataclasses.dataclass
+class Export:
+  """What an export wrote and left out."""
+  checkpoint: str
+  format: str
+  files: List[str] = dataclasses.field(default_factory=list)
+  notes: List[str] = dataclasses.field(default_factory=list)
+
+  def summary(self) -> str:
+    return "\n".join([f"exported {self.checkpoint} as {self.format}"]
+                     + [f"  note: {n}" for n in self.notes] + ["wrote: " + ", ".join(self.files)])
+
+
+# --- our parameters -> PyTorch state dicts (torch_import's layouts, inverted) -----------------
+
+
+def _linear(prefix: str, p: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  return {f"{prefix}.weight": p["kernel"].T, f"{prefix}.bias": p["bias"]}
+
+
+def _norm(prefix: str, p: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  return {f"{prefix}.weight": p["scale"], f"{prefix}.bias": p["bias"]}
+
+
+def _blocks(prefix: str, transformer: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  out = {}
+  for i in range(len(transformer)):
+    b, at = transformer[f"block_{i}"], f"{prefix}.{i}"
+    qkv, proj = b["attn"]["qkv"], b["attn"]["proj"]
+    width = qkv["kernel"].shape[0]
+    out.update({**_norm(f"{at}.norm1", b["norm1"]),
+                f"{at}.attn.qkv.weight": qkv["kernel"].reshape(width, -1).T,
+                f"{at}.attn.qkv.bias": qkv["bias"].reshape(-1),
+                f"{at}.attn.proj.weight": proj["kernel"].reshape(-1, width).T,
+                f"{at}.attn.proj.bias": proj["bias"],
+                **_norm(f"{at}.norm2", b["norm2"]),
+                **_linear(f"{at}.mlp.fc1", b["mlp"]["fc1"]),
+                **_linear(f"{at}.mlp.fc2", b["mlp"]["fc2"])})
+  return out
+
+
+def encoder_state_dict(encoder: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
+  """timm's (and MAE's) encoder keys. A model with the fixed sin-cos table gets it written out,
+  as MAE keeps it and timm's learned table takes it."""
+  shape = EncoderShape.of(encoder)
+  table = encoder.get("pos_embed")
+  if table is None:
+    table = vit.sincos_2d(shape.width, vit.grid_size(image_size, shape.patch), True)[None]
+  proj = encoder["patch_embed"]["proj"]
+  sd = {"cls_token": encoder["cls_token"], "pos_embed": table,
+        "patch_embed.proj.weight": proj["kernel"].transpose(3, 2, 0, 1),
+        "patch_embed.proj.bias": proj["bias"], **_blocks("blocks", encoder["transformer"])}
+  if "norm" in encoder:
+    sd.update(_norm("norm", encoder["norm"]))
+  return sd
+
+
+def classifier_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
+  sd = encoder_state_dict(params["encoder"], image_size)
+  if "fc_norm" in params:
+    sd.update(_norm("fc_norm", params["fc_norm"]))
+  return {**sd, **_linear("head", params["head"])}
+
+
+def pretrain_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
+  """MAE's pretraining keys, and the authors' fusion when the checkpoint has one."""
+  sd = encoder_state_dict(params["encoder"], image_size)
+  dec = params["decoder"]
+  width = dec["embed"]["kernel"].shape[1]
+  grid = vit.grid_size(image_size, EncoderShape.of(params["encoder"]).patch)
+  sd.update({**_linear("decoder_embed", dec["embed"]), "mask_token": dec["mask_token"],
+             "decoder_pos_embed": vit.sincos_2d(width, grid, True)[None],
+             **_blocks("decoder_blocks", dec["transformer"]),
+             **_norm("decoder_norm", dec["norm"]), **_linear("decoder_pred", dec["pred"])})
+  fuse = params.get("fuse")
+  if fuse is not None:
+    if set(fuse) != {"norm", "proj"}:
+      raise errors.UserError(
+          f"its fusion has parameters {sorted(fuse)}: only the method's default fusion "
+          "('easy': LN, Dense, ELU) has a layout in the authors' code; export --format timm "
+          "for the encoder alone")
+    sd.update({**_norm(FUSION_PREFIX + "bn", fuse["norm"]),
+               **_linear(FUSION_PREFIX + "linear", fuse["proj"])})
+  return sd
+
+
+# --- the export ---------------------------------------------------------------------------
+
+
+def _image_size(ckpt: checkpointing.Checkpoint, encoder: Mapping[str, Any],
+                given: Optional[int], notes: List[str]) -> int:
+  """--image_size, else the learned position table's grid, else the run's config.json."""
+  patch = EncoderShape.of(encoder).patch
+  if given:
+    return given
+  if "pos_embed" in encoder:
+    return int(round((encoder["pos_embed"].shape[1] - 1) ** 0.5)) * patch
+  config_path = storage.join(ckpt.workdir, "config.json")
+  if storage.exists(config_path):
+    return int(json.loads(storage.read_text(config_path))["model"]["image_size"])
+  notes.append("image size 224 (no learned position table and no config.json beside the "
+               "checkpoint; pass --image_size if it was trained at another)")
+  return 224
+
+
+def _timm_config(params: Mapping[str, Any], ckpt: checkpointing.Checkpoint, image_size: int,
+                 shape: EncoderShape) -> Dict[str, Any]:
+  meta = ckpt.meta
+  classes = params["head"]["kernel"].shape[1] if "head" in params else 0
+  pool = "avg" if "fc_norm" in params else "token"
+  architecture = TIMM_ARCHITECTURES.get(shape.variant or "", DEFAULT_ARCHITECTURE)
+  config: Dict[str, Any] = {
+      "architecture": architecture, "num_classes": classes, "num_features": shape.width,
+      "global_pool": pool,
+      "model_args": {"img_size": image_size, "patch_size": shape.patch,
+                     "embed_dim": shape.width, "depth": shape.depth,
+                     "num_heads": shape.heads, "mlp_ratio": shape.mlp_dim / shape.width,
+                     "qkv_bias": True, "class_token": True, "global_pool": pool,
+                     "fc_norm": pool == "avg", "num_classes": classes},
+      "pretrained_cfg": {"architecture": architecture, "input_size": [3, image_size, image_size],
+                         "fixed_input_size": True, "interpolation": INTERPOLATION,
+                         "crop_pct": CROP_PCT, "crop_mode": "center",
+                         "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                         "num_classes": classes, "first_conv": "patch_embed.proj",
+                         "classifier": "head"},
+      # Ours, beside timm's fields (timm reads the ones above and ignores the rest).
+      "uniemox": {"checkpoint": ckpt.step_dir, "step": ckpt.step,
+                  **{key: meta[key] for key in ("task", "dataset", "multi_label", "kind",
+                                                "source") if key in meta}}}
+  names = meta.get("class_names")
+  if names and len(names) == classes:
+    config["label_names"] = list(names)
+  return config
+
+
+def _torch_bytes(obj: Any) -> bytes:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise errors.UserError("--format mae writes a .pth, which needs PyTorch: "
+                           "pip install '.[torch]'") from None
+  buffer = io.BytesIO()
+  torch.save({k: ({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in d.items()}
+                  if isinstance(d, dict) else d) for k, d in obj.items()}, buffer)
+  return buffer.getvalue()
+
+
+def _safetensors_bytes(sd: Mapping[str, np.ndarray]) -> bytes:
+  from safetensors.numpy import save  # pylint: disable=g-import-not-at-top
+  return save({k: np.ascontiguousarray(v) for k, v in sd.items()}, metadata={"format": "pt"})
+
+
+def export(checkpoint: str, fmt: str, out: str, image_size: Optional[int] = None) -> Export:
+  """Writes `checkpoint` ("<dir>" or "<dir>/<step>") in format `fmt` into the folder `out`
+  (created; refused if it holds anything)."""
+  if fmt not in FORMATS:
+    raise errors.UserError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+  if storage.exists(out) and storage.listdir(out):
+    raise errors.UserError(f"--out {out} is not empty; export into a new folder")
+  ckpt = checkpointing.Checkpoint.open(checkpoint)
+  if "encoder" not in ckpt.params:
+    raise errors.UserError(f"--checkpoint {ckpt.step_dir}: its parameters "
+                           f"({', '.join(sorted(ckpt.params))}) hold no ViT encoder")
+  # Unrolled, float32 (bfloat16 parameters widened: what PyTorch ViTs hold).
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32),
+                        surgery.to_layout(ckpt.read(("params",)), scanned=False))
+  done = Export(ckpt.step_dir, fmt)
+  size = _image_size(ckpt, params["encoder"], image_size, done.notes)
+  shape = EncoderShape.of(params["encoder"])
+  classifier = "head" in params
+  if not classifier and "norm" not in params["encoder"]:
+    raise errors.UserError(f"--checkpoint {ckpt.step_dir}: an encoder without its final norm "
+                           "and without a head: neither timm nor MAE has that model")
+  if fmt == "timm":
+    sd = (classifier_state_dict if classifier else encoder_state_dict)(
+        params if classifier else params["encoder"], size)
+    left = sorted(k for k in params if k not in ("encoder", "head", "fc_norm"))
+    if left:
+      done.notes.append(f"left out {', '.join(left)}: a timm ViT is the encoder"
+                        + (" and its head" if classifier else " (no head: CLS features)"))
+    files = {"model.safetensors": _safetensors_bytes(sd),
+             "config.json": json.dumps(_timm_config(params, ckpt, size, shape),
+                                       indent=2).encode()}
+  else:
+    if classifier:
+      sd = classifier_state_dict(params, size)
+    elif "decoder" in params:
+      sd = pretrain_state_dict(params, size)
+    else:
+      raise errors.UserError(f"--checkpoint {ckpt.step_dir}: an encoder without a decoder or "
+                             "a head is not an MAE checkpoint; use --format timm")
+    files = {f"checkpoint-{ckpt.step}.pth": _torch_bytes({"model": sd})}
+  storage.makedirs(out)
+  for name, data in files.items():
+    path = storage.join(out, name)
+    storage.write_bytes(path, data)
+    done.files.append(storage.absolute(path))
+  return done
+
