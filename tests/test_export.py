@@ -120,8 +120,8 @@ LN = functools.partial(torch.nn.LayerNorm, eps=1e-6)
 
 
 class _MaeLayout(torch.nn.Module):
-  """facebookresearch/mae's MaskedAutoencoderViT, its modules and names (models_mae.py), and the
-  authors' fusion module beside it; enough to load a state dict strictly and run the encoder."""
+  """facebookresearch/mae's MaskedAutoencoderViT, its modules and names (models_mae.py, which
+  the authors' code keeps); enough to load a state dict strictly and run the encoder."""
 
   def __init__(self, width=64, depth=2, heads=2, mlp_ratio=2.0, dec_width=32, dec_depth=1,
                dec_heads=2, patch=8):
@@ -141,9 +141,6 @@ class _MaeLayout(torch.nn.Module):
                                                      norm_layer=LN) for _ in range(dec_depth)])
     self.decoder_norm = LN(dec_width)
     self.decoder_pred = torch.nn.Linear(dec_width, patch * patch * 3)
-    self.fusion_model = torch.nn.Module()
-    self.fusion_model.bn = torch.nn.LayerNorm(dec_width)
-    self.fusion_model.linear = torch.nn.Linear(dec_width, dec_width)
 
   def encode(self, x):
     x = self.patch_embed(x) + self.pos_embed[:, 1:]
@@ -152,6 +149,18 @@ class _MaeLayout(torch.nn.Module):
     for block in self.blocks:
       x = block(x)
     return self.norm(x)
+
+
+class _AttentionFusion(torch.nn.Module):
+  """The authors' default fusion module (models/attention_fusion.py): its names and forward."""
+
+  def __init__(self, width=32):
+    super().__init__()
+    self.linear = torch.nn.Linear(width, width)
+    self.bn = torch.nn.LayerNorm(width)
+
+  def forward(self, a, b):
+    return torch.nn.functional.elu(self.linear(self.bn(a) + self.bn(b)))
 
 
 def test_a_pretraining_checkpoint_exported_as_mae_loads_in_torch_and_imports_back(tmp_path):
@@ -163,13 +172,20 @@ def test_a_pretraining_checkpoint_exported_as_mae_loads_in_torch_and_imports_bac
   torch_export.export(ckpt, "mae", str(out))
   pth = out / "checkpoint-0.pth"
   loaded = torch.load(pth)       # torch's default: the weights-only loader
-  assert set(loaded) == {"model"}
+  assert set(loaded) == {"model", "att_fusion"}       # as the authors' script saves them
   mae = _MaeLayout().eval()
   mae.load_state_dict(loaded["model"], strict=True)     # every key, every shape
+  fusion = _AttentionFusion().eval()
+  fusion.load_state_dict(loaded["att_fusion"], strict=True)
   x = _images()
   tokens, _ = vit.Encoder("mu/8", SIZE).apply({"params": params["encoder"]}, jnp.asarray(x))
+  a, b = np.random.RandomState(5).randn(2, 3, 32).astype(np.float32)
+  ours = model.apply({"params": params}, jnp.asarray(a), jnp.asarray(b),
+                     method=lambda m, a, b: m.fuse(a, b))
   with torch.no_grad():
     assert np.abs(mae.encode(_nchw(x)).numpy() - np.asarray(tokens)).max() < TOL
+    assert np.abs(fusion(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+                  - np.asarray(ours)).max() < TOL
 
   back = tmp_path / "imported"
   assert import_command.main(["--src", str(pth), "--kind", "uniemox_pretrain", "--vit", "mu/8",

@@ -14,8 +14,9 @@ Formats:
         the final norm); a pretraining checkpoint gives its encoder, no head (CLS features).
   mae   `checkpoint-<step>.pth` holding {"model": state_dict} in facebookresearch/mae's names:
         the encoder, the decoder (decoder_embed is also UniEmoX's student projection) with the
-        fixed position tables MAE keeps in its state dict, and the authors' fusion as
-        `fusion_model.{bn,linear}`; a classifier in MAE's fine-tuned layout (fc_norm, head).
+        fixed position tables MAE keeps in its state dict; the authors' fusion as their
+        pretraining script saves it, an "att_fusion" entry ({bn,linear}.{weight,bias}) beside
+        "model"; a classifier in MAE's fine-tuned layout (fc_norm, head).
         No argparse `args` beside the weights, so `torch.load` with its default weights-only
         loader reads the file. Importing it again (`tools.import_torch`) gives the same arrays
         bit for bit.
@@ -36,6 +37,7 @@ import numpy as np
 from data_pipelines import storage
 from uniemox_jax import checkpointing
 from uniemox_jax import errors
+from uniemox_jax import torch_import
 from uniemox_jax.augment import IMAGENET_MEAN, IMAGENET_STD
 from uniemox_jax.models import surgery
 from uniemox_jax.models import vit
@@ -51,7 +53,6 @@ TIMM_ARCHITECTURES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch1
                       "B/32": "vit_base_patch32_224", "L/16": "vit_large_patch16_224",
                       "L/32": "vit_large_patch32_224", "H/14": "vit_huge_patch14_224"}
 DEFAULT_ARCHITECTURE = "vit_base_patch16_224"
-FUSION_PREFIX = "fusion_model."     # the authors' module name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,7 @@ def classifier_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[st
 
 
 def pretrain_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
-  """MAE's pretraining keys, and the authors' fusion when the checkpoint has one."""
+  """MAE's pretraining keys (models_mae.py's MaskedAutoencoderViT)."""
   sd = encoder_state_dict(params["encoder"], image_size)
   dec = params["decoder"]
   width = dec["embed"]["kernel"].shape[1]
@@ -154,16 +155,17 @@ def pretrain_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[str,
              "decoder_pos_embed": vit.sincos_2d(width, grid, True)[None],
              **_blocks("decoder_blocks", dec["transformer"]),
              **_norm("decoder_norm", dec["norm"]), **_linear("decoder_pred", dec["pred"])})
-  fuse = params.get("fuse")
-  if fuse is not None:
-    if set(fuse) != {"norm", "proj"}:
-      raise errors.UserError(
-          f"its fusion has parameters {sorted(fuse)}: only the method's default fusion "
-          "('easy': LN, Dense, ELU) has a layout in the authors' code; export --format timm "
-          "for the encoder alone")
-    sd.update({**_norm(FUSION_PREFIX + "bn", fuse["norm"]),
-               **_linear(FUSION_PREFIX + "linear", fuse["proj"])})
   return sd
+
+
+def fusion_state_dict(fuse: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+  """The authors' AttentionFusion (models/attention_fusion.py): `bn` (a LayerNorm), `linear`."""
+  if set(fuse) != {"norm", "proj"}:
+    raise errors.UserError(
+        f"its fusion has parameters {sorted(fuse)}: only the method's default fusion ('easy': "
+        "LN, Dense, ELU) has a layout in the authors' code; export --format timm for the "
+        "encoder alone")
+  return {**_norm("bn", fuse["norm"]), **_linear("linear", fuse["proj"])}
 
 
 # --- the export ---------------------------------------------------------------------------
@@ -271,7 +273,10 @@ def export(checkpoint: str, fmt: str, out: str, image_size: Optional[int] = None
     else:
       raise errors.UserError(f"--checkpoint {ckpt.step_dir}: an encoder without a decoder or "
                              "a head is not an MAE checkpoint; use --format timm")
-    files = {f"checkpoint-{ckpt.step}.pth": _torch_bytes({"model": sd})}
+    saved = {"model": sd}
+    if "fuse" in params and not classifier:
+      saved[torch_import.AUTHORS_FUSION] = fusion_state_dict(params["fuse"])
+    files = {f"checkpoint-{ckpt.step}.pth": _torch_bytes(saved)}
   storage.makedirs(out)
   for name, data in files.items():
     path = storage.join(out, name)

@@ -15,7 +15,8 @@ Kinds (the layouts of the files users have):
                     recorded for evaluation: fc_norm means the average of the patch tokens
                     (MAE), a final norm without it timm's default, the CLS token.
   uniemox_pretrain  the authors' pretrained UniEmoX: the MAE layout plus the fusion
-                    (`*fusion*.linear.*`, `*fusion*.bn.*`: ELU(Linear(LN(a) + LN(b)))).
+                    (`*fusion*.linear.*`, `*fusion*.bn.*`: ELU(Linear(LN(a) + LN(b)))),
+                    which their script saves as an "att_fusion" entry beside "model".
   uniemox_finetune  the authors' fine-tuned classifiers: the vit layout with fc_norm and head.
 
 The ViT size comes from --vit or from the file: its width, depth and MLP width must be a
@@ -52,6 +53,7 @@ from uniemox_jax.models import surgery
 from uniemox_jax.models import vit
 
 KINDS = ("mae", "vit", "uniemox_pretrain", "uniemox_finetune")
+AUTHORS_FUSION = "att_fusion"     # the entry of the authors' checkpoints that holds the fusion
 
 
 @dataclasses.dataclass
@@ -121,9 +123,14 @@ def load_state_dict(path: str) -> StateDict:
   model_name = None
   if isinstance(raw, Mapping):
     model_name = getattr(raw.get("args"), "model", None)
+    # The authors' pretraining saves its fusion beside the model (main_pretrain.py:
+    # {"model": ..., "att_fusion": ...}); its keys join the state dict under that name.
+    fusion = raw.get(AUTHORS_FUSION)
     for key in ("model", "state_dict", "model_state_dict"):
       if key in raw and isinstance(raw[key], Mapping):
-        raw = raw[key]
+        raw = dict(raw[key])
+        if isinstance(fusion, Mapping):
+          raw.update({f"{AUTHORS_FUSION}.{k}": v for k, v in fusion.items()})
         break
   if not isinstance(raw, Mapping) or not raw:
     raise ValueError(f"{path} holds no state dict (got {type(raw).__name__})")
