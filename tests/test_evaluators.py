@@ -263,7 +263,15 @@ def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
                   r"reconstruction-\w+-test-[0-9a-f]{8}/reconstruction_test\.png)",
                   proc.stdout).group(1)
   assert "read_only" not in proc.stderr and "read only" not in proc.stderr   # logs like main
-  assert np.asarray(Image.open(out)).shape == (2 * size + 2, 3 * size + 4, 3)
+  # Cells of at least 112 px, enlarged by whole pixels (each source pixel a uniform block),
+  # under the caption and the column titles.
+  png = np.asarray(Image.open(out))
+  cell = size * -(-112 // size)
+  assert cell >= 112 and png.shape[1] == 3 * cell + 2 * 4 and png.shape[0] > 2 * cell
+  body = png[-cell:, :cell].reshape(size, cell // size, size, cell // size, 3)
+  assert (body == body[:, :1, :, :1]).all()
+  heading = reconstruction.grid({k: panels[k][:1] for k in panels}, "mask ratio 0.75")
+  assert heading.shape[0] > cell and (heading[:40] != 255).any()      # titles drawn
 
 
 def test_class_embeddings_average_templates(tiny_teacher):
@@ -274,3 +282,17 @@ def test_class_embeddings_average_templates(tiny_teacher):
   one = one / np.linalg.norm(one, axis=1, keepdims=True)
   mean = one.mean(0)
   np.testing.assert_allclose(emb[0], mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-6)
+
+
+def test_the_confusion_figure_shows_counts_and_row_shares_under_its_title(monkeypatch):
+  shown = {}
+  monkeypatch.setattr(reports, "save_figure", lambda fig, path: shown.update(fig=fig))
+  matrix = np.array([[3, 1], [0, 4]])
+  reports.plot_confusion(matrix, ["awe", "fear"], "unused.png",
+                         title="emo8 test | /ckpt/best/150 (step 150)")
+  fig = shown["fig"]
+  assert fig._suptitle.get_text() == "emo8 test | /ckpt/best/150 (step 150)"
+  counts, shares = fig.axes
+  assert (counts.get_title(), shares.get_title()) == ("counts", "row-normalized")
+  assert [t.get_text() for t in counts.texts] == ["3", "1", "0", "4"]
+  assert [t.get_text() for t in shares.texts] == ["0.75", "0.25", "0.00", "1.00"]

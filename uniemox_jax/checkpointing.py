@@ -278,6 +278,11 @@ class Checkpoint:
                ocp.PyTreeCheckpointHandler().metadata(state).tree)
 
   @property
+  def label(self) -> str:
+    """How figures and reports name it: "<step dir> (step N)"."""
+    return f"{self.step_dir} (step {self.step})"
+
+  @property
   def directory(self) -> str:
     """The checkpoints folder (WORKDIR/checkpoints, WORKDIR/best, an import's --out)."""
     return storage.dirname(self.step_dir)

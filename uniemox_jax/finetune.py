@@ -175,7 +175,7 @@ def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
                    period=0), config, setup.workdir, setup.mesh)
     result = test.run(ckpt.read(("params",)))
     result.report.update(checkpoint=ckpt.step_dir, split=config.test_split)
-    files = test.write(result, reports.out_dir(ckpt.step_dir))
+    files = test.write(result, reports.out_dir(ckpt.step_dir), at=ckpt.label)
     return {"best": best, "test": dict(result.report, files=files)}
 
   return dataclasses.replace(

@@ -33,6 +33,6 @@ def linear_probe(config, workdir: str) -> Dict[str, Any]:
   template = models.encoder_template(config.model)
   result = evaluator.run({"encoder": importers.import_encoder(config, template)})
   report = dict(result.report, checkpoint=config.init.encoder,
-                files=evaluator.write(result, workdir))
+                files=evaluator.write(result, workdir, at=config.init.encoder))
   return {"best_weight_decay": report["weight_decay"], "val": report.get("val"),
           "test": report}

@@ -307,7 +307,8 @@ class TrainLoop:
         continue
       result = evaluator.run(state["params"])
       evaluator.write(result, reports.out_dir(storage.join(self.checkpointer.directory,
-                                                           str(step))))
+                                                           str(step))),
+                      at=f"{self.setup.workdir} (step {step})")
       scalars.update({f"{name}/{k}": v for k, v in result.scalars.items()})
       if result.images:
         log.writer.write_images(step, {f"{name}/{k}": v[None] for k, v in result.images.items()})

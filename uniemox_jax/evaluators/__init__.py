@@ -109,7 +109,7 @@ def evaluate_checkpoint(config, checkpoint: str, names: Optional[Sequence[str]] 
   results = {}
   for name, evaluator in chosen.items():
     result = evaluator.run(params)
-    files = evaluator.write(result, out_dir, folder=evaluator.setting_folder())
+    files = evaluator.write(result, out_dir, folder=evaluator.setting_folder(), at=ckpt.label)
     results[name] = dict(result.report, checkpoint=ckpt.step_dir, split=evaluator.split,
                          scalars=result.scalars, files=files)
   return results

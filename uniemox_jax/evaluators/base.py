@@ -130,20 +130,24 @@ class Evaluator:
     dataset = re.sub(r"[^A-Za-z0-9_.]+", "_", self.info.name or "data")
     return f"{self.name}-{dataset}-{self.split}-{digest}"
 
-  def write(self, result: Result, out_dir: str, folder: Optional[str] = None) -> List[str]:
+  def write(self, result: Result, out_dir: str, folder: Optional[str] = None,
+            at: str = "") -> List[str]:
     """OUT/<folder>/ (default: OUT/<name>/, a training run's): the report (as
-    `reports.write_report` writes it) and each image as PNG; with a `folder`, also
+    `reports.write_report` writes it) and each image as PNG, the figures titled with the
+    dataset, the split and `at` (the checkpoint and step); with a `folder`, also
     settings.json (what `setting_folder`'s fingerprint stands for). Process 0 writes; returns
     the paths."""
     if jax.process_index() != 0:
       return []
     folder = storage.join(out_dir, folder or self.name)
-    files = list(reports.write_report(result.report, folder, self.split).values()) \
+    lines = [f"{self.info.name or 'data'} {self.split}", at]
+    files = list(reports.write_report(result.report, folder, self.split,
+                                      " | ".join(filter(None, lines))).values()) \
         if result.report else []
     for key, image in result.images.items():
       path = storage.join(folder, f"{key}_{self.split}.png")
       storage.makedirs(folder)
-      storage.write_bytes(path, summaries.png(image))
+      storage.write_bytes(path, summaries.png(reports.captioned(image, lines)))
       files.append(path)
     if folder != storage.join(out_dir, self.name):
       path = storage.join(folder, "settings.json")

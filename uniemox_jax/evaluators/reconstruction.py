@@ -25,6 +25,7 @@ from uniemox_jax import losses
 from uniemox_jax import models
 from uniemox_jax import sharding
 from uniemox_jax.evaluators import base
+from uniemox_jax.evaluators import reports
 from uniemox_jax.models import decoder as decoder_lib
 from uniemox_jax.models import vit
 
@@ -91,15 +92,32 @@ def reconstruct(model, params: Any, scene: np.ndarray, person: np.ndarray,
   return reconstructor(model, seed)(params, scene, person)
 
 
-def grid(panels: Dict[str, np.ndarray], gap: int = 2) -> np.ndarray:
-  """Rows of [original | masked | reconstruction], `gap` white pixels between cells."""
-  cols = [panels["original"], panels["masked"], panels["reconstruction"]]
-  n, s = cols[0].shape[:2]
-  out = np.full((n * s + (n - 1) * gap, 3 * s + 2 * gap, 3), 255, np.uint8)
-  for r in range(n):
-    for c, col in enumerate(cols):
-      out[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = col[r]
-  return out
+COLUMNS = (("original", "image"), ("masked", "masked"), ("reconstruction", "reconstruction"))
+
+
+def grid(panels: Dict[str, np.ndarray], title: str = "", min_cell: int = 112,
+         gap: int = 4) -> np.ndarray:
+  """Rows of [image | masked | reconstruction] under their column titles (and `title` above
+  them), each cell enlarged by whole pixels (no smoothing) to at least `min_cell`."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  n, s = panels["original"].shape[:2]
+  scale = -(-min_cell // s)
+  cell = s * scale
+  face = reports.font(14)
+  top = (22 if title else 0) + 22
+  canvas = Image.new("RGB", (3 * cell + 2 * gap, top + n * cell + (n - 1) * gap), "white")
+  draw = ImageDraw.Draw(canvas)
+  if title:
+    draw.text((4, 3), reports.fit_text(draw, title, canvas.width - 8, face), fill="black",
+              font=face)
+  for c, (key, heading) in enumerate(COLUMNS):
+    x = c * (cell + gap)
+    draw.text((x + (cell - draw.textlength(heading, font=face)) / 2, top - 19), heading,
+              fill="black", font=face)
+    for r in range(n):
+      big = np.repeat(np.repeat(panels[key][r], scale, axis=0), scale, axis=1)
+      canvas.paste(Image.fromarray(big), (x, top + r * (cell + gap)))
+  return np.asarray(canvas)
 
 
 class Reconstruction(base.Evaluator):
@@ -128,4 +146,5 @@ class Reconstruction(base.Evaluator):
     error = float(np.abs(panels["reconstruction"][removed].astype(np.float32)
                          - panels["original"][removed].astype(np.float32)).mean()) \
         if removed.any() else 0.0
-    return base.Result({"pixel_error": error}, {}, {"reconstruction": grid(panels)})
+    title = f"mask ratio {self.config.model.mask_ratio:g}"
+    return base.Result({"pixel_error": error}, {}, {"reconstruction": grid(panels, title)})

@@ -23,8 +23,10 @@ def report(scores: np.ndarray, outputs: Dict[str, np.ndarray], info: dataset_inf
   return metrics.classification_report(scores, outputs["label"], names, top_k=top_k)
 
 
-def write_report(result: Dict[str, Any], folder: str, name: str) -> Dict[str, str]:
-  """FOLDER/<name>_results.json, and for single-label data <name>_confusion.json and .png."""
+def write_report(result: Dict[str, Any], folder: str, name: str,
+                 title: str = "") -> Dict[str, str]:
+  """FOLDER/<name>_results.json, and for single-label data <name>_confusion.json and .png
+  (titled `title`: the dataset, split, checkpoint and step)."""
   storage.makedirs(folder)
   paths = {"results": storage.join(folder, f"{name}_results.json")}
   storage.write_text(paths["results"], json.dumps(result, indent=2))
@@ -35,36 +37,82 @@ def write_report(result: Dict[str, Any], folder: str, name: str) -> Dict[str, st
          "rows_true_columns_predicted": result["confusion_matrix"]}, indent=2))
     paths["confusion_png"] = storage.join(folder, f"{name}_confusion.png")
     plot_confusion(np.asarray(result["confusion_matrix"]), result["class_names"],
-                   paths["confusion_png"], title=name)
+                   paths["confusion_png"], title=title or name)
   return paths
 
 
-def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
-                   title: str = "") -> None:
-  """The confusion matrix, row-normalized colours, counts written in the cells."""
+def pyplot():
+  """matplotlib's pyplot on the file-only backend (no display on a training host)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
-  n = len(class_names)
-  rows = np.maximum(matrix.sum(axis=1, keepdims=True), 1)
-  size = max(4.0, 0.55 * n + 2)
-  fig, ax = plt.subplots(figsize=(size, size))
-  ax.imshow(matrix / rows, cmap="Blues", vmin=0, vmax=1)
-  ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right")
-  ax.set_yticks(range(n), labels=class_names)
-  ax.set_xlabel("predicted")
-  ax.set_ylabel("true")
-  if title:
-    ax.set_title(title)
-  for i in range(n):
-    for j in range(n):
-      ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-              color="white" if matrix[i, j] > 0.5 * rows[i, 0] else "black")
-  fig.tight_layout()
+  return plt
+
+
+def save_figure(fig, path: str) -> None:
+  plt = pyplot()
   png = io.BytesIO()
   fig.savefig(png, format="png", dpi=100)
   plt.close(fig)
   storage.write_bytes(path, png.getvalue())
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], path: str,
+                   title: str = "") -> None:
+  """Two panels: the counts, and the rows normalized (each true class's share of predictions,
+  the cell colours of both)."""
+  plt = pyplot()
+  n = len(class_names)
+  shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+  size = max(4.0, 0.55 * n + 2)
+  fig, axes = plt.subplots(1, 2, figsize=(2 * size, size + 0.4))
+  for ax, values, what in ((axes[0], matrix, "counts"), (axes[1], shares, "row-normalized")):
+    ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), labels=class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(what)
+    for i in range(n):
+      for j in range(n):
+        ax.text(j, i, str(values[i, j]) if what == "counts" else f"{values[i, j]:.2f}",
+                ha="center", va="center", fontsize=8,
+                color="white" if shares[i, j] > 0.5 else "black")
+  if title:
+    fig.suptitle(title, fontsize=10, wrap=True)
+  fig.tight_layout()
+  save_figure(fig, path)
+
+
+def font(size: int = 14):
+  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
+  return ImageFont.load_default(size=size)
+
+
+def fit_text(draw, text: str, width: int, face) -> str:
+  """`text`, its start cut off ("...") until it fits `width` pixels: a path keeps its end."""
+  if draw.textlength(text, font=face) <= width:
+    return text
+  while text and draw.textlength("..." + text, font=face) > width:
+    text = text[1:]
+  return "..." + text
+
+
+def captioned(image: np.ndarray, lines: Sequence[str], size: int = 14) -> np.ndarray:
+  """`image` (uint8 [H, W, 3]) under a white strip with `lines` written on it, each cut from
+  its start to the image's width."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  lines = [line for line in lines if line]
+  if not lines:
+    return image
+  strip = len(lines) * (size + 4) + 6
+  canvas = Image.new("RGB", (image.shape[1], image.shape[0] + strip), "white")
+  canvas.paste(Image.fromarray(image), (0, strip))
+  draw, face = ImageDraw.Draw(canvas), font(size)
+  for i, line in enumerate(lines):
+    draw.text((4, 3 + i * (size + 4)), fit_text(draw, line, image.shape[1] - 8, face),
+              fill="black", font=face)
+  return np.asarray(canvas)
 
 
 def out_dir(step_dir: str) -> str:
