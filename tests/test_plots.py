@@ -11,14 +11,14 @@ import pytest
 from PIL import Image
 
 from uniemox_jax import errors
-from uniemox_jax import plots
+from uniemox_jax import curves
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_curves_of_a_pretraining_run(pretrained, tmp_path):
-  rows = plots.read_metrics(os.path.join(pretrained, "metrics.jsonl"))
-  chosen = plots.panels(rows)
+  rows = curves.read_metrics(os.path.join(pretrained, "metrics.jsonl"))
+  chosen = curves.panels(rows)
   logged = {k for values in rows.values() for k in values}
   # Every evaluator of the run gets a panel with all its scalars; the training panels hold
   # what the run logged.
@@ -47,11 +47,11 @@ def test_resumed_and_killed_runs(pretrained, tmp_path):
   first = json.loads(lines[0])
   again = dict(first, total=123.0)               # a resumed run logs the step again
   (run / "metrics.jsonl").write_text("\n".join(lines + [json.dumps(again)]) + "\n{\"step\": 9")
-  rows = plots.read_metrics(str(run / "metrics.jsonl"))     # the cut-off last line skipped
+  rows = curves.read_metrics(str(run / "metrics.jsonl"))     # the cut-off last line skipped
   assert rows[first["step"]]["total"] == 123.0 and len(rows) == len(lines)
   (run / "metrics.jsonl").write_text("\n".join([lines[0], "not json", lines[1]]))
   with pytest.raises(errors.UserError, match="line 2: not a JSON object"):
-    plots.read_metrics(str(run / "metrics.jsonl"))
+    curves.read_metrics(str(run / "metrics.jsonl"))
   shutil.rmtree(run)
   with pytest.raises(errors.UserError, match="run's folder"):
-    plots.read_metrics(str(run / "metrics.jsonl"))
+    curves.read_metrics(str(run / "metrics.jsonl"))

@@ -95,29 +95,10 @@ def reconstruct(model, params: Any, scene: np.ndarray, person: np.ndarray,
 COLUMNS = (("original", "image"), ("masked", "masked"), ("reconstruction", "reconstruction"))
 
 
-def grid(panels: Dict[str, np.ndarray], title: str = "", min_cell: int = 112,
-         gap: int = 4) -> np.ndarray:
-  """Rows of [image | masked | reconstruction] under their column titles (and `title` above
-  them), each cell enlarged by whole pixels (no smoothing) to at least `min_cell`."""
-  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
-  n, s = panels["original"].shape[:2]
-  scale = -(-min_cell // s)
-  cell = s * scale
-  face = reports.font(14)
-  top = (22 if title else 0) + 22
-  canvas = Image.new("RGB", (3 * cell + 2 * gap, top + n * cell + (n - 1) * gap), "white")
-  draw = ImageDraw.Draw(canvas)
-  if title:
-    draw.text((4, 3), reports.fit_text(draw, title, canvas.width - 8, face), fill="black",
-              font=face)
-  for c, (key, heading) in enumerate(COLUMNS):
-    x = c * (cell + gap)
-    draw.text((x + (cell - draw.textlength(heading, font=face)) / 2, top - 19), heading,
-              fill="black", font=face)
-    for r in range(n):
-      big = np.repeat(np.repeat(panels[key][r], scale, axis=0), scale, axis=1)
-      canvas.paste(Image.fromarray(big), (x, top + r * (cell + gap)))
-  return np.asarray(canvas)
+def grid(panels: Dict[str, np.ndarray], title: str = "") -> np.ndarray:
+  """Rows of [image | masked | reconstruction] under their column titles (`reports.image_grid`:
+  cells of at least 112 px, enlarged without smoothing)."""
+  return reports.image_grid([(heading, panels[key]) for key, heading in COLUMNS], title)
 
 
 class Reconstruction(base.Evaluator):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
 
@@ -96,6 +96,38 @@ def fit_text(draw, text: str, width: int, face) -> str:
   while text and draw.textlength("..." + text, font=face) > width:
     text = text[1:]
   return "..." + text
+
+
+def image_grid(columns: Sequence[Tuple[str, Sequence[np.ndarray]]], title: str = "",
+               row_labels: Sequence[str] = (), min_cell: int = 112, gap: int = 4) -> np.ndarray:
+  """uint8 [H, W, 3]: one column per (heading, images) under its heading (and `title` above
+  them all), each cell enlarged by whole pixels (no smoothing) to at least `min_cell`; a row's
+  label, when given, written over its first cell."""
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  n, s = len(columns[0][1]), columns[0][1][0].shape[0]
+  scale = -(-min_cell // s)
+  cell = s * scale
+  face = font(14)
+  top = (22 if title else 0) + 22
+  canvas = Image.new("RGB", (len(columns) * (cell + gap) - gap, top + n * (cell + gap) - gap),
+                     "white")
+  draw = ImageDraw.Draw(canvas)
+  if title:
+    draw.text((4, 3), fit_text(draw, title, canvas.width - 8, face), fill="black", font=face)
+  for c, (heading, images) in enumerate(columns):
+    x = c * (cell + gap)
+    heading = fit_text(draw, heading, cell, face)
+    draw.text((x + (cell - draw.textlength(heading, font=face)) / 2, top - 19), heading,
+              fill="black", font=face)
+    for r, image in enumerate(images):
+      big = np.repeat(np.repeat(np.asarray(image, np.uint8), scale, axis=0), scale, axis=1)
+      canvas.paste(Image.fromarray(big), (x, top + r * (cell + gap)))
+  for r, label in enumerate(row_labels):
+    y = top + r * (cell + gap)
+    text = fit_text(draw, label, cell - 6, face)
+    draw.rectangle((0, y, draw.textlength(text, font=face) + 6, y + 19), fill="black")
+    draw.text((3, y + 2), text, fill="white", font=face)
+  return np.asarray(canvas)
 
 
 def captioned(image: np.ndarray, lines: Sequence[str], size: int = 14) -> np.ndarray:
