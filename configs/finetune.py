@@ -66,6 +66,10 @@ def get_config(arg=None):
   config.test_split = "test"               # evaluated with the best state at the end ("": no)
   # Evaluators (uniemox_jax.evaluators): period 0 runs them only from the evaluation command
   # (python -m uniemox_jax.evaluate); a period > 0 also runs them during training.
+  # explain: heatmaps of fixed images (python -m uniemox_jax.evaluate ... --evals explain).
   config.evals = dict(classification=dict(type="classification", period=0, data="",
-                                          split="test"))
+                                          split="test"),
+                      explain=dict(type="explain", period=0, data="", split="test", num=8,
+                                   methods="rollout,gradcam,grad_x_input", target="predicted",
+                                   head_fusion="mean", discard_ratio=0.0))
   return config

@@ -1,6 +1,11 @@
 """Heatmaps: rollout against one computed by hand from timm's own attention probabilities, and
 every method on a model trained here on images whose class only an object at a known place
 carries."""
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,11 +14,18 @@ import optax
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from uniemox_jax import augment
+from uniemox_jax import errors
 from uniemox_jax import explanation
+from uniemox_jax import prediction
+from uniemox_jax import torch_import
 from uniemox_jax import torch_export
 from uniemox_jax.models import classifier
+from tests import environment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZE, PATCH, GRID = 32, 8, 4
 
@@ -136,3 +148,70 @@ def test_heatmaps_of_a_trained_model_fall_on_the_object(trained):
   other = explanation.explainer(model, "avg", ["gradcam"])(params, images, 1 - labels)
   assert (other["target"] == 1 - labels).all()
   assert not np.allclose(other["gradcam"], result["gradcam"])
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, "-m", "uniemox_jax.explain",
+                         "--config", "configs/demo_finetune.py", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env=environment.subprocess_env(1))
+
+
+def test_the_explain_command_writes_maps_a_grid_and_a_listing(trained, tmp_path):
+  model, params = trained
+  ckpt = str(tmp_path / "ckpt")
+  torch_import.write_checkpoint(params, ckpt, {"task": "finetune", "class_names": ["red", "blue"],
+                                               "pool": "avg"})
+  images, _, _ = _object_images(4, seed=11)
+  folder = tmp_path / "images"
+  folder.mkdir()
+  for i, img in enumerate(images):
+    Image.fromarray(img).save(folder / f"{i}.png")
+  (folder / "broken.jpg").write_bytes(b"not a jpeg")
+  out = tmp_path / "out"
+  proc = _run(f"--checkpoint={ckpt}", f"--images={folder}", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "4 images (4 in the grid), 1 unreadable" in proc.stdout
+  listing = json.loads((out / "explain.json").read_text())
+  assert [r["image"] for r in listing["images"]] == [str(folder / f"{i}.png") for i in range(4)]
+  assert listing["unreadable"][0][0] == str(folder / "broken.jpg")
+  # The maps are those of the library on the same files through the eval transform.
+  seen = np.stack([prediction.eval_image(str(folder / f"{i}.png"), SIZE) for i in range(4)])
+  expected = explanation.explainer(model, "avg", explanation.METHODS)(
+      params, seen, -np.ones(4, np.int32))
+  for m in explanation.METHODS:
+    np.testing.assert_allclose(np.load(out / f"{m}.npy"), expected[m], rtol=1e-4, atol=1e-6)
+  assert [r["class"] for r in listing["images"]] == [
+      ["red", "blue"][int(t)] for t in expected["target"]]
+  grid = np.asarray(Image.open(out / "explain.png"))
+  assert grid.shape[1] == 4 * 128 + 3 * 4 and grid.shape[0] > 4 * 128      # 4 columns, 4 rows
+
+  bad = [(["--class=green"], "--class 'green': not a class of this model"),
+         ([f"--data={tmp_path}"], "give --images DIR or --data DIR"),
+         (["--method=rollout,lime"], "--method rollout,lime: choose from")]
+  for extra, words in bad:
+    proc = _run(f"--checkpoint={ckpt}", f"--images={folder}", f"--out={tmp_path / 'x'}", *extra)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and words in lines[-1] and len(lines) == 1, proc.stderr[-2000:]
+
+
+def test_the_explain_evaluator_on_a_checkpoint(synthetic_data, tmp_path):
+  from configs import demo_finetune
+  from data_pipelines import dataset_info
+  from uniemox_jax import evaluators
+  _, data = synthetic_data
+  names = list(dataset_info.DatasetInfo.load(data).class_names)
+  model = _model("avg", classes=len(names))
+  ckpt = str(tmp_path / "ckpt")
+  torch_import.write_checkpoint(_params(model), ckpt, {"task": "finetune", "class_names": names})
+  config = demo_finetune.get_config()
+  config.data.dir = data
+  (result,) = evaluators.evaluate_checkpoint(config, ckpt, ["explain"], split="test",
+                                             out_dir=str(tmp_path / "eval"),
+                                             progress=False).values()
+  (png,) = [f for f in result["files"] if f.endswith("explain_test.png")]
+  grid = np.asarray(Image.open(png))
+  assert grid.shape[1] == 4 * 128 + 3 * 4 and grid.shape[0] > 8 * 128   # num 8 of the config
+  config.evals.explain.target = "nosuch"
+  with pytest.raises(errors.UserError, match="config.evals.explain.target 'nosuch'"):
+    evaluators.evaluate_checkpoint(config, ckpt, ["explain"], out_dir=str(tmp_path / "e2"))

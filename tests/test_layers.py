@@ -8,7 +8,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("data_pipelines", "uniemox_jax")
 # The commands: entry points, imported by nothing.
 COMMANDS = ("uniemox_jax.main", "uniemox_jax.demo", "uniemox_jax.evaluate",
-            "uniemox_jax.predict", "uniemox_jax.plots")
+            "uniemox_jax.predict", "uniemox_jax.plots", "uniemox_jax.explain")
 COMMAND_PACKAGES = ("uniemox_jax.tools",)
 
 

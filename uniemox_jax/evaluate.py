@@ -55,7 +55,8 @@ def main(argv):
       if "num_examples" in result:
         print(metrics.format_table(result, title))
       else:
-        print(title + ": " + ", ".join(f"{k} {v:.4g}" for k, v in result["scalars"].items()))
+        scalars = ", ".join(f"{k} {v:.4g}" for k, v in result["scalars"].items())
+        print(title + (": " + scalars if scalars else ""))
       print("wrote: " + ", ".join(result["files"]), flush=True)
 
 

@@ -19,6 +19,7 @@ model's kernels need not expose them; the model runs in the unrolled block layou
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Sequence
 
 import flax.linen as nn
@@ -32,6 +33,12 @@ from uniemox_jax.models import vit
 
 METHODS = ("rollout", "gradcam", "grad_x_input")
 HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def unrolled(model):
+  """The same classifier with its blocks unrolled and no remat: the explanations hook into
+  each block (checkpoints convert with `surgery.to_layout(params, scanned=False)`)."""
+  return model.clone(student=dataclasses.replace(model.student, scan=False, remat="none"))
 
 
 def check_methods(methods: Sequence[str], flag: str = "--method") -> List[str]:

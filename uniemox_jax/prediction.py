@@ -41,6 +41,13 @@ def list_images(root: str) -> List[str]:
   return found
 
 
+def eval_image(path: str, size: int) -> np.ndarray:
+  """An image file through the eval transform: uint8 [size, size, 3]."""
+  with Image.open(path) as img:
+    return transforms.to_array(transforms.resize_center_crop(
+        img.convert("RGB"), int(round(size / 0.875)), size))
+
+
 def classes_of(ckpt: checkpointing.Checkpoint,
                classes_dir: Optional[str]) -> dataset_info.DatasetInfo:
   """The classes a checkpoint predicts: a converted dataset's (`classes_dir`, --classes), or
@@ -74,7 +81,6 @@ def predict(config, checkpoint: str, paths: Sequence[str], top_k: int = 3,
                                              config.model.image_size, what=ckpt.step_dir)
   scorer = classification.classifier_scorer(model, info.multi_label)
   size = config.model.image_size
-  resize = int(round(size / 0.875))
   rows, unreadable, images, kept = [], [], [], []
 
   def flush():
@@ -93,9 +99,7 @@ def predict(config, checkpoint: str, paths: Sequence[str], top_k: int = 3,
 
   for path in paths:
     try:
-      with Image.open(path) as img:
-        img = img.convert("RGB")
-        images.append(transforms.to_array(transforms.resize_center_crop(img, resize, size)))
+      images.append(eval_image(path, size))
       kept.append(path)
     except (OSError, ValueError) as e:
       unreadable.append((path, str(e)))

@@ -5,6 +5,7 @@
   linear_probe     a linear classifier on the frozen encoder's features
   zero_shot        a pretrained UniEmoX's gamma against CLIP text embeddings of the classes
   reconstruction   a grid of fixed images: original | masked | reconstruction
+  explain          a grid of fixed images and a fine-tuned classifier's heatmaps over them
 
 Every entry of `config.evals` runs every `period` steps of a training run (any task), and
 `evaluate_checkpoint` (the evaluation command, `python -m uniemox_jax.evaluate`) runs any of
@@ -26,12 +27,13 @@ from uniemox_jax.evaluators import classification
 from uniemox_jax.evaluators import reports
 from uniemox_jax.models import surgery
 from uniemox_jax.evaluators.base import Evaluator, Result  # noqa: F401  (the interface)
+from uniemox_jax.evaluators.heatmaps import Explain
 from uniemox_jax.evaluators.linear_probe import LinearProbe
 from uniemox_jax.evaluators.reconstruction import Reconstruction
 from uniemox_jax.evaluators.zero_shot import ZeroShot
 
 REGISTRY = {"classification": classification.Classification, "linear_probe": LinearProbe,
-            "zero_shot": ZeroShot, "reconstruction": Reconstruction}
+            "zero_shot": ZeroShot, "reconstruction": Reconstruction, "explain": Explain}
 
 
 def register(type_name: str, cls) -> None:
