@@ -105,7 +105,7 @@ def main(argv):
                                              config.model.image_size, what=ckpt.step_dir)
     images, labels, unreadable = _inputs(config.model.image_size)
     run = explanation.explainer(model, config.model.pool, methods, _HEAD_FUSION.value,
-                                _DISCARD.value)
+                                _DISCARD.value, info.multi_label)
   parts = [run(params, images[i:i + _BATCH], np.full(len(images[i:i + _BATCH]), target,
                                                      np.int32))
            for i in range(0, len(images), _BATCH)]

@@ -108,10 +108,10 @@ def rollout(attention: Sequence[jax.Array], pool: str, head_fusion: str = "mean"
 
 
 def explainer(model, pool: str, methods: Sequence[str], head_fusion: str = "mean",
-              discard_ratio: float = 0.0):
+              discard_ratio: float = 0.0, multi_label: bool = False):
   """A jitted (params, uint8 images [B, S, S, 3], target [B] int or -1 for the predicted
-  class) -> {"probabilities": [B, C], "target": [B], method: map}, maps [B, g, g] (patch grid)
-  or [B, S, S] (grad_x_input)."""
+  class) -> {"probabilities": [B, C] (softmax, or per-class sigmoids with `multi_label`),
+  "target": [B], method: map}, maps [B, g, g] (patch grid) or [B, S, S] (grad_x_input)."""
   methods = check_methods(methods)
 
   @jax.jit
@@ -119,7 +119,8 @@ def explainer(model, pool: str, methods: Sequence[str], head_fusion: str = "mean
     x = augment.normalize(images)
     logits, tokens, qkvs = _forward(model, params, x)
     target = jnp.where(target < 0, jnp.argmax(logits, axis=-1), target)
-    out = {"probabilities": jax.nn.softmax(logits), "target": target}
+    out = {"probabilities": jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits),
+           "target": target}
 
     def score(delta, x):
       logits, tokens, _ = _forward(model, params, x, delta)

@@ -51,7 +51,8 @@ class Explain(base.Evaluator):
     with errors.as_user_errors():
       self.explain = explanation.explainer(self.model, self.config.model.pool, self.methods,
                                            str(self.spec["head_fusion"]),
-                                           float(self.spec["discard_ratio"]))
+                                           float(self.spec["discard_ratio"]),
+                                           self.info.multi_label)
 
   def check_checkpoint(self, ckpt) -> None:
     super().check_checkpoint(ckpt)
