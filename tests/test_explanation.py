@@ -215,3 +215,44 @@ def test_the_explain_evaluator_on_a_checkpoint(synthetic_data, tmp_path):
   config.evals.explain.target = "nosuch"
   with pytest.raises(errors.UserError, match="config.evals.explain.target 'nosuch'"):
     evaluators.evaluate_checkpoint(config, ckpt, ["explain"], out_dir=str(tmp_path / "e2"))
+
+
+def test_a_pretraining_checkpoint_maps_its_similarity_to_a_class(synthetic_data, tmp_path):
+  from configs import demo
+  from data_pipelines import dataset_info
+  from uniemox_jax import models
+  from uniemox_jax.evaluators import reconstruction, zero_shot
+  from uniemox_jax.models.uniemox import UniEmoX
+  from uniemox_jax.teacher import loading
+  _, data = synthetic_data
+  config = demo.get_config()
+  model = explanation.unrolled(models.pretrain_model(config.model))
+  x, key = jnp.zeros((1, SIZE, SIZE, 3)), jax.random.key(3)
+  params = nn.unbox(model.init({"params": key, "mask": key, "dropout": key}, x, x)["params"])
+  ckpt = str(tmp_path / "run" / "checkpoints")
+  torch_import.write_checkpoint(params, ckpt, {"task": "pretrain"})
+  out = tmp_path / "out"
+  proc = subprocess.run([sys.executable, "-m", "uniemox_jax.explain", "--config",
+                         "configs/demo.py", f"--checkpoint={ckpt}", f"--data={data}",
+                         "--num=4", f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=600, env=environment.subprocess_env(1))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  maps = np.load(out / "similarity.npy")
+  assert maps.shape == (4, GRID, GRID) and (maps >= 0).all() and maps.max() > 0
+
+  # The same map in-process, and its class is zero-shot's: gamma's best text embedding.
+  teacher = loading.load_teacher(config, str(tmp_path / "run"))      # the one the run made
+  names = dataset_info.DatasetInfo.load(data).class_names
+  text = zero_shot.class_embeddings(teacher, names)
+  views = reconstruction.fixed_images(data, "test", 4, SIZE)
+  run = explanation.similarity_explainer(model, text, float(teacher.logit_scale(teacher.params)))
+  result = run(params, views["image"], views["person"], -np.ones(4, np.int32))
+  np.testing.assert_allclose(maps, result["similarity"], rtol=1e-4, atol=1e-7)
+  gamma = model.apply({"params": params}, augment.normalize(views["image"]),
+                      augment.normalize(views["person"]), method=UniEmoX.embed)["gamma"]
+  gamma = np.asarray(gamma) / np.linalg.norm(gamma, axis=-1, keepdims=True)
+  assert (result["target"] == np.argmax(gamma @ text.T, axis=-1)).all()
+  listing = json.loads((out / "explain.json").read_text())
+  assert [r["class"] for r in listing["images"]] == [names[int(t)] for t in result["target"]]
+  other = run(params, views["image"], views["person"], (result["target"] + 1) % len(names))
+  assert not np.allclose(other["similarity"], result["similarity"])

@@ -1,4 +1,4 @@
-"""What a fine-tuned classifier looks at: heatmaps of one emotion over each image, the library
+"""What a model looks at: heatmaps of one emotion over each image, the library
 of the explain command (`python -m uniemox_jax.explain`) and of the `explain` evaluator.
 
 Methods (docs/method.md, "Heatmaps"), each a map per image for a target class (the predicted
@@ -12,6 +12,10 @@ one, or a named one):
                 residual stream): ReLU(sum_d w_d * token_d), w_d the mean over patches of the
                 target logit's gradient with respect to them.
   grad_x_input  |gradient x input| of the target logit, summed over channels, per pixel.
+
+A pretraining checkpoint has no logits: its map ("similarity") is the Grad-CAM of the cosine
+similarity between the fused token gamma and a class's CLIP text embedding (zero-shot's
+score), on the scene view's tokens entering the encoder's last block.
 
 The attention probabilities are recomputed from each block's qkv projection (softmax of
 q.k / sqrt(head_dim), what every attention kernel of models/attention.py computes), so the
@@ -50,13 +54,15 @@ def check_methods(methods: Sequence[str], flag: str = "--method") -> List[str]:
   return methods
 
 
-def _forward(model, params, x, delta=None):
-  """(logits, the patch tokens entering the last block [B, T, W], each block's qkv
-  [B, T, 3, H, d]); `delta` is added to those tokens (its gradient is theirs)."""
+def _forward(model, params, inputs, delta=None, method=None):
+  """(the model's output, the tokens entering the encoder's last block [B, T, W], each
+  block's qkv [B, T, 3, H, d]); `delta` is added to those tokens (its gradient is theirs).
+  A classifier is applied to `inputs`; with `method` (UniEmoX.embed) that method is."""
   qkvs, tokens = [], []
   last = f"block_{vit.decode_variant(model.variant).depth - 1}"
 
   def record(next_fun, args, kwargs, context):
+    # Only the encoder's blocks run here (UniEmoX.embed never runs the decoder's).
     if (context.method_name == "__call__" and isinstance(context.module, vit.Block)
         and context.module.name == last):
       args = (args[0] if delta is None else args[0] + delta,) + tuple(args[1:])
@@ -68,8 +74,19 @@ def _forward(model, params, x, delta=None):
     return out
 
   with nn.intercept_methods(record):
-    logits, _ = model.apply({"params": params}, x, train=False)
-  return logits, tokens[0], qkvs
+    if method is None:
+      out = model.apply({"params": params}, *inputs, train=False)
+    else:
+      out = model.apply({"params": params}, *inputs, method=method)
+  return out, tokens[0], qkvs
+
+
+def _gradcam(tokens: jax.Array, grads: jax.Array) -> jax.Array:
+  """[B, g, g]: ReLU(tokens . w) over the patch tokens, w their mean gradient."""
+  weights = grads[:, 1:].mean(axis=1)
+  cam = jax.nn.relu(jnp.einsum("bnw,bw->bn", tokens[:, 1:], weights))
+  side = int(round(cam.shape[1] ** 0.5))
+  return cam.reshape(cam.shape[0], side, side)
 
 
 def attentions(qkvs: Sequence[jax.Array]) -> List[jax.Array]:
@@ -117,29 +134,63 @@ def explainer(model, pool: str, methods: Sequence[str], head_fusion: str = "mean
   @jax.jit
   def run(params, images, target):
     x = augment.normalize(images)
-    logits, tokens, qkvs = _forward(model, params, x)
+    (logits, _), tokens, qkvs = _forward(model, params, (x,))
     target = jnp.where(target < 0, jnp.argmax(logits, axis=-1), target)
     out = {"probabilities": jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits),
            "target": target}
 
     def score(delta, x):
-      logits, tokens, _ = _forward(model, params, x, delta)
+      (logits, _), tokens, _ = _forward(model, params, (x,), delta)
       return jnp.take_along_axis(logits, target[:, None], axis=1).sum(), tokens
 
     if "rollout" in methods:
       out["rollout"] = rollout(attentions(qkvs), pool, head_fusion, discard_ratio)
     if "gradcam" in methods:
       grads, tokens = jax.grad(score, has_aux=True)(jnp.zeros_like(tokens), x)
-      weights = grads[:, 1:].mean(axis=1)
-      cam = jax.nn.relu(jnp.einsum("bnw,bw->bn", tokens[:, 1:], weights))
-      side = int(round(cam.shape[1] ** 0.5))
-      out["gradcam"] = cam.reshape(cam.shape[0], side, side)
+      out["gradcam"] = _gradcam(tokens, grads)
     if "grad_x_input" in methods:
       grads = jax.grad(lambda x: score(None, x)[0])(x)
       out["grad_x_input"] = jnp.abs(grads * x).sum(axis=-1)
     return out
 
   return lambda params, images, target: jax.device_get(run(params, images, target))
+
+
+def similarity_explainer(model, text: np.ndarray, logit_scale: float,
+                         multi_label: bool = False):
+  """For a pretraining checkpoint (UniEmoX, unrolled): a jitted (params, uint8 scene and
+  person views [B, S, S, 3], target [B] or -1 for the best-matching class) ->
+  {"probabilities" (zero-shot's scores), "target", "similarity": [B, g, g]}: Grad-CAM of the
+  cosine similarity of the fused token gamma to the target class's text embedding (`text`,
+  [C, E], normalized), on the scene view's tokens entering the encoder's last block."""
+  from uniemox_jax.models.uniemox import UniEmoX  # pylint: disable=g-import-not-at-top
+  text = jnp.asarray(text, jnp.float32)
+
+  @jax.jit
+  def run(params, scene, person, target):
+    views = (augment.normalize(scene), augment.normalize(person))
+
+    def similarities(delta):
+      out, tokens, _ = _forward(model, params, views, delta, method=UniEmoX.embed)
+      gamma = out["gamma"].astype(jnp.float32)
+      return gamma / jnp.linalg.norm(gamma, axis=-1, keepdims=True) @ text.T, tokens
+
+    sims, tokens = similarities(None)
+    target = jnp.where(target < 0, jnp.argmax(sims, axis=-1), target)
+    logits = logit_scale * sims
+
+    def score(delta):
+      sims, tokens = similarities(delta)
+      return jnp.take_along_axis(sims, target[:, None], axis=1).sum(), tokens
+
+    grads, tokens = jax.grad(score, has_aux=True)(jnp.zeros_like(tokens))
+    batch = scene.shape[0]          # the encoder saw [scene; person]: the scene's half
+    return {"probabilities": jax.nn.sigmoid(logits) if multi_label else
+            jax.nn.softmax(logits), "target": target,
+            "similarity": _gradcam(tokens[:batch], grads[:batch])}
+
+  return lambda params, scene, person, target: jax.device_get(
+      run(params, scene, person, target))
 
 
 def mass_in_box(heatmap: np.ndarray, box: Sequence[int], image_size: int) -> float:
