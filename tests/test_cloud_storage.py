@@ -360,6 +360,22 @@ def test_import_evaluate_predict_and_finetune_from_the_bucket(server, bucket_dat
        "uniemox_finetune", "--image_size", "32", "--out", imported, "--class_names",
        ",".join(names))
   assert storage.exists(storage.join(imported, "0", "state"))
+  # ... exported from the bucket into the bucket as a timm folder, which timm builds into the
+  # model the .pth came from.
+  exported = _gs("exported", "emo-timm")
+  _run(server, tmp_path / "c4", "uniemox_jax.tools.export", f"--checkpoint={imported}",
+       "--format=timm", f"--out={exported}")
+  local = tmp_path / "emo-timm"
+  local.mkdir()
+  for name in ("config.json", "model.safetensors"):
+    with storage.open(storage.join(exported, name), "rb") as f:
+      (local / name).write_bytes(f.read())
+  import timm
+  again = timm.create_model(f"local-dir:{local}", pretrained=True).eval()
+  x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+  with torch.no_grad():
+    reference = model.eval()(x)
+    assert reference.abs().max() > 1e-3 and (again(x) - reference).abs().max() < 1e-4
 
   ft = ["--config", "configs/demo_finetune.py", f"--config.data.dir={data}"]
   ev = _run(server, tmp_path / "c1", "uniemox_jax.evaluate", *ft, f"--checkpoint={imported}",
