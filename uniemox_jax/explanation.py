@@ -81,6 +81,13 @@ def _forward(model, params, inputs, delta=None, method=None):
   return out, tokens[0], qkvs
 
 
+def _zero_tokens(model, batch: int) -> jax.Array:
+  """Zeros shaped as the tokens entering the encoder's last block: [B, 1 + g*g, width]."""
+  shape = vit.decode_variant(model.variant)
+  return jnp.zeros((batch, 1 + vit.grid_size(model.image_size, shape.patch) ** 2,
+                    shape.width))
+
+
 def _gradcam(tokens: jax.Array, grads: jax.Array) -> jax.Array:
   """[B, g, g]: ReLU(tokens . w) over the patch tokens, w their mean gradient."""
   weights = grads[:, 1:].mean(axis=1)
@@ -134,23 +141,27 @@ def explainer(model, pool: str, methods: Sequence[str], head_fusion: str = "mean
   @jax.jit
   def run(params, images, target):
     x = augment.normalize(images)
-    (logits, _), tokens, qkvs = _forward(model, params, (x,))
+
+    def logits_of(delta, x):
+      (logits, _), tokens, qkvs = _forward(model, params, (x,), delta)
+      return logits, (tokens, qkvs)
+
+    # One forward pass; its pullback, taken once the target is known, gives the target
+    # logit's gradient with respect to both the last block's tokens and the input.
+    logits, pullback, (tokens, qkvs) = jax.vjp(logits_of, _zero_tokens(model, x.shape[0]), x,
+                                               has_aux=True)
     target = jnp.where(target < 0, jnp.argmax(logits, axis=-1), target)
     out = {"probabilities": jax.nn.sigmoid(logits) if multi_label else jax.nn.softmax(logits),
            "target": target}
-
-    def score(delta, x):
-      (logits, _), tokens, _ = _forward(model, params, (x,), delta)
-      return jnp.take_along_axis(logits, target[:, None], axis=1).sum(), tokens
-
     if "rollout" in methods:
       out["rollout"] = rollout(attentions(qkvs), pool, head_fusion, discard_ratio)
-    if "gradcam" in methods:
-      grads, tokens = jax.grad(score, has_aux=True)(jnp.zeros_like(tokens), x)
-      out["gradcam"] = _gradcam(tokens, grads)
-    if "grad_x_input" in methods:
-      grads = jax.grad(lambda x: score(None, x)[0])(x)
-      out["grad_x_input"] = jnp.abs(grads * x).sum(axis=-1)
+    if "gradcam" in methods or "grad_x_input" in methods:
+      token_grads, input_grads = pullback(jax.nn.one_hot(target, logits.shape[-1],
+                                                         dtype=logits.dtype))
+      if "gradcam" in methods:
+        out["gradcam"] = _gradcam(tokens, token_grads)
+      if "grad_x_input" in methods:
+        out["grad_x_input"] = jnp.abs(input_grads * x).sum(axis=-1)
     return out
 
   return lambda params, images, target: jax.device_get(run(params, images, target))
@@ -175,19 +186,15 @@ def similarity_explainer(model, text: np.ndarray, logit_scale: float,
       gamma = out["gamma"].astype(jnp.float32)
       return gamma / jnp.linalg.norm(gamma, axis=-1, keepdims=True) @ text.T, tokens
 
-    sims, tokens = similarities(None)
+    batch = scene.shape[0]          # the encoder sees [scene; person]
+    sims, pullback, tokens = jax.vjp(similarities, _zero_tokens(model, 2 * batch),
+                                     has_aux=True)
     target = jnp.where(target < 0, jnp.argmax(sims, axis=-1), target)
     logits = logit_scale * sims
-
-    def score(delta):
-      sims, tokens = similarities(delta)
-      return jnp.take_along_axis(sims, target[:, None], axis=1).sum(), tokens
-
-    grads, tokens = jax.grad(score, has_aux=True)(jnp.zeros_like(tokens))
-    batch = scene.shape[0]          # the encoder saw [scene; person]: the scene's half
+    (grads,) = pullback(jax.nn.one_hot(target, sims.shape[-1], dtype=sims.dtype))
     return {"probabilities": jax.nn.sigmoid(logits) if multi_label else
             jax.nn.softmax(logits), "target": target,
-            "similarity": _gradcam(tokens[:batch], grads[:batch])}
+            "similarity": _gradcam(tokens[:batch], grads[:batch])}   # the scene's half
 
   return lambda params, scene, person, target: jax.device_get(
       run(params, scene, person, target))
