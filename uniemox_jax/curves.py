@@ -70,7 +70,7 @@ def plot(rows: Dict[int, Dict[str, float]], path: str, title: str) -> None:
     ax.set_title(name)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    if name in ("norms",) or (name == "losses" and _spans_decades(rows, keys)):
+    if name == "norms" or (name == "losses" and _spans_decades(rows, keys)):
       ax.set_yscale("log")
     if len(keys) > 1:
       ax.legend(fontsize=8)

@@ -51,10 +51,11 @@ from uniemox_jax.evaluators import zero_shot  # noqa: E402
 from uniemox_jax.models import surgery  # noqa: E402
 from uniemox_jax.teacher import loading  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The fine-tuning config (model "
-                                          "fields).", lock_config=False)
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A fine-tuned checkpoint (<dir> or "
-                                  "<dir>/<step>).")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "The checkpoint's config (model "
+                                          "fields; a pretraining config's teacher).",
+                                          lock_config=False)
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A fine-tuned or pretraining checkpoint "
+                                  "(<dir> or <dir>/<step>).")
 _IMAGES = flags.DEFINE_string("images", None, "A folder of images (searched recursively).")
 _DATA = flags.DEFINE_string("data", None, "Or a converted dataset: the first --num records "
                             "of --split.")

@@ -59,7 +59,7 @@ class Explain(base.Evaluator):
     classification.check_classes(ckpt, self.info)
 
   def run(self, params) -> base.Result:
-    host = surgery.to_layout(jax.tree.map(np.asarray, jax.device_get(params)), scanned=False)
+    host = surgery.to_layout(jax.device_get(params), scanned=False)
     result = self.explain(host, self.images,
                           np.full(len(self.images), self.target, np.int32))
     cells = explanation.panels(self.images, result, self.methods, self.info.class_names)
