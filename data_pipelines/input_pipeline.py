@@ -141,7 +141,7 @@ class EvalTransform(grain.transforms.Map):
 
   def __init__(self, image_size: int, resize: Optional[int] = None, person_view: bool = False):
     self.image_size = image_size
-    self.resize = resize or int(round(image_size / 0.875))   # 224 -> 256
+    self.resize = resize or transforms.eval_resize(image_size)
     self.person_view = person_view
 
   def map(self, data: bytes) -> Dict[str, np.ndarray]:

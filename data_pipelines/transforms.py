@@ -95,6 +95,15 @@ def person_box_pixels(img_or_size, rel_box: Sequence[float]) -> Box:
   return x0, y0, max(1, min(x1, width) - x0), max(1, min(y1, height) - y0)
 
 
+# The eval crop's share of the resized image: 224 of 256 (timm's crop_pct).
+EVAL_CROP_PCT = 0.875
+
+
+def eval_resize(crop: int) -> int:
+  """The shorter side the eval transform resizes to before cropping `crop`: 224 -> 256."""
+  return int(round(crop / EVAL_CROP_PCT))
+
+
 def resize_center_crop(img: Image.Image, resize: int, crop: int) -> Image.Image:
   """torchvision Resize(resize) (shorter side, bicubic) then CenterCrop(crop)."""
   width, height = img.size

@@ -45,7 +45,7 @@ def eval_image(path: str, size: int) -> np.ndarray:
   """An image file through the eval transform: uint8 [size, size, 3]."""
   with Image.open(path) as img:
     return transforms.to_array(transforms.resize_center_crop(
-        img.convert("RGB"), int(round(size / 0.875)), size))
+        img.convert("RGB"), transforms.eval_resize(size), size))
 
 
 def classes_of(ckpt: checkpointing.Checkpoint,

@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from data_pipelines import storage
+from data_pipelines import transforms
 from uniemox_jax import checkpointing
 from uniemox_jax import errors
 from uniemox_jax import torch_import
@@ -44,8 +45,8 @@ from uniemox_jax.models import vit
 
 FORMATS = ("timm", "mae")
 # Our eval transform (data_pipelines/input_pipeline.py EvalTransform): resize the shorter side
-# to size / 0.875, bicubic, center crop.
-CROP_PCT, INTERPOLATION = 0.875, "bicubic"
+# bicubically to size / crop_pct, center crop.
+INTERPOLATION = "bicubic"
 # timm's registered names for our sizes; any other shape takes the base one, the shape given
 # in full by model_args (which timm applies over the architecture's defaults).
 TIMM_ARCHITECTURES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224",
@@ -203,7 +204,7 @@ def _timm_config(params: Mapping[str, Any], ckpt: checkpointing.Checkpoint, imag
                      "fc_norm": pool == "avg", "num_classes": classes},
       "pretrained_cfg": {"architecture": architecture, "input_size": [3, image_size, image_size],
                          "fixed_input_size": True, "interpolation": INTERPOLATION,
-                         "crop_pct": CROP_PCT, "crop_mode": "center",
+                         "crop_pct": transforms.EVAL_CROP_PCT, "crop_mode": "center",
                          "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
                          "num_classes": classes, "first_conv": "patch_embed.proj",
                          "classifier": "head"},
@@ -217,15 +218,16 @@ def _timm_config(params: Mapping[str, Any], ckpt: checkpointing.Checkpoint, imag
   return config
 
 
-def _torch_bytes(obj: Any) -> bytes:
+def _torch_bytes(obj: Mapping[str, Mapping[str, np.ndarray]]) -> bytes:
+  """torch.save of {entry: state dict} (NumPy arrays as tensors)."""
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise errors.UserError("--format mae writes a .pth, which needs PyTorch: "
                            "pip install '.[torch]'") from None
   buffer = io.BytesIO()
-  torch.save({k: ({n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in d.items()}
-                  if isinstance(d, dict) else d) for k, d in obj.items()}, buffer)
+  torch.save({k: {n: torch.from_numpy(np.ascontiguousarray(v)) for n, v in d.items()}
+              for k, d in obj.items()}, buffer)
   return buffer.getvalue()
 
 
@@ -256,8 +258,8 @@ def export(checkpoint: str, fmt: str, out: str, image_size: Optional[int] = None
     raise errors.UserError(f"--checkpoint {ckpt.step_dir}: an encoder without its final norm "
                            "and without a head: neither timm nor MAE has that model")
   if fmt == "timm":
-    sd = (classifier_state_dict if classifier else encoder_state_dict)(
-        params if classifier else params["encoder"], size)
+    sd = (classifier_state_dict(params, size) if classifier
+          else encoder_state_dict(params["encoder"], size))
     left = sorted(k for k in params if k not in ("encoder", "head", "fc_norm"))
     if left:
       done.notes.append(f"left out {', '.join(left)}: a timm ViT is the encoder"
