@@ -38,6 +38,10 @@ setuptools.setup(
         "importlib-resources>=6",   # TFDS builders need it (etils.epath) but do not declare it
         # gs:// data, checkpoints and logs (data_pipelines/storage.py; orbax through etils.epath).
         "gcsfs>=2026.9,<2027",
+        # Hugging Face datasets as saved (hub parquet, save_to_disk arrow), read without the
+        # `datasets` library (docs/decisions.md); PyYAML for their README cards.
+        "pyarrow>=17,<27",
+        "pyyaml>=6,<7",
     ],
     extras_require={
         # PyTorch checkpoint import (uniemox_jax/tools/import_torch.py). Pinned: an unpinned

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -34,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from data_pipelines import dataset_info
+from data_pipelines import hf_datasets
 from data_pipelines import images
 from data_pipelines import prompts
 from data_pipelines import records
@@ -68,14 +70,21 @@ def image_id(split: str, rel_path: str) -> str:
   return rel_path if rel_path.split(os.sep)[0] == split else f"{split}/{rel_path}"
 
 
+def source_bytes(e: sources.Entry) -> bytes:
+  """The encoded image of an entry: its file, or its cell of a Hugging Face table."""
+  if e.row is not None:
+    return hf_datasets.read_image(e.path, e.column, e.row)
+  with open(e.path, "rb") as f:
+    return f.read()
+
+
 def make_record(e: sources.Entry, prompt: str, text_emb: Optional[np.ndarray] = None,
                 max_size: int = 0, exif_orientation: str = "ignore"):
   """(Record, whether a given person box was empty after clipping, why the image was
   re-encoded or "") of one entry: the one place a source image becomes a record, for the CLI
   and the TFDS builders. Raises `images.SkippedFile` (or OSError) on a file that is not
   converted."""
-  with open(e.path, "rb") as f:
-    stored = images.prepare(f.read(), max_size, exif_orientation)
+  stored = images.prepare(source_bytes(e), max_size, exif_orientation)
   box = None if e.box_xyxy is None else stored.relative_box(e.box_xyxy)
   rec = records.Record(stored.data, image_id(e.split, e.rel_path), e.rel_path, e.label,
                        e.label_name, prompt, e.attributes, box, e.labels, text_emb)
@@ -199,10 +208,12 @@ def prepare_out_dir(out: str, name: str, overwrite: bool = False) -> None:
         storage.remove(f)     # a killed run's partial shard, index, stats or metadata
 
 
-def _sha1_of(path: str) -> Optional[str]:
+def _sha1_of(e: sources.Entry) -> Optional[str]:
   try:
-    return tfrecord.file_sha256(path, "sha1")
-  except OSError:
+    if e.row is None:
+      return tfrecord.file_sha256(e.path, "sha1")
+    return hashlib.sha1(source_bytes(e)).hexdigest()
+  except (OSError, ValueError):
     return None        # reported when the shard writer reads it
 
 
@@ -213,8 +224,10 @@ def find_duplicates(plan: sources.Plan, policy: str = "drop_from_train", workers
   conversion; keep converts them all. Every case is listed."""
   if policy not in DUPLICATE_POLICIES:
     raise ValueError(f"--duplicates {policy!r}: choose one of {DUPLICATE_POLICIES}")
-  files = sorted({(e.split, e.rel_path.split("#")[0], e.path) for e in plan.entries})
-  paths = [f[2] for f in files]
+  # One entry per image (EMOTIC's persons of one image share it), in file order.
+  files = {(e.split, e.rel_path.split("#")[0]): e for e in plan.entries}
+  keys = sorted(files, key=lambda k: (k[0], files[k].path, files[k].row or 0))
+  paths = [files[k] for k in keys]
   bar = _progress(len(paths), progress, "hashing")
   with contextlib.ExitStack() as stack:
     if workers > 1 and len(paths) > 64:
@@ -229,7 +242,7 @@ def find_duplicates(plan: sources.Plan, policy: str = "drop_from_train", workers
   bar.close()
   by_digest: Dict[str, Dict[str, List[str]]] = collections.defaultdict(
       lambda: collections.defaultdict(list))
-  for (split, rel, _), digest in zip(files, digests):
+  for (split, rel), digest in zip(keys, digests):
     if digest is not None:
       by_digest[digest][split].append(rel)
   within = [{"split": split, "files": rels} for d in by_digest.values()
@@ -369,6 +382,7 @@ def _report(plan: sources.Plan, results: List[Dict[str, Any]], dups: Dict[str, A
   for r in results:
     reencoded.update(r.get("reencoded", {}))
   return {
+      "source_layout": plan.layout,
       "skipped_files": plan.skipped + unreadable,
       "num_skipped": len(plan.skipped) + len(unreadable),
       "num_unreadable": len(unreadable),
@@ -405,12 +419,17 @@ def read_side_file(path: Optional[str], flag: str):
   return data
 
 
+SOURCES = ("split_tree", "class_folders", "emoset", "emotic", "hf")
+
+
 def build_plan(source: str, name: str, root: str, splits: Sequence[str] = sources.SPLITS, *,
                recipe: str = "", split_fractions: Sequence[float] = (), seed: int = 0,
-               manifest: Optional[Dict[str, Any]] = None) -> sources.Plan:
+               manifest: Optional[Dict[str, Any]] = None, image_column: str = "image",
+               label_column: str = "label", hf_config: str = "") -> sources.Plan:
   """What a source folder holds, as the converter will write it (`sources`): "split_tree",
   "class_folders" (split by `recipe` or `split_fractions`, or as a saved `manifest`),
-  "emoset" or "emotic"."""
+  "emoset", "emotic", or "hf" (a Hugging Face dataset folder, `hf_datasets`, with its image
+  and label columns and, for a hub card with several, its config)."""
   if not root:
     raise ValueError(f"--root is required for --source {source}")
   if source == "split_tree":
@@ -421,7 +440,9 @@ def build_plan(source: str, name: str, root: str, splits: Sequence[str] = source
     return sources.emoset(root, name, splits)
   if source == "emotic":
     return sources.emotic(root, name, splits)
-  raise ValueError(f"--source {source!r} is unknown")
+  if source == "hf":
+    return hf_datasets.plan(root, name, splits, image_column, label_column, hf_config)
+  raise ValueError(f"--source {source!r} is unknown; choose one of {SOURCES}")
 
 
 def detect_person_boxes(plan: sources.Plan, out: str, detector, settings: Dict[str, Any]
@@ -430,7 +451,8 @@ def detect_person_boxes(plan: sources.Plan, out: str, detector, settings: Dict[s
   path: file} -> {relative path: box or None}, e.g. `yolov3.Detector`). Kept in `out` as
   DETECTIONS_FILE with the `settings` that made them, and reused by a rerun with the same
   settings."""
-  todo = {e.rel_path.split("#")[0]: e.path for e in plan.entries if e.box_xyxy is None}
+  todo = {e.rel_path.split("#")[0]: e.path if e.row is None else
+          functools.partial(source_bytes, e) for e in plan.entries if e.box_xyxy is None}
   cache = storage.join(out, DETECTIONS_FILE)
   if storage.exists(cache):
     saved = json.loads(storage.read_text(cache))
@@ -451,8 +473,9 @@ def detect_person_boxes(plan: sources.Plan, out: str, detector, settings: Dict[s
 def summary(info: dataset_info.DatasetInfo, report: Dict[str, Any], report_path: str,
             max_listed: int = 20) -> str:
   """The closing summary: what was written, and every file that was not, with its reason."""
-  lines = [f"{split}: {s.num_records} records in {len(s.shards)} shards, "
-           f"{s.with_person} with a person box" for split, s in info.splits.items()]
+  lines = [f"read: {report['source_layout']}"] if report.get("source_layout") else []
+  lines += [f"{split}: {s.num_records} records in {len(s.shards)} shards, "
+            f"{s.with_person} with a person box" for split, s in info.splits.items()]
   skipped = report["skipped_files"]
   if skipped:
     lines.append(f"skipped {len(skipped)} file(s):")

@@ -165,7 +165,8 @@ def reason(err: BaseException) -> str:
   if "truncated" in text.lower() or "premature end" in text.lower():
     return "truncated image (the file ends before the image data does)"
   if isinstance(err, FileNotFoundError):
-    return "file not found"
+    # An OS error names no more than "not found"; a reader's own (errno unset) says where.
+    return "file not found" if err.errno is not None or not text else text
   if isinstance(err, PermissionError):
     return "permission denied"
   return f"corrupt image data ({type(err).__name__}: {text})" if text else \

@@ -47,6 +47,10 @@ class Entry:
   attributes: Dict[str, Any] = dataclasses.field(default_factory=dict)
   box_xyxy: Optional[Tuple[float, float, float, float]] = None  # person box, pixels
   labels: Optional[List[int]] = None                             # multi-hot
+  # An image inside a table (a Hugging Face parquet or arrow file at `path`): its row and
+  # column there (data_pipelines/hf_datasets.py reads it); None for an image file.
+  row: Optional[int] = None
+  column: str = ""
 
 
 @dataclasses.dataclass
@@ -61,6 +65,7 @@ class Plan:
   skipped: List[Dict[str, str]] = dataclasses.field(default_factory=list)
   system_files: int = 0                             # .DS_Store, Thumbs.db, ...: ignored
   empty_classes: List[str] = dataclasses.field(default_factory=list)   # "class (split)"
+  layout: str = ""                # which of a source's layouts was read, for the report
 
   def splits(self) -> List[str]:
     return [s for s in SPLITS if any(e.split == s for e in self.entries)] + sorted(

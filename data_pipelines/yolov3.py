@@ -28,8 +28,9 @@ pixels:
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -453,12 +454,13 @@ def parse_spec(spec: str) -> Tuple[str, str]:
   return parts[0], parts[1]
 
 
-def detect_files(paths: Dict[str, str], cfg_path: str, weights_path: str, conf: float = 0.8,
+def detect_files(paths: Dict[str, Union[str, Callable[[], bytes]]], cfg_path: str, weights_path: str, conf: float = 0.8,
                  nms_iou: float = 0.4, batch_size: int = 16, progress: bool = True,
                  size: Optional[int] = 416,
                  rule: str = "reference") -> Dict[str, Optional[List[float]]]:
-  """{key: image path} -> {key: top person box [x1, y1, x2, y2] pixels, or None}. An image
-  that cannot be read gets None (the conversion reports it when it reads it)."""
+  """{key: image path, or a function returning the encoded image} -> {key: top person box
+  [x1, y1, x2, y2] pixels, or None}. An image that cannot be read gets None (the conversion
+  reports it when it reads it)."""
   with open(cfg_path) as f:
     cfg = parse_cfg(f.read(), cfg_path)
   detector = PersonDetector(cfg, load_weights(weights_path, cfg, cfg_path), conf, nms_iou,
@@ -472,7 +474,8 @@ def detect_files(paths: Dict[str, str], cfg_path: str, weights_path: str, conf: 
     images, readable = [], []
     for k in chunk:
       try:
-        with Image.open(paths[k]) as img:
+        source = paths[k] if isinstance(paths[k], str) else io.BytesIO(paths[k]())
+        with Image.open(source) as img:
           images.append(img.convert("RGB"))
         readable.append(k)
       except (OSError, ValueError):

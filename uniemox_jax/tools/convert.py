@@ -7,6 +7,8 @@ r"""Converts an emotion dataset into TFRecord shards with indexes, an info file 
       --root /data/FI_raw --name fi --out /data/tfrecords/fi
   python -m uniemox_jax.tools.convert --source emoset --root /data/EmoSet-118K --name emoset \
       --out /data/tfrecords/emoset --text_embeddings openai/clip-vit-base-patch16
+  python -m uniemox_jax.tools.convert --source hf --root /data/EmoSet-118K-hub --name emoset \
+      --out /data/tfrecords/emoset_hub          # a hub download or save_to_disk folder
   python -m uniemox_jax.tools.convert --source synthetic --name synthetic --out /tmp/synth
 
 A command, not part of the data library: it hands the converter the CLIP text embedder
@@ -36,8 +38,7 @@ def parse_args(argv=None):
   p = argparse.ArgumentParser(description="Convert an emotion dataset to TFRecord shards.",
                               formatter_class=argparse.RawDescriptionHelpFormatter,
                               epilog=__doc__)
-  p.add_argument("--source", required=True,
-                 choices=["split_tree", "class_folders", "emoset", "emotic", "synthetic"])
+  p.add_argument("--source", required=True, choices=list(convert.SOURCES) + ["synthetic"])
   p.add_argument("--root", help="the dataset's root folder")
   p.add_argument("--out", required=True, help="output folder for shards and metadata")
   p.add_argument("--name", required=True, help="dataset name used in shard file names")
@@ -65,6 +66,12 @@ def parse_args(argv=None):
   p.add_argument("--split_fractions", default="", help="class_folders: train,val,test")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--manifest", help="class_folders: reuse this split_manifest.json")
+  p.add_argument("--image_column", default="image",
+                 help="hf: the column holding the images ({bytes, path}, bytes or a path)")
+  p.add_argument("--label_column", default="label",
+                 help="hf: the column holding the labels (a ClassLabel or strings)")
+  p.add_argument("--hf_config", default="",
+                 help="hf: the config of README.md's `configs` to read (default: its default)")
   p.add_argument("--text_embeddings", default="",
                  help="CLIP hub id or directory: store each prompt's text embedding")
   p.add_argument("--per_class", default="40,8,8", help="synthetic: train,val,test per class")
@@ -123,7 +130,9 @@ def _plan(args) -> sources.Plan:
     fractions = [float(x) for x in args.split_fractions.split(",")] if \
         args.split_fractions else ()
     plan = convert.build_plan(args.source, args.name, args.root, splits, recipe=args.recipe,
-                              split_fractions=fractions, seed=args.seed, manifest=manifest)
+                              split_fractions=fractions, seed=args.seed, manifest=manifest,
+                              image_column=args.image_column,
+                              label_column=args.label_column, hf_config=args.hf_config)
   sources.apply_side_files(
       plan, _person_boxes(plan, args, side_files[0]),
       convert.read_side_file(args.attributes or side_files[1], "--attributes"))
