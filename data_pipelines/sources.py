@@ -5,7 +5,8 @@
   class_folders  <root>/<class>/* split by a seeded, stratified recipe (docs/method.md §5);
                  the split is written as a manifest that later runs can reuse
   emoset         EmoSet-118K: {train,val,test}.json lists of [emotion, image_id, image_path,
-                 annotation_path] and per-image annotation JSONs
+                 annotation_path] (the release) or [emotion, image_path, annotation_path] (the
+                 reference code's), info.json's class map, per-image annotation JSONs
   emotic         EMOTIC: Annotations/Annotations.mat, 26 categories, multi-label, person boxes
 
 Labels of folder datasets are the alphabetical index of the class folder; EmoSet keeps its own
@@ -259,45 +260,105 @@ def emoset_attributes(annotation: Mapping[str, Any], where: str) -> Dict[str, An
   return out
 
 
+# EmoSet's two list forms: the official release's rows, and the rows the UniEmoX reference
+# code reads (its datasets/build_dataset.py), each with its class map's place in info.json.
+EMOSET_FORMS = {
+    4: ("the official EmoSet-118K release ([emotion, image_id, image_path, annotation_path] "
+        "rows)", ("emotion", "label2idx")),
+    3: ("the UniEmoX reference code's EmoSet ([emotion, image_path, annotation_path] rows)",
+        ("label2idx",)),
+}
+
+
+def _emoset_form(list_path: str, items: Any) -> int:
+  """The form (its row length, a key of EMOSET_FORMS) of one split list; refuses others."""
+  if not isinstance(items, list):
+    raise ValueError(f"EmoSet split list {list_path} should be a JSON list")
+  form = 0
+  for i, item in enumerate(items):
+    if not (isinstance(item, (list, tuple)) and len(item) in EMOSET_FORMS and
+            all(isinstance(x, str) for x in item) and len(item) == (form or len(item))):
+      raise ValueError(f"{list_path} entry {i}: expected [emotion, image_id, image_path, "
+                       "annotation_path] (EmoSet's release) or [emotion, image_path, "
+                       f"annotation_path] (the reference code's), one form per list; got "
+                       f"{item!r}")
+    form = len(item)
+  return form or 4
+
+
+def _emoset_classes(root: str, form: int, plan: "Plan") -> List[str]:
+  """The class order of info.json's label2idx where the form keeps it, else EmoSet's."""
+  path = os.path.join(root, "info.json")
+  keys = EMOSET_FORMS[form][1]
+  if not os.path.exists(path):
+    return list(EMOSET_CLASSES)
+  node = _load_json(path, "EmoSet info")
+  for key in keys:
+    node = node.get(key) if isinstance(node, dict) else None
+  where = f"{path} " + "".join(f"[{k!r}]" for k in keys)
+  if node is None:
+    raise ValueError(f"{where} is missing: the class map of {EMOSET_FORMS[form][0]}")
+  if not (isinstance(node, dict) and sorted(node.values()) == list(range(len(node)))):
+    raise ValueError(f"{where} should map each emotion to 0..N-1, got {node!r}")
+  names = sorted(node, key=node.get)
+  if set(names) != set(EMOSET_CLASSES):
+    raise ValueError(f"{where} names {names}; EmoSet's emotions are {list(EMOSET_CLASSES)}")
+  if names != list(EMOSET_CLASSES):
+    plan.problems.append(f"{where} orders the classes {names}, not as EmoSet publishes them "
+                         f"({list(EMOSET_CLASSES)}); its order is kept")
+  return names
+
+
 def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> Plan:
-  """EmoSet-118K as published: `<root>/<split>.json` is a list of
-  [emotion, image_id, image_path, annotation_path] (paths relative to root, as the dataset's
-  own loader joins them); each annotation JSON carries the image's attributes."""
+  """EmoSet-118K: `<root>/<split>.json` lists [emotion, image_id, image_path, annotation_path]
+  (the official release) or [emotion, image_path, annotation_path] (what the reference code
+  reads), paths relative to root; the form is detected and named in `Plan.layout`. Labels
+  follow info.json's label2idx (`info["emotion"]` in the release, top level in the
+  reference's), else EmoSet's order; each annotation JSON carries the image's attributes."""
   _require_dir(root, "--root")
-  entries, problems = [], []
+  plan = Plan(name, [], [])
+  lists = {}
   for split in splits:
     list_path = os.path.join(root, f"{split}.json")
     if not os.path.exists(list_path):
-      problems.append(f"EmoSet split list {list_path} is missing; split {split!r} skipped")
+      plan.problems.append(f"EmoSet split list {list_path} is missing; split {split!r} skipped")
       continue
     items = _load_json(list_path, "EmoSet split list")
-    if not isinstance(items, list):
-      raise ValueError(f"EmoSet split list {list_path} should be a JSON list")
+    lists[split] = (list_path, items, _emoset_form(list_path, items))
+  if not lists:
+    raise FileNotFoundError(f"--root {root} has no EmoSet split list ({', '.join(splits)}"
+                            ".json)")
+  forms = {form for _, _, form in lists.values()}
+  if len(forms) > 1:
+    raise ValueError(f"--root {root}: the split lists mix EmoSet's forms: " + "; ".join(
+        f"{p}: {EMOSET_FORMS[f][0]}" for p, _, f in lists.values()))
+  form = forms.pop()
+  plan.class_names = _emoset_classes(root, form, plan)
+  plan.layout = EMOSET_FORMS[form][0] + (
+      f", classes from info.json{''.join(f'[{k!r}]' for k in EMOSET_FORMS[form][1])}"
+      if os.path.exists(os.path.join(root, "info.json")) else ", no info.json: EmoSet's order")
+  for split, (list_path, items, _) in lists.items():
     for i, item in enumerate(items):
       where = f"{list_path} entry {i}"
-      if not (isinstance(item, (list, tuple)) and len(item) == 4
-              and all(isinstance(x, str) for x in item)):
-        raise ValueError(f"{where}: expected [emotion, image_id, image_path, "
-                         f"annotation_path] (EmoSet's published form), got {item!r}")
-      emotion, image_id, image_rel, ann_rel = item
-      if emotion not in EMOSET_CLASSES:
+      if form == 4:
+        emotion, image_id, image_rel, ann_rel = item
+      else:
+        (emotion, image_rel, ann_rel), image_id = item, None
+      if emotion not in plan.class_names:
         raise ValueError(f"{where}: unknown emotion {emotion!r}; EmoSet's are "
-                         f"{list(EMOSET_CLASSES)}")
+                         f"{plan.class_names}")
       ann_path = os.path.join(root, ann_rel)
       ann = _load_json(ann_path, "EmoSet annotation", where)
       attrs = emoset_attributes(ann, f"{ann_path} ({where})")
       if ann.get("emotion", emotion) != emotion:
         raise ValueError(f"{ann_path} ({where}): its emotion {ann['emotion']!r} differs from "
                          f"the split list's {emotion!r}")
-      if ann.get("image_id", image_id) != image_id:
+      if image_id is not None and ann.get("image_id", image_id) != image_id:
         raise ValueError(f"{ann_path} ({where}): its image_id {ann['image_id']!r} differs "
                          f"from the split list's {image_id!r}")
-      entries.append(Entry(split, os.path.join(root, image_rel), image_rel,
-                           EMOSET_CLASSES.index(emotion), emotion, attrs))
-  if not entries:
-    raise FileNotFoundError(f"--root {root} has no EmoSet split list ({', '.join(splits)}"
-                            ".json)")
-  return Plan(name, list(EMOSET_CLASSES), entries, problems=problems)
+      plan.entries.append(Entry(split, os.path.join(root, image_rel), image_rel,
+                                plan.class_names.index(emotion), emotion, attrs))
+  return plan
 
 
 def _as_list(value) -> list:

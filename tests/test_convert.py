@@ -189,7 +189,9 @@ def test_caer_s_recipe_splits_test_into_test_and_val(tmp_path):
       "train": 4, "val": 17, "test": 33}
 
 
-def _emoset(root, bad_annotation=False):
+def _emoset(root, bad_annotation=False, form=4, label2idx=None):
+  """EmoSet in the release's form (4-column rows, info["emotion"]["label2idx"]) or the
+  reference code's (form 3: [emotion, image_path, annotation_path], top-level label2idx)."""
   items = {"train": [], "val": []}
   for i, (emotion, split) in enumerate([("awe", "train"), ("fear", "train"),
                                         ("sadness", "val")]):
@@ -203,9 +205,13 @@ def _emoset(root, bad_annotation=False):
     if bad_annotation and i == 1:
       text = text[:-5]
     (root / ann).write_text(text)
-    items[split].append([emotion, f"{emotion}_{i}", img, ann])
+    items[split].append([emotion, f"{emotion}_{i}", img, ann] if form == 4 else
+                        [emotion, img, ann])
   for split, lst in items.items():
     (root / f"{split}.json").write_text(json.dumps(lst))
+  if label2idx is not None:
+    info = {"emotion": {"label2idx": label2idx}} if form == 4 else {"label2idx": label2idx}
+    (root / "info.json").write_text(json.dumps(info))
 
 
 def test_emoset_attributes_become_prompts(tmp_path):
@@ -226,10 +232,51 @@ def test_malformed_emoset_json_names_file_and_entry(tmp_path):
   with pytest.raises(ValueError, match=r"fear_1.json \(.*train.json entry 1\) is not valid"):
     _run("--source", "emoset", "--root", str(tmp_path / "emoset"), "--name", "e",
          "--out", str(tmp_path / "o"))
-  (tmp_path / "emoset" / "train.json").write_text(json.dumps([["awe", "a", "x.jpg"]]))
+  (tmp_path / "emoset" / "train.json").write_text(json.dumps([["awe", "x.jpg"]]))
   with pytest.raises(ValueError, match=r"train.json entry 0: expected \[emotion"):
     _run("--source", "emoset", "--root", str(tmp_path / "emoset"), "--name", "e",
          "--out", str(tmp_path / "o"))
+  # Rows of the reference's form beside the release's: refused, each list named with its form.
+  (tmp_path / "emoset" / "train.json").write_text(json.dumps([["awe", "x.jpg", "a.json"]]))
+  with pytest.raises(ValueError, match=r"the split lists mix EmoSet's forms: .*train.json: "
+                     r"the UniEmoX reference code's .*val.json: the official"):
+    _run("--source", "emoset", "--root", str(tmp_path / "emoset"), "--name", "e",
+         "--out", str(tmp_path / "o"))
+
+
+def test_emoset_as_the_reference_code_reads_it(tmp_path):
+  """The reference's 3-column lists and top-level label2idx give the release's records."""
+  order = {c: i for i, c in enumerate(sources.EMOSET_CLASSES)}
+  _emoset(tmp_path / "release", label2idx=order)
+  _emoset(tmp_path / "reference", form=3, label2idx=order)
+  recs, reports = {}, {}
+  for form in ("release", "reference"):
+    _run("--source", "emoset", "--root", str(tmp_path / form), "--name", "emoset",
+         "--out", str(tmp_path / f"o_{form}"))
+    recs[form] = [[(r["image_id"], r["label"], r["image"], r["prompt"], r["attributes"])
+                   for r in _read_split(str(tmp_path / f"o_{form}"), s)]
+                  for s in ("train", "val")]
+    reports[form] = json.load(open(tmp_path / f"o_{form}" / convert.REPORT_FILE))
+  assert recs["reference"] == recs["release"] and len(recs["release"][0]) == 2
+  assert reports["release"]["source_layout"] == (
+      "the official EmoSet-118K release ([emotion, image_id, image_path, annotation_path] "
+      "rows), classes from info.json['emotion']['label2idx']")
+  assert reports["reference"]["source_layout"] == (
+      "the UniEmoX reference code's EmoSet ([emotion, image_path, annotation_path] rows), "
+      "classes from info.json['label2idx']")
+  # A class map of another order: labels follow it (the reference trains with it), noted.
+  shuffled = {c: i for i, c in enumerate(sorted(sources.EMOSET_CLASSES))}
+  _emoset(tmp_path / "sorted", form=3, label2idx=shuffled)
+  plan = sources.emoset(str(tmp_path / "sorted"))
+  assert plan.class_names == sorted(sources.EMOSET_CLASSES)
+  assert [e.label for e in plan.entries] == [shuffled[e.label_name] for e in plan.entries]
+  assert any("orders the classes" in p for p in plan.problems)
+  # The reference's info.json under the release's lists: the map is not where they keep it.
+  _emoset(tmp_path / "mixed", label2idx=None)
+  (tmp_path / "mixed" / "info.json").write_text(json.dumps({"label2idx": order}))
+  with pytest.raises(ValueError, match=r"info.json \['emotion'\]\['label2idx'\] is missing: "
+                     "the class map of the official EmoSet-118K release"):
+    sources.emoset(str(tmp_path / "mixed"))
 
 
 def test_emotic_multi_label_keeps_its_boxes(tmp_path):
