@@ -37,6 +37,7 @@ import numpy as np
 from data_pipelines import dataset_info
 from data_pipelines import hf_datasets
 from data_pipelines import images
+from data_pipelines import label_tables
 from data_pipelines import prompts
 from data_pipelines import records
 from data_pipelines import sources
@@ -419,17 +420,25 @@ def read_side_file(path: Optional[str], flag: str):
   return data
 
 
-SOURCES = ("split_tree", "class_folders", "emoset", "emotic", "hf")
+SOURCES = ("split_tree", "class_folders", "emoset", "emotic", "hf", "table")
 
 
 def build_plan(source: str, name: str, root: str, splits: Sequence[str] = sources.SPLITS, *,
                recipe: str = "", split_fractions: Sequence[float] = (), seed: int = 0,
                manifest: Optional[Dict[str, Any]] = None, image_column: str = "image",
-               label_column: str = "label", hf_config: str = "") -> sources.Plan:
+               label_column: str = "label", hf_config: str = "", labels: str = "",
+               split_column: str = "") -> sources.Plan:
   """What a source folder holds, as the converter will write it (`sources`): "split_tree",
   "class_folders" (split by `recipe` or `split_fractions`, or as a saved `manifest`),
-  "emoset", "emotic", or "hf" (a Hugging Face dataset folder, `hf_datasets`, with its image
-  and label columns and, for a hub card with several, its config)."""
+  "emoset", "emotic", "hf" (a Hugging Face dataset folder, `hf_datasets`, with its image
+  and label columns and, for a hub card with several, its config) or "table" (images listed
+  in the table `labels`, `label_tables`, split by its `split_column` or as class_folders)."""
+  if source == "table":
+    if not labels:
+      raise ValueError("--labels (a .csv, .tsv, .json or .jsonl table) is required for "
+                       "--source table")
+    return label_tables.plan(labels, name, root, image_column, label_column, split_column,
+                             splits, recipe, split_fractions, seed, manifest)
   if not root:
     raise ValueError(f"--root is required for --source {source}")
   if source == "split_tree":

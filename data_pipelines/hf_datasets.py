@@ -25,10 +25,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from data_pipelines import sources
 
-SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "val", "valid": "val",
-                 "val": "val", "dev": "val", "test": "test", "testing": "test"}
 _SPLIT_WORD = re.compile(r"^(%s)(?=$|[-._ 0-9])" % "|".join(
-    sorted(SPLIT_ALIASES, key=len, reverse=True)))
+    sorted(sources.SPLIT_ALIASES, key=len, reverse=True)))
 
 
 def _pa():
@@ -162,7 +160,7 @@ def _split_of(rel: str) -> Optional[str]:
   for part in parts[:-1] + [os.path.splitext(parts[-1])[0]]:
     match = _SPLIT_WORD.match(part.lower())
     if match:
-      return SPLIT_ALIASES[match.group(1)]
+      return sources.SPLIT_ALIASES[match.group(1)]
   return None
 
 
@@ -176,7 +174,7 @@ def _parquet_files(root: str, card: Dict[str, Any], config: str, plan: sources.P
     for spec in chosen.get("data_files") or []:
       patterns = spec["path"] if isinstance(spec["path"], list) else [spec["path"]]
       found = sorted({f for p in patterns for f in glob.glob(os.path.join(root, p))})
-      split = SPLIT_ALIASES.get(spec["split"].lower(), spec["split"].lower())
+      split = sources.our_split(spec["split"])
       if not found:
         plan.problems.append(f"{readme}: split {spec['split']!r} names {patterns}, which "
                              "match no file; split skipped")
@@ -196,7 +194,7 @@ def _parquet_files(root: str, card: Dict[str, Any], config: str, plan: sources.P
 
 def _arrow_files(folder: str) -> List[str]:
   state_path = os.path.join(folder, "state.json")
-  state = sources._load_json(state_path, "save_to_disk state")  # pylint: disable=protected-access
+  state = sources.load_json(state_path, "save_to_disk state")
   files = [os.path.join(folder, d["filename"]) for d in state.get("_data_files", [])]
   if not files:
     raise ValueError(f"{state_path} lists no _data_files")
@@ -206,15 +204,15 @@ def _arrow_files(folder: str) -> List[str]:
 def _disk_files(root: str, plan: sources.Plan) -> Tuple[Dict[str, List[str]], str]:
   dict_path = os.path.join(root, "dataset_dict.json")
   if os.path.exists(dict_path):
-    names = sources._load_json(dict_path, "save_to_disk dataset dict").get("splits") or []  # pylint: disable=protected-access
-    return ({SPLIT_ALIASES.get(s.lower(), s.lower()): _arrow_files(os.path.join(root, s))
+    names = sources.load_json(dict_path, "save_to_disk dataset dict").get("splits") or []
+    return ({sources.our_split(s): _arrow_files(os.path.join(root, s))
              for s in names}, "save_to_disk DatasetDict (dataset_dict.json)")
-  state = sources._load_json(os.path.join(root, "state.json"), "save_to_disk state")  # pylint: disable=protected-access
+  state = sources.load_json(os.path.join(root, "state.json"), "save_to_disk state")
   split = state.get("_split")
   if not split:
     plan.problems.append(f"{os.path.join(root, 'state.json')} names no split: read as train")
     split = "train"
-  return ({SPLIT_ALIASES.get(split.lower(), split.lower()): _arrow_files(root)},
+  return ({sources.our_split(split): _arrow_files(root)},
           "save_to_disk Dataset (state.json)")
 
 
@@ -238,7 +236,7 @@ def plan(root: str, name: str, splits: Sequence[str] = sources.SPLITS,
          image_column: str = "image", label_column: str = "label", config: str = ""
          ) -> sources.Plan:
   """The records of a Hugging Face dataset folder (either layout), one per row."""
-  sources._require_dir(root, "--root")  # pylint: disable=protected-access
+  sources.require_dir(root, "--root")
   result = sources.Plan(name, [], [])
   card = _readme_yaml(root)
   if os.path.exists(os.path.join(root, "dataset_dict.json")) or os.path.exists(
@@ -262,10 +260,10 @@ def plan(root: str, name: str, splits: Sequence[str] = sources.SPLITS,
     for f in files[split]:
       features = features or _metadata_features(f)
       names_from = names_from or (features and f"{os.path.relpath(f, root)} schema metadata")
-  for info_path in (os.path.join(root, "dataset_info.json"),):
-    if features is None and os.path.exists(info_path):
-      features = sources._load_json(info_path, "dataset info").get("features")  # pylint: disable=protected-access
-      names_from = "dataset_info.json"
+  info_path = os.path.join(root, "dataset_info.json")
+  if features is None and os.path.exists(info_path):
+    features = sources.load_json(info_path, "dataset info").get("features")
+    names_from = "dataset_info.json"
   if features is None:
     features = _readme_features(card, config, os.path.join(root, "README.md"))
     names_from = "README.md dataset_info" if features else ""

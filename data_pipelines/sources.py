@@ -30,6 +30,15 @@ from data_pipelines import images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLITS = ("train", "val", "test")
+# Split names as other layouts spell them (the hub's `validation`, a table's `dev`) -> ours.
+SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "val", "valid": "val",
+                 "val": "val", "dev": "val", "test": "test", "testing": "test"}
+
+
+def our_split(name: str) -> str:
+  """A split as another layout names it, in our names (`validation` -> val); others as given,
+  lower-cased."""
+  return SPLIT_ALIASES.get(name.strip().lower(), name.strip().lower())
 # Class lists and split recipes: the dataset catalogue's (data_pipelines/catalogue.py).
 EMOSET_CLASSES = catalogue.EMOSET_CLASSES
 EMOTIC_CLASSES = catalogue.EMOTIC_CLASSES
@@ -102,13 +111,13 @@ def _class_dirs(folder: str) -> List[str]:
                 and not d.startswith("."))
 
 
-def _require_dir(path: str, flag: str) -> None:
+def require_dir(path: str, flag: str) -> None:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{flag} {path} is not a directory")
 
 
 def split_tree(root: str, name: str, splits: Sequence[str] = SPLITS) -> Plan:
-  _require_dir(root, "--root")
+  require_dir(root, "--root")
   present = [s for s in splits if os.path.isdir(os.path.join(root, s))]
   if not present:
     raise FileNotFoundError(f"--root {root} has none of the split folders {list(splits)}")
@@ -136,7 +145,7 @@ def split_tree(root: str, name: str, splits: Sequence[str] = SPLITS) -> Plan:
   return plan
 
 
-def _draw_split(files: List[str], fractions: Sequence[float], rng: np.random.Generator,
+def draw_split(files: List[str], fractions: Sequence[float], rng: np.random.Generator,
                 names: Sequence[str]) -> Dict[str, List[str]]:
   order = [files[i] for i in rng.permutation(len(files))]
   counts = [int(round(len(files) * f)) for f in fractions[:-1]]
@@ -153,7 +162,7 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
   """A seeded stratified split of `<root>/<class>/*` (or, with recipe "caer_s", of CAER-S's
   `<root>/test/<class>/*` into test/val, keeping `<root>/train`). With `manifest` (a previous
   run's {split: [relative paths]}), that split is reused exactly instead of drawn."""
-  _require_dir(root, "--root")
+  require_dir(root, "--root")
   if recipe == "caer_s":
     plan = split_tree(root, name, ("train", "test"))
     if manifest is None:
@@ -164,7 +173,7 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
       rng = np.random.default_rng(seed)
       drawn = {"test": [], "val": []}
       for cls in sorted(by_class):
-        part = _draw_split(by_class[cls], (CAER_S_TEST_FRACTION, 1 - CAER_S_TEST_FRACTION),
+        part = draw_split(by_class[cls], (CAER_S_TEST_FRACTION, 1 - CAER_S_TEST_FRACTION),
                            rng, ("test", "val"))
         for split in drawn:
           drawn[split] += part[split]
@@ -210,7 +219,7 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
     rng = np.random.default_rng(seed)
     manifest = {s: [] for s in SPLITS}
     for cls in classes:
-      for split, paths in _draw_split(files_of[cls], fractions, rng, SPLITS).items():
+      for split, paths in draw_split(files_of[cls], fractions, rng, SPLITS).items():
         manifest[split] += paths
   known = {p for paths in files_of.values() for p in paths}
   entries = []
@@ -229,7 +238,7 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
   return plan
 
 
-def _load_json(path: str, what: str, where: str = "") -> Any:
+def load_json(path: str, what: str, where: str = "") -> Any:
   name = f"{what} {path}" + (f" ({where})" if where else "")
   try:
     with open(path, encoding="utf-8") as f:
@@ -292,7 +301,7 @@ def _emoset_classes(root: str, form: int, plan: "Plan") -> List[str]:
   keys = EMOSET_FORMS[form][1]
   if not os.path.exists(path):
     return list(EMOSET_CLASSES)
-  node = _load_json(path, "EmoSet info")
+  node = load_json(path, "EmoSet info")
   for key in keys:
     node = node.get(key) if isinstance(node, dict) else None
   where = f"{path} " + "".join(f"[{k!r}]" for k in keys)
@@ -315,7 +324,7 @@ def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> P
   reads), paths relative to root; the form is detected and named in `Plan.layout`. Labels
   follow info.json's label2idx (`info["emotion"]` in the release, top level in the
   reference's), else EmoSet's order; each annotation JSON carries the image's attributes."""
-  _require_dir(root, "--root")
+  require_dir(root, "--root")
   plan = Plan(name, [], [])
   lists = {}
   for split in splits:
@@ -323,7 +332,7 @@ def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> P
     if not os.path.exists(list_path):
       plan.problems.append(f"EmoSet split list {list_path} is missing; split {split!r} skipped")
       continue
-    items = _load_json(list_path, "EmoSet split list")
+    items = load_json(list_path, "EmoSet split list")
     lists[split] = (list_path, items, _emoset_form(list_path, items))
   if not lists:
     raise FileNotFoundError(f"--root {root} has no EmoSet split list ({', '.join(splits)}"
@@ -348,7 +357,7 @@ def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> P
         raise ValueError(f"{where}: unknown emotion {emotion!r}; EmoSet's are "
                          f"{plan.class_names}")
       ann_path = os.path.join(root, ann_rel)
-      ann = _load_json(ann_path, "EmoSet annotation", where)
+      ann = load_json(ann_path, "EmoSet annotation", where)
       attrs = emoset_attributes(ann, f"{ann_path} ({where})")
       if ann.get("emotion", emotion) != emotion:
         raise ValueError(f"{ann_path} ({where}): its emotion {ann['emotion']!r} differs from "
@@ -391,7 +400,7 @@ def emotic(root: str, name: str = "emotic", splits: Sequence[str] = SPLITS) -> P
   categories); images at `<root>/emotic/<folder>/<filename>`. People without categories are
   reported and left out."""
   from scipy import io as sio  # pylint: disable=g-import-not-at-top
-  _require_dir(root, "--root")
+  require_dir(root, "--root")
   path = os.path.join(root, "Annotations", "Annotations.mat")
   if not os.path.exists(path):
     raise FileNotFoundError(f"EMOTIC annotations {path} do not exist")

@@ -1,5 +1,7 @@
 """Test setup: 8 fake CPU devices, strict rank promotion, no network for Hugging Face."""
+import json
 import os
+import subprocess
 
 # Must happen before JAX initializes its backends.
 from tests import environment  # noqa: E402
@@ -112,3 +114,26 @@ _LONGEST_FIRST = ("test_trainer.py", "test_aot.py", "test_finetune.py", "test_ev
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable within a file
+
+
+@pytest.fixture(scope="session")
+def writer_fixtures(tmp_path_factory):
+  """(folder, truth): datasets and label tables written by the real writers (`datasets`,
+  pandas) in the environment `make test` builds, and what those libraries read back
+  (tests/hf_writer.py)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  writer = os.environ.get("UNIEMOX_HF_WRITER",
+                          os.path.join(root, ".venv", "hf-writer", "bin", "python"))
+  if not os.path.exists(writer):
+    pytest.fail(f"{writer} does not exist: `make test` builds the writer environment "
+                "(.venv/hf-writer: datasets, pandas), or set UNIEMOX_HF_WRITER to a Python "
+                "that has tests/hf_writer.requirements.txt")
+  out = tmp_path_factory.mktemp("written")
+  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+             HF_HOME=str(out / "hf_home"))
+  env.pop("PYTHONPATH", None)
+  proc = subprocess.run([writer, os.path.join(root, "tests", "hf_writer.py"), str(out)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(out / "truth.json") as f:
+    return out, json.load(f)

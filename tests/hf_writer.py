@@ -18,6 +18,9 @@ the folder, or load_from_disk).
   disk_dict    DatasetDict.save_to_disk, a string label column `emotion`, the image column
                `picture`, no test split
   disk_single  Dataset.save_to_disk of one split (test)
+  tables       a folder of images and its label tables as pandas writes them (to_csv,
+               to_json records and lines): columns path, emotion, split; truth.json's
+               "tables" lists the rows
 """
 import hashlib
 import io
@@ -30,6 +33,7 @@ from datasets.info import DatasetInfosDict
 from datasets.utils.metadata import MetadataConfigs
 from huggingface_hub import DatasetCard, DatasetCardData
 import numpy as np
+import pandas as pd
 from PIL import Image
 import pyarrow.parquet as pq
 
@@ -128,6 +132,24 @@ def write_disk_single(out: str) -> None:
   ds.save_to_disk(out)
 
 
+def write_tables(out: str):
+  """Images under out/images/<emotion>/ and the tables listing them; returns the rows."""
+  rows = []
+  for i in range(24):
+    emotion = CLASSES[i % 3]
+    rel = f"images/{emotion}/{i:02d}.png"
+    os.makedirs(os.path.join(out, os.path.dirname(rel)), exist_ok=True)
+    with open(os.path.join(out, rel), "wb") as f:
+      f.write(_png(800 + i))
+    rows.append({"path": rel, "emotion": emotion,
+                 "split": ["train", "train", "validation", "test"][(i // 3) % 4]})
+  frame = pd.DataFrame(rows)
+  frame.to_csv(os.path.join(out, "labels.csv"), index=False)
+  frame.to_json(os.path.join(out, "labels.jsonl"), orient="records", lines=True)
+  frame.to_json(os.path.join(out, "labels.json"), orient="records")
+  return rows
+
+
 def _pixels(image) -> str:
   return hashlib.sha1(np.asarray(image.convert("RGB")).tobytes()).hexdigest()
 
@@ -165,7 +187,8 @@ def main(out: str) -> None:
             "hub": truth(os.path.join(out, "hub"), False),
             "hub_bare": truth(os.path.join(out, "hub_bare"), False),
             "disk_dict": truth(os.path.join(out, "disk_dict"), True, "picture", "emotion"),
-            "disk_single": truth(os.path.join(out, "disk_single"), True)}
+            "disk_single": truth(os.path.join(out, "disk_single"), True),
+            "tables": write_tables(os.path.join(out, "tables"))}
   with open(os.path.join(out, "truth.json"), "w") as f:
     json.dump(result, f, indent=1)
 

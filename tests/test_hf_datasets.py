@@ -1,11 +1,10 @@
-"""--source hf against folders the `datasets` library wrote (tests/hf_writer.py, run in the
-writer environment `make test` builds), compared with what `datasets` itself reads there."""
+"""--source hf against folders the `datasets` library wrote (conftest's `writer_fixtures`),
+compared with what `datasets` itself reads there."""
 import hashlib
 import io
 import json
 import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -18,27 +17,12 @@ from data_pipelines import records
 from data_pipelines import tfrecord
 from uniemox_jax.tools import convert as convert_command
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WRITER = os.environ.get("UNIEMOX_HF_WRITER",
-                        os.path.join(ROOT, ".venv", "hf-writer", "bin", "python"))
 OURS = {"train": "train", "validation": "val", "test": "test"}
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
-  """The writer's folders and what `datasets` read from them."""
-  if not os.path.exists(WRITER):
-    pytest.fail(f"{WRITER} does not exist: `make test` builds the writer environment "
-                "(.venv/hf-writer, the `datasets` library), or set UNIEMOX_HF_WRITER to a "
-                "Python that has datasets 5.x")
-  out = tmp_path_factory.mktemp("hf")
-  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-             HF_HOME=str(out / "hf_home"))
-  env.pop("PYTHONPATH", None)
-  proc = subprocess.run([WRITER, os.path.join(ROOT, "tests", "hf_writer.py"), str(out)],
-                        env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return out, json.load(open(out / "truth.json"))
+def written(writer_fixtures):
+  return writer_fixtures
 
 
 def _pixels(data: bytes) -> str:

@@ -9,6 +9,9 @@ r"""Converts an emotion dataset into TFRecord shards with indexes, an info file 
       --out /data/tfrecords/emoset --text_embeddings openai/clip-vit-base-patch16
   python -m uniemox_jax.tools.convert --source hf --root /data/EmoSet-118K-hub --name emoset \
       --out /data/tfrecords/emoset_hub          # a hub download or save_to_disk folder
+  python -m uniemox_jax.tools.convert --source table --labels /data/mine/labels.csv \
+      --image_column path --label_column emotion --split_column split --name mine \
+      --out /data/tfrecords/mine                # images listed in a CSV / JSON(L) table
   python -m uniemox_jax.tools.convert --source synthetic --name synthetic --out /tmp/synth
 
 A command, not part of the data library: it hands the converter the CLIP text embedder
@@ -61,15 +64,25 @@ def parse_args(argv=None):
   p.add_argument("--yolo_size", type=int, default=416,
                  help="YOLOv3: letterboxed input side (0: the cfg's [net] width)")
   p.add_argument("--attributes", help="JSON {relative path: {scene, objects, ...}}")
-  p.add_argument("--recipe", default="", help="class_folders split recipe: "
+  p.add_argument("--recipe", default="", help="class_folders, table: split recipe: "
                  + ", ".join(sorted(sources.RECIPES) + ["caer_s"]))
-  p.add_argument("--split_fractions", default="", help="class_folders: train,val,test")
+  p.add_argument("--split_fractions", default="",
+                 help="class_folders, table: train,val,test")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--manifest", help="class_folders: reuse this split_manifest.json")
+  p.add_argument("--manifest", help="class_folders, table: reuse this split_manifest.json")
+  p.add_argument("--labels", default="",
+                 help="table: the .csv, .tsv, .json or .jsonl of image paths and labels "
+                      "(--root, where the paths start, defaults to its folder)")
   p.add_argument("--image_column", default="image",
-                 help="hf: the column holding the images ({bytes, path}, bytes or a path)")
+                 help="hf, table: the column holding the images (hf: {bytes, path}, bytes or "
+                      "a path; table: paths)")
   p.add_argument("--label_column", default="label",
-                 help="hf: the column holding the labels (a ClassLabel or strings)")
+                 help="hf, table: the column holding the labels (a ClassLabel, class names "
+                      "or class indexes)")
+  p.add_argument("--split_column", default="",
+                 help="table: the column naming each image's split (train, val/validation, "
+                      "test); without it the split is drawn per class (--recipe, "
+                      "--split_fractions, --seed) and saved as split_manifest.json")
   p.add_argument("--hf_config", default="",
                  help="hf: the config of README.md's `configs` to read (default: its default)")
   p.add_argument("--text_embeddings", default="",
@@ -132,7 +145,8 @@ def _plan(args) -> sources.Plan:
     plan = convert.build_plan(args.source, args.name, args.root, splits, recipe=args.recipe,
                               split_fractions=fractions, seed=args.seed, manifest=manifest,
                               image_column=args.image_column,
-                              label_column=args.label_column, hf_config=args.hf_config)
+                              label_column=args.label_column, hf_config=args.hf_config,
+                              labels=args.labels, split_column=args.split_column)
   sources.apply_side_files(
       plan, _person_boxes(plan, args, side_files[0]),
       convert.read_side_file(args.attributes or side_files[1], "--attributes"))
