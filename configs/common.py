@@ -12,8 +12,10 @@ def runtime(task: str, data: str = "", split: str = "train", checkpoint_keep: in
   # draft_decode: JPEGs decoded at 1/2-1/8 scale when every crop allows (see
   # data_pipelines/transforms.py); False decodes every image fully, as the reference does.
   # synthetic: the demo's generated set, built in WORKDIR/synthetic when dir is "".
+  # train_fraction < 1: train on that seeded (config.seed), stratified fraction of each class
+  # of the split (at least one image per class; the reference's --split_ratio).
   config.data = dict(dir=data, split=split, workers=8, draft_decode=True, synthetic=False,
-                     synthetic_per_class="40,8,8", synthetic_image_size=64)
+                     synthetic_per_class="40,8,8", synthetic_image_size=64, train_fraction=1.0)
   config.total_steps = 0                   # > 0 overrides total_epochs
   config.mesh = dict(data=-1, fsdp=1)      # fsdp > 1 shards params and optimizer state
   config.checkpoint = dict(every_steps=1000, keep=checkpoint_keep, keep_every=keep_every,

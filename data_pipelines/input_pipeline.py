@@ -12,8 +12,9 @@ what happens on device. TensorFlow is never imported.
 """
 from __future__ import annotations
 
+import dataclasses
 import signal
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import flags
 import grain
@@ -60,6 +61,59 @@ class ShardSource:
 
   def __repr__(self) -> str:
     return f"ShardSource({self.split}, {len(self)} records)"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSubset:
+  """A seeded, stratified fraction of a training split (config.data.train_fraction, the
+  reference's --split_ratio): `indices` (sorted record positions in the split) and, per class
+  name, how many records were kept of how many."""
+  fraction: float
+  seed: int
+  indices: np.ndarray
+  per_class: Dict[str, Tuple[int, int]]
+
+  def summary(self) -> Dict[str, Any]:
+    return {"fraction": self.fraction, "seed": self.seed, "records": int(len(self.indices)),
+            "of": sum(n for _, n in self.per_class.values()),
+            "per_class": {c: {"kept": k, "of": n} for c, (k, n) in self.per_class.items()}}
+
+
+def train_subset(data_dir: str, split: str, fraction: float, seed: int) -> TrainSubset:
+  """Keeps round(fraction x n) records of each class of `split` (at least one), drawn with
+  `seed` from the records' own labels: the same records on any number of processes (the
+  subset is chosen before the split over processes). Multi-label records (label -1) form one
+  group. Reads every record of the split once."""
+  if not 0 < fraction <= 1:
+    raise ValueError(f"config.data.train_fraction={fraction} must be in (0, 1]")
+  source = ShardSource(data_dir, split)
+  labels = np.array([records.parse(source[i])["label"] for i in range(len(source))], np.int64)
+  names = list(source.info.class_names)
+  rng = np.random.default_rng(seed)
+  kept, per_class = [], {}
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    k = max(1, int(round(fraction * len(members))))
+    kept.append(rng.permutation(members)[:k])
+    per_class["(multi-label)" if label < 0 else names[label]] = (k, len(members))
+  return TrainSubset(fraction, seed, np.sort(np.concatenate(kept)), per_class)
+
+
+class _Subset:
+  """The records of `source` at `indices`, as a grain random-access source."""
+
+  def __init__(self, source, indices: np.ndarray):
+    self._source, self._indices = source, indices
+
+  def __len__(self) -> int:
+    return len(self._indices)
+
+  def __getitem__(self, index: int) -> bytes:
+    return self._source[int(self._indices[index])]
+
+  def __repr__(self) -> str:
+    return (f"ShardSource({self._source.split}, {len(self)} of {len(self._source)} records "
+            "by config.data.train_fraction)")
 
 
 def _labels(rec: Dict[str, Any]) -> Dict[str, np.ndarray]:
@@ -191,7 +245,10 @@ def training_order(source, seed: int, num_epochs: Optional[int], local_batch: in
 
 
 def _train_dataset(source, transform, batch_size: int, seed: int, num_epochs: Optional[int],
-                   process_index: int, process_count: int) -> grain.MapDataset:
+                   process_index: int, process_count: int,
+                   subset: Optional[TrainSubset] = None) -> grain.MapDataset:
+  if subset is not None:
+    source = _Subset(source, subset.indices)
   if len(source) < batch_size * process_count:
     raise ValueError(f"{source!r} has fewer records than one global batch "
                      f"({batch_size} x {process_count} processes)")
@@ -207,23 +264,27 @@ def pretrain_dataset(data_dir: str, split: str = "train", *, batch_size: int,
                      num_epochs: Optional[int] = None, process_index: int = 0,
                      process_count: int = 1,
                      tokenize: Optional[Callable[[str], Dict]] = None,
-                     draft_decode: bool = True) -> grain.MapDataset:
+                     draft_decode: bool = True,
+                     subset: Optional[TrainSubset] = None) -> grain.MapDataset:
   """Batches of this process's `batch_size` pretraining examples: scene, person (uint8
   [B, S, S, 3]), text_emb (when converted with --text_embeddings; otherwise input_ids and
-  attention_mask from `tokenize`, if given), label, has_person."""
+  attention_mask from `tokenize`, if given), label, has_person. With `subset`
+  (`train_subset`), its records only."""
   transform = PretrainTransform(image_size, person_view, tokenize=tokenize, draft=draft_decode)
   return _train_dataset(ShardSource(data_dir, split), transform, batch_size, seed, num_epochs,
-                        process_index, process_count)
+                        process_index, process_count, subset)
 
 
 def finetune_dataset(data_dir: str, split: str = "train", *, batch_size: int,
                      image_size: int = 224, rand_augment: bool = True, seed: int = 0,
                      num_epochs: Optional[int] = None, process_index: int = 0,
-                     process_count: int = 1, draft_decode: bool = True) -> grain.MapDataset:
-  """Batches of image (uint8), label (and labels, multi-hot, for multi-label data)."""
+                     process_count: int = 1, draft_decode: bool = True,
+                     subset: Optional[TrainSubset] = None) -> grain.MapDataset:
+  """Batches of image (uint8), label (and labels, multi-hot, for multi-label data); with
+  `subset` (`train_subset`), of its records only."""
   transform = FinetuneTransform(image_size, rand_augment, draft=draft_decode)
   return _train_dataset(ShardSource(data_dir, split), transform, batch_size, seed, num_epochs,
-                        process_index, process_count)
+                        process_index, process_count, subset)
 
 
 def eval_dataset(data_dir: str, split: str = "test", *, batch_size: int,

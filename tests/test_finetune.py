@@ -143,3 +143,20 @@ def test_a_checkpoint_with_reordered_classes_is_refused_before_the_first_step(
       "data.dir": data, "init.checkpoint": os.path.join(workdir, "best"), "init.encoder": ""})
   with pytest.raises(errors.UserError, match="was trained on classes"):
     trainer.build(other, str(tmp_path / "w"), finetune.make_task)   # among its first checks
+
+
+def test_train_fraction_sets_the_schedule_and_is_recorded(pretrained, tmp_path,
+                                                          finetune_config):
+  full = trainer.build(finetune_config(), str(tmp_path / "full"), finetune.make_task)
+  quarter = trainer.build(finetune_config(**{"data.train_fraction": 0.25}),
+                          str(tmp_path / "quarter"), finetune.make_task)
+  try:
+    assert full.setup.subset is None and "train_subset" not in full.task.meta
+    # 16 train images per class: 4 kept of each, an epoch a quarter as long.
+    subset = quarter.task.meta["train_subset"]
+    assert subset["records"] == 32 and subset["of"] == 128 and subset["seed"] == 0
+    assert set(map(tuple, (v.values() for v in subset["per_class"].values()))) == {(4, 16)}
+    assert quarter.setup.schedule.steps_per_epoch * 4 == full.setup.schedule.steps_per_epoch
+  finally:
+    full.close()
+    quarter.close()

@@ -226,3 +226,33 @@ def test_pretrain_views_with_and_without_draft_decoding_agree():
   for view in ("scene", "person"):
     diff = np.abs(out[True][view].astype(np.float32) - out[False][view].astype(np.float32))
     assert diff.mean() < 2.0
+
+
+def test_train_fraction_keeps_a_seeded_stratified_subset_on_any_process_count(synthetic_data):
+  _, out = synthetic_data                        # train: 6 images of each of 8 classes
+  labels = np.array([r["label"] for r in _records(out)])
+  half = ip.train_subset(out, "train", 0.5, seed=5)
+  assert len(half.indices) == 24 and list(half.indices) == sorted(half.indices)
+  assert np.bincount(labels[half.indices]).tolist() == [3] * 8
+  assert half.summary()["per_class"]["amusement"] == {"kept": 3, "of": 6}
+  np.testing.assert_array_equal(ip.train_subset(out, "train", 0.5, seed=5).indices,
+                                half.indices)
+  assert not np.array_equal(ip.train_subset(out, "train", 0.5, seed=6).indices, half.indices)
+  # At least one image of every class, however small the fraction.
+  tiny = ip.train_subset(out, "train", 0.01, seed=5)
+  assert np.bincount(labels[tiny.indices]).tolist() == [1] * 8
+  # The same global batches on one process or two, drawn from the kept records only.
+  one = ip.finetune_dataset(out, batch_size=8, image_size=16, seed=3, rand_augment=False,
+                            num_epochs=1, subset=half)
+  halves = [ip.finetune_dataset(out, batch_size=4, image_size=16, seed=3, rand_augment=False,
+                                num_epochs=1, process_index=p, process_count=2, subset=half)
+            for p in range(2)]
+  assert len(one) == len(halves[0]) == 3
+  seen = []
+  for step in range(3):                          # one epoch: every kept record once
+    np.testing.assert_array_equal(
+        one[step]["image"], np.concatenate([halves[0][step]["image"], halves[1][step]["image"]]))
+    seen += one[step]["label"].tolist()
+  assert sorted(seen) == sorted(labels[half.indices].tolist())
+  with pytest.raises(ValueError, match=r"config.data.train_fraction=0 must be in \(0, 1\]"):
+    ip.train_subset(out, "train", 0, seed=0)

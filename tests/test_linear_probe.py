@@ -17,8 +17,10 @@ from uniemox_jax.evaluators import linear_probe as probe_lib
 def test_linear_probe_end_to_end(pretrained, tmp_path):
   config = linear_probe_config.get_config(f"demo=True,pretrained={pretrained}")
   config.probe.steps = 200
+  config.data.train_fraction = 0.5       # the classifier sees 8 of each class's 16
   result = linear_probe.linear_probe(config, str(tmp_path))
   assert result["test"]["num_examples"] == 32
+  assert result["test"]["train_subset"]["records"] == 64
   assert result["best_weight_decay"] in config.probe.weight_decays
   assert result["test"]["top1"] > 1 / 8
   assert os.path.exists(tmp_path / "linear_probe" / "test_results.json")

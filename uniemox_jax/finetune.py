@@ -153,7 +153,7 @@ def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
       setup.data_dir, config.data.split, batch_size=setup.local_batch,
       image_size=config.model.image_size, rand_augment=config.augment.rand_augment,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      draft_decode=config.data.draft_decode)
+      draft_decode=config.data.draft_decode, subset=setup.subset)
   eval_every = config.eval_every_steps or max(
       1, int(round(config.eval_every_epochs * setup.schedule.steps_per_epoch)))
   validation = classification.Classification(
@@ -162,6 +162,8 @@ def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
       config, setup.workdir, setup.mesh)
   meta = {"task": "finetune", "dataset": config.dataset, "class_names": names,
           "multi_label": multi}
+  if setup.subset is not None:
+    meta["train_subset"] = setup.subset.summary()
   keep_best = KeepBest(setup.workdir, config.data.eval_split, meta)
 
   def after_training(loop: trainer.TrainLoop) -> Dict[str, Any]:
@@ -175,6 +177,8 @@ def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
                    period=0), config, setup.workdir, setup.mesh)
     result = test.run(ckpt.read(("params",)))
     result.report.update(checkpoint=ckpt.step_dir, split=config.test_split)
+    if setup.subset is not None:
+      result.report["train_subset"] = setup.subset.summary()
     files = test.write(result, reports.out_dir(ckpt.step_dir), at=ckpt.label)
     return {"best": best, "test": dict(result.report, files=files)}
 

@@ -25,7 +25,8 @@ def linear_probe(config, workdir: str) -> Dict[str, Any]:
     raise ValueError("config.init.encoder is empty: a linear probe needs a pretrained encoder")
   spec = dict(config.probe, type=NAME, data=data_dir, train_split=config.data.split,
               val_split=config.data.eval_split,
-              split=config.test_split or config.data.eval_split)
+              split=config.test_split or config.data.eval_split,
+              train_fraction=config.data.train_fraction)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   evaluator = probe_lib.LinearProbe(NAME, spec, config, workdir, mesh, progress=True)
   # The importers read the encoder into the layout of config.model's encoder (its position

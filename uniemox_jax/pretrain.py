@@ -79,7 +79,8 @@ def make_task(setup: trainer.Setup) -> trainer.Task:
       setup.data_dir, config.data.split, batch_size=setup.local_batch,
       image_size=config.model.image_size, person_view=config.data.person_view,
       seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenize=tokenize, draft_decode=config.data.draft_decode))
+      tokenize=tokenize, draft_decode=config.data.draft_decode, subset=setup.subset),
+      meta=dict(task.meta, **({"train_subset": setup.subset.summary()} if setup.subset else {})))
 
 
 def pretrain(config, workdir: str) -> Dict[str, Any]:

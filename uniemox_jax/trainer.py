@@ -66,6 +66,8 @@ class Setup:
   local_batch: int
   schedule: optim.Schedule
   checks: errors.Checks
+  # config.data.train_fraction < 1: the records of the training split a run keeps.
+  subset: Optional[input_pipeline.TrainSubset] = None
 
   @classmethod
   def prepare(cls, config, workdir: str) -> "Setup":
@@ -86,13 +88,22 @@ class Setup:
     schedule, before = None, len(checks.errors)
     with checks.check():
       check_splits(info, data_dir, {s: "config.data.split" for s in config.data.split.split("+")})
-    if len(checks.errors) == before:        # the schedule counts the split's records
+    subset, fraction = None, config.data.get("train_fraction", 1.0)
+    if len(checks.errors) == before and fraction != 1.0:
       with checks.check():
-        schedule = optim.resolve_schedule(config, info.num_examples(config.data.split))
+        subset = input_pipeline.train_subset(data_dir, config.data.split, fraction, config.seed)
+        logging.info("config.data.train_fraction=%g: %d of %d training records (seed %d)",
+                     fraction, len(subset.indices), info.num_examples(config.data.split),
+                     config.seed)
+      before = len(checks.errors)
+    if len(checks.errors) == before:        # the schedule counts the records trained on
+      with checks.check():
+        schedule = optim.resolve_schedule(config, info.num_examples(config.data.split)
+                                          if subset is None else len(subset.indices))
     if schedule is None:
       checks.raise_any()
     return cls(config, workdir, mesh, data_dir, info, config.batch_size // procs, schedule,
-               checks)
+               checks, subset)
 
 
 def check_splits(info: dataset_info.DatasetInfo, data_dir: str, fields: Dict[str, str]) -> None:

@@ -102,8 +102,10 @@ def _scores(features, w, b, multi_label):
 
 class LinearProbe(base.Evaluator):
   reads = base.ENCODER
+  # train_fraction < 1: the classifier sees that seeded, stratified fraction of each class of
+  # train_split (`input_pipeline.train_subset`, seeded by config.seed).
   defaults = {"train_split": "train", "val_split": "", "steps": 500, "lr": 1e-2,
-              "weight_decays": (0.0, 1e-4, 1e-3, 1e-2)}
+              "weight_decays": (0.0, 1e-4, 1e-3, 1e-2), "train_fraction": 1.0}
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
@@ -125,7 +127,11 @@ class LinearProbe(base.Evaluator):
     spec = self.spec
     feats = encoder_features(self.config, params["encoder"], self.splits(), self.mesh,
                              self.data_dir, self.progress, self.feature_fn(params["encoder"]))
-    train = feats[spec["train_split"]]
+    train, subset = feats[spec["train_split"]], None
+    if float(spec["train_fraction"]) != 1.0:
+      subset = input_pipeline.train_subset(self.data_dir, spec["train_split"],
+                                           float(spec["train_fraction"]), self.config.seed)
+      train = {k: v[subset.indices] for k, v in train.items()}
     mean = train["features"].mean(axis=0)
     std = train["features"].std(axis=0) + 1e-6
     for f in feats.values():
@@ -149,6 +155,8 @@ class LinearProbe(base.Evaluator):
     report = reports.report(_scores(test["features"], w, b, self.multi), test, self.info)
     report.update(weight_decay=float(wd), split=self.split,
                   selected_on=spec["val_split"] or self.split)
+    if subset is not None:
+      report["train_subset"] = subset.summary()
     scalars = base.float_scalars(report)
     del scalars["weight_decay"]
     if spec["val_split"]:
