@@ -20,6 +20,8 @@ setuptools.setup(
         "grain>=0.2.18,<0.3",
         "ml-collections>=1.1,<2",
         "absl-py>=2.1,<3",
+        # parameter_overview only: its metric_writers import TensorFlow (docs/decisions.md).
+        "clu>=0.0.12,<0.1",
         "numpy>=2.0,<3",
         "pillow>=11,<14",
         "google-crc32c>=1.5,<2",   # TFRecord checksums, in C

@@ -25,11 +25,16 @@ def test_demo_command_trains_and_writes_its_workdir(tmp_path):
               "--config.total_steps=10", "--config.data.synthetic_per_class=6,2,2",
               "--config.log_every_steps=5", python_flags=("-X", "importtime"))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  # Training imports neither TensorFlow nor clu (TensorBoard events are ours, summaries.py).
+  # Training imports no TensorFlow (TensorBoard events are ours, summaries.py): of clu, the
+  # parameter overview only, never its TensorFlow-backed metric writers.
   imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines()
               if line.startswith("import time:")}
-  assert "jax" in imported and "uniemox_jax.summaries" in imported
-  assert not {m for m in imported if m.split(".")[0] in ("tensorflow", "clu", "keras")}
+  assert {"jax", "uniemox_jax.summaries", "clu.parameter_overview"} <= imported
+  assert not {m for m in imported if m.split(".")[0] in ("tensorflow", "keras")}
+  assert not {m for m in imported if m.startswith("clu.metric_writers")}
+  # The parameter overview, logged once at the start: a row per array, then the total.
+  assert "Parameters at step 0:" in proc.stderr
+  assert "| encoder/cls_token" in proc.stderr and "Total: " in proc.stderr
   proc.stderr = "\n".join(line for line in proc.stderr.splitlines()
                           if not line.startswith("import time:"))
   # Quiet: the config's path, not its contents; no library chatter; a progress line per log.

@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
+from clu import parameter_overview
 
 from data_pipelines import dataset_info
 from data_pipelines import input_pipeline
@@ -211,6 +212,11 @@ class TrainLoop:
     iterator = input_pipeline.make_iterator(self.task.dataset, workers=config.data.workers)
     state = self.initial_state(iterator)
     start = int(jax.device_get(state["step"]))
+    # Every array's shape, dtype, sharding, mean and std (computed on the devices, as the
+    # arrays are sharded), logged once by process 0, as big_vision does.
+    parameter_overview.log_parameter_overview(
+        state["params"], include_stats="global", jax_logging_process=0,
+        msg=f"Parameters at step {start}:")
     program = self.program
     constants = None if self.task.constants is None else sharding.host_to_global(
         self.task.constants, program.replicated)
