@@ -8,7 +8,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("data_pipelines", "uniemox_jax")
 # The commands: entry points, imported by nothing.
 COMMANDS = ("uniemox_jax.main", "uniemox_jax.demo", "uniemox_jax.evaluate",
-            "uniemox_jax.predict", "uniemox_jax.plots", "uniemox_jax.explain")
+            "uniemox_jax.predict", "uniemox_jax.plots", "uniemox_jax.explain",
+            "uniemox_jax.suite", "uniemox_jax.results")
 COMMAND_PACKAGES = ("uniemox_jax.tools",)
 
 

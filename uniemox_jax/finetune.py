@@ -75,8 +75,10 @@ class KeepBest:
   same (gathered) evaluation, so they agree on when to save without reading a file process 0
   rewrites."""
 
-  def __init__(self, workdir: str, split: str, meta: Dict[str, Any]):
+  def __init__(self, workdir: str, split: str, meta: Dict[str, Any],
+               steps_per_epoch: int = 0):
     self.workdir, self.split, self.meta = workdir, split, meta
+    self.steps_per_epoch = steps_per_epoch
     self.store = checkpointing.Checkpointer(storage.join(workdir, BEST_DIR), keep=1,
                                             asynchronous=False)
     self.best = read_best(workdir)
@@ -90,10 +92,18 @@ class KeepBest:
         self.store.save(step, {"step": state["step"], "params": state["params"]},
                         meta=self.meta)
       self.best = {"step": step, "value": value, "split": self.split, "report": result.report}
+      if self.steps_per_epoch:
+        self.best["epoch"] = step / self.steps_per_epoch
       if jax.process_index() == 0:
         storage.write_text(storage.join(self.workdir, BEST_FILE),
                            json.dumps(self.best, indent=2))
     return {f"{VALIDATION}/best": self.best["value"]}
+
+
+def test_report_file(workdir: str, best_step: int, split: str) -> str:
+  """Where a finished run's test report of its best state is (`after_training` writes it)."""
+  return storage.join(reports.out_dir(storage.join(workdir, BEST_DIR, str(best_step))), TEST,
+                      f"{split}_results.json")
 
 
 def read_best(workdir: str) -> Dict[str, Any]:
@@ -164,7 +174,8 @@ def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
           "multi_label": multi}
   if setup.subset is not None:
     meta["train_subset"] = setup.subset.summary()
-  keep_best = KeepBest(setup.workdir, config.data.eval_split, meta)
+  keep_best = KeepBest(setup.workdir, config.data.eval_split, meta,
+                       setup.schedule.steps_per_epoch)
 
   def after_training(loop: trainer.TrainLoop) -> Dict[str, Any]:
     """The best state's report on config.test_split (none without one)."""
