@@ -51,7 +51,11 @@ def get_config(arg=None):
                       # avg: fc_norm over the patch tokens' mean (the method); token: the CLS
                       # token after the final norm (timm's default ViTs; an imported one
                       # records it and evaluation follows the checkpoint).
-                      pool="avg")
+                      pool="avg",
+                      # A transformers vision backbone instead of our ViT (the reference's
+                      # baselines): a hub id or folder, e.g. microsoft/resnet-50; its own
+                      # weights start the run (uniemox_jax/models/hf_backbone.py).
+                      backbone="")
   # Host: RandAugment m9 mstd0.5; device: random erasing, mixup/cutmix, label smoothing.
   config.augment = dict(rand_augment=True, erase_prob=0.25, mixup_alpha=0.8,
                         cutmix_alpha=1.0, switch_prob=0.5, mix_prob=1.0,

@@ -25,6 +25,16 @@ def normalize(images: jax.Array, mean: Sequence[float] = IMAGENET_MEAN,
   return x.astype(dtype)
 
 
+def renormalize(images: jax.Array, src: Sequence[Sequence[float]],
+                dst: Sequence[Sequence[float]]) -> jax.Array:
+  """Maps images normalized with (mean, std) `src` to normalization `dst`, on device."""
+  def channels(values):
+    return jnp.asarray(values, images.dtype).reshape((1,) * (images.ndim - 1) + (-1,))
+  (src_mean, src_std), (dst_mean, dst_std) = src, dst
+  raw = images * channels(src_std) + channels(src_mean)
+  return (raw - channels(dst_mean)) / channels(dst_std)
+
+
 def _erase_box(key, height: int, width: int, scale, ratio, attempts: int = 10):
   """timm RandomErasing's box: up to `attempts` draws, the first that fits; (valid, y, x, h, w)."""
   k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)

@@ -42,6 +42,9 @@ HEAD_FUSIONS = ("mean", "max", "min")
 def unrolled(model):
   """The same classifier with its blocks unrolled and no remat: the explanations hook into
   each block (checkpoints convert with `surgery.to_layout(params, scanned=False)`)."""
+  if not hasattr(model, "student"):
+    raise errors.UserError("heatmaps hook into this codebase's ViT classifier; a "
+                           "transformers backbone (config.model.backbone) is not explained")
   return model.clone(student=dataclasses.replace(model.student, scan=False, remat="none"))
 
 

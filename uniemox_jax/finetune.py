@@ -38,6 +38,8 @@ from uniemox_jax.evaluators import base as evaluators_base
 from uniemox_jax.evaluators import classification
 from uniemox_jax.evaluators import reports
 from uniemox_jax.models import classifier
+from uniemox_jax.models import hf_backbone
+from uniemox_jax.models import surgery
 from uniemox_jax.models import vit
 
 BEST_DIR, BEST_FILE = "best", "best.json"
@@ -119,12 +121,27 @@ def step_task(config, num_classes: int, multi_label: bool) -> trainer.Task:
   validation and the final test; `uniemox_jax.aot` compiles it as it is."""
   model = models.classification_model(config.model, num_classes)
   size = config.model.image_size
+  backbone = config.model.get("backbone", "")
+  if backbone:
+    if config.init.encoder:
+      raise ValueError(f"config.model.backbone={backbone!r} starts from its own weights; "
+                       f"config.init.encoder ({config.init.encoder!r}) must be empty")
+    if config.optim.layer_decay < 1.0:
+      raise ValueError(f"config.optim.layer_decay={config.optim.layer_decay} numbers this "
+                       "codebase's ViT blocks; a transformers backbone (config.model.backbone) "
+                       "has no such layers: set --config.optim.layer_decay=1.0")
 
   def init(key):
     return model.init({"params": key, "dropout": key},
                       jnp.zeros((1, size, size, 3), jnp.float32))["params"]
 
   def load_pretrained(params: Dict[str, Any]) -> Dict[str, Any]:
+    if backbone:
+      variables, fit = surgery.fit(hf_backbone.load_variables(backbone), params["backbone"],
+                                   prefix="backbone/", source_name=backbone)
+      fit.check(f"the backbone {backbone!r}")
+      logging.info("Fine-tuning the backbone %s: %s", backbone, fit.summary())
+      return dict(params, backbone=variables)
     encoder = importers.import_encoder(config, params["encoder"])
     params, load_report = classifier.load_encoder_params(params, encoder)
     logging.info("Fine-tuning from %s: %s", config.init.encoder, load_report.summary())
@@ -144,7 +161,8 @@ def step_task(config, num_classes: int, multi_label: bool) -> trainer.Task:
       init=init, loss=loss, dataset=None,
       example={"image": ((size, size, 3), np.uint8), **labels}, loss_name="loss",
       reads=evaluators_base.CLASSIFIER, meta={"task": "finetune"},
-      load_pretrained=load_pretrained, lr_multipliers=lr_multipliers)
+      load_pretrained=load_pretrained, lr_multipliers=lr_multipliers,
+      own_weights=bool(backbone))
 
 
 def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:

@@ -130,6 +130,8 @@ class Task:
   constants: Any = None                         # host arrays every step reads, never trained
   teacher: Any = None                           # for the evaluators that need it
   load_pretrained: Optional[Callable[[Any], Any]] = None   # host params -> with config.init.encoder
+  own_weights: bool = False      # the model brings pretrained weights of its own (a
+  #                                transformers backbone): load_pretrained runs without init
   lr_multipliers: Optional[Callable[[Any], Any]] = None    # params -> per-leaf lr factors
   check_checkpoint: Callable[[checkpointing.Checkpoint], None] = lambda ckpt: None
   evaluators: Dict[str, Any] = dataclasses.field(default_factory=dict)  # beside config.evals
@@ -287,7 +289,7 @@ class TrainLoop:
       ckpt.close()
       return state
     state = self.program.init(jax.random.key(self.config.seed))
-    if init.encoder:
+    if init.encoder or self.task.own_weights:
       with errors.as_user_errors():
         params = self.task.load_pretrained(jax.device_get(state["params"]))
       state = dict(state, params=sharding.host_to_global(

@@ -73,9 +73,9 @@ def place_classifier(model, params, mesh, image_size: int, what: str = "the chec
   fit the model the config builds is refused with every differing array named."""
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, image_size, image_size, 3), jnp.float32))["params"]
-  params = models.check_params(params, nn.unbox(abstract),
-                               f"{what} (config.model: variant {model.variant}, "
-                               f"pos_embed {model.pos_embed!r}, pool {model.pool!r})")
+  built = (f"backbone {model.source!r}" if hasattr(model, "source") else
+           f"variant {model.variant}, pos_embed {model.pos_embed!r}, pool {model.pool!r}")
+  params = models.check_params(params, nn.unbox(abstract), f"{what} (config.model: {built})")
   shardings = sharding.param_shardings(abstract, mesh)
   return sharding.host_to_global(params, shardings)
 

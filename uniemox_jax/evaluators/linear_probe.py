@@ -25,9 +25,11 @@ import optax
 from data_pipelines import input_pipeline
 from uniemox_jax import augment
 from uniemox_jax import metrics
+from uniemox_jax import models
 from uniemox_jax.evaluators import base
 from uniemox_jax.evaluators import gathering
 from uniemox_jax.evaluators import reports
+from uniemox_jax.models import hf_backbone
 from uniemox_jax.models import vit
 
 
@@ -46,6 +48,19 @@ def feature_fn(config, pos_embed: str = "sincos"):
     mean = pooled.mean(axis=-1, keepdims=True)
     var = pooled.var(axis=-1, keepdims=True)
     return {"features": (pooled - mean) / jnp.sqrt(var + vit.LN_EPS)}
+  return fn
+
+
+def backbone_feature_fn(config):
+  """feature_fn's counterpart for a transformers backbone (config.model.backbone): its pooled
+  features (`hf_backbone.features`); the probe standardizes them as it does ours."""
+  spec = hf_backbone.backbone_spec(config.model.backbone)
+  dtype = models.dtype(config.model.dtype)
+
+  @jax.jit
+  def fn(variables, batch):
+    return {"features": hf_backbone.features(
+        spec, variables, augment.normalize(batch["image"]), dtype=dtype).astype(jnp.float32)}
   return fn
 
 
@@ -113,6 +128,11 @@ class LinearProbe(base.Evaluator):
     self.multi = self.info.multi_label
 
   def feature_fn(self, encoder_params):
+    if self.config.model.get("backbone"):
+      kind = "backbone"
+      if kind not in self.fns:
+        self.fns[kind] = backbone_feature_fn(self.config)
+      return self.fns[kind]
     kind = "learned" if "pos_embed" in encoder_params else "sincos"
     if kind not in self.fns:
       self.fns[kind] = feature_fn(self.config, kind)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from uniemox_jax.models import attention as attention_lib
 from uniemox_jax.models import fusion
+from uniemox_jax.models import hf_backbone
 from uniemox_jax.models import masking
 from uniemox_jax.models import surgery
 from uniemox_jax.models import vit
@@ -53,8 +54,17 @@ def pretrain_model(cfg) -> UniEmoX:
                  student=student_config(cfg))
 
 
-def classification_model(cfg, num_classes: int) -> Classifier:
-  """The downstream classifier over the same encoder fields of `config.model`."""
+def classification_model(cfg, num_classes: int) -> Any:
+  """The downstream classifier over the same encoder fields of `config.model`: our ViT
+  (`Classifier`), or with config.model.backbone a transformers backbone
+  (`hf_backbone.BackboneClassifier`)."""
+  if cfg.get("backbone"):
+    spec = hf_backbone.backbone_spec(cfg.backbone)
+    if spec.image_size and spec.image_size != cfg.image_size:
+      raise ValueError(f"config.model.image_size={cfg.image_size}, but the backbone "
+                       f"{cfg.backbone!r} ({spec.family}) takes {spec.image_size} px images")
+    return hf_backbone.BackboneClassifier(num_classes, cfg.backbone, cfg.image_size,
+                                          dtype(cfg.dtype))
   vit.grid_size(cfg.image_size, vit.decode_variant(cfg.variant).patch)
   try:
     vit.block_remat(cfg.remat)

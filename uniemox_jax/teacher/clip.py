@@ -14,7 +14,6 @@ converted without text embeddings.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import jax
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from uniemox_jax import augment
+from uniemox_jax import hf_weights
 from uniemox_jax import losses
 from uniemox_jax.teacher import clip_vision
 
@@ -34,20 +34,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 
-# A directory that holds a CLIP has its config and one of these weight files (the first is
-# Flax's; the others are PyTorch's, converted on load).
-_WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
 IMPLEMENTATIONS = ("transformers", "fused")
 
 
-def renormalize(images: jax.Array, src: Sequence[Sequence[float]],
-                dst: Sequence[Sequence[float]]) -> jax.Array:
-  """Maps images normalized with (mean, std) `src` to normalization `dst`, on device."""
-  def channels(values):
-    return jnp.asarray(values, images.dtype).reshape((1,) * (images.ndim - 1) + (-1,))
-  (src_mean, src_std), (dst_mean, dst_std) = src, dst
-  raw = images * channels(src_std) + channels(src_mean)
-  return (raw - channels(dst_mean)) / channels(dst_std)
+# Images normalized with one (mean, std) mapped to another, on device.
+renormalize = augment.renormalize
 
 
 def tokenize(tokenizer, texts: Sequence[str]) -> Dict[str, np.ndarray]:
@@ -61,61 +52,6 @@ def tokenize(tokenizer, texts: Sequence[str]) -> Dict[str, np.ndarray]:
 def tokenize_one(tokenizer, text: str) -> Dict[str, np.ndarray]:
   """One prompt's [77] ids and mask (the per-record form the input pipeline wants)."""
   return {k: v[0] for k, v in tokenize(tokenizer, [text]).items()}
-
-
-def _check_source(name_or_dir: str) -> Optional[str]:
-  """For a local directory: fails early, naming the path, when it cannot hold a CLIP model,
-  and returns the weight file it will be read from. None for a hub id."""
-  looks_local = os.path.isabs(name_or_dir) or name_or_dir.startswith((".", "~")) or \
-      os.path.exists(name_or_dir)
-  if not looks_local:
-    return None
-  path = os.path.expanduser(name_or_dir)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"CLIP teacher directory {name_or_dir!r} does not exist "
-                            "(config.teacher.name: a hub id or a local directory)")
-  present = set(os.listdir(path))
-  weights = [f for f in _WEIGHT_FILES if f in present]
-  if "config.json" not in present or not weights:
-    raise FileNotFoundError(
-        f"CLIP teacher directory {name_or_dir!r} lacks config.json or a weight file "
-        f"({', '.join(_WEIGHT_FILES)}); it holds: {sorted(present) or 'nothing'}")
-  if weights[0] == "pytorch_model.bin":
-    if os.environ.get("USE_TORCH", "AUTO").upper() in ("0", "FALSE", "NO", "OFF"):
-      raise ImportError(
-          f"CLIP teacher directory {name_or_dir!r} holds only pytorch_model.bin, and USE_TORCH "
-          "is off (the command-line tools turn it off to import faster): run with USE_TORCH=1, "
-          "or save the model as model.safetensors")
-    try:
-      import torch  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-    except ImportError:
-      raise ImportError(
-          f"CLIP teacher directory {name_or_dir!r} holds only pytorch_model.bin, which needs "
-          "PyTorch to read: pip install -e '.[torch]', or save the model as safetensors "
-          "(model.safetensors loads without PyTorch)") from None
-  return weights[0]
-
-
-def _from_pretrained(name_or_dir: str, dtype):
-  """FlaxCLIPModel and its params from Flax weights, or from PyTorch weights where a folder
-  (or hub repository) has only those."""
-  from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
-  weight_file = _check_source(name_or_dir)
-  from_pt = weight_file is not None and weight_file != "flax_model.msgpack"
-  def from_pytorch():
-    # transformers 4.57's PyTorch->Flax conversion reads `model.params`, which a model made
-    # with _do_init=False refuses: this path initializes, then takes the converted weights.
-    model = FlaxCLIPModel.from_pretrained(name_or_dir, dtype=dtype, from_pt=True)
-    return model, model.params
-  try:
-    if from_pt:
-      return from_pytorch()
-    return FlaxCLIPModel.from_pretrained(name_or_dir, dtype=dtype, _do_init=False)
-  except (OSError, ValueError) as e:
-    if not from_pt and weight_file is None and "from_pt=True" in str(e):
-      return from_pytorch()
-    raise OSError(f"could not load the CLIP teacher from {name_or_dir!r} "
-                  f"(config.teacher.name): {e}") from e
 
 
 @dataclasses.dataclass
@@ -170,7 +106,9 @@ class ClipTeacher:
     from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
     if impl not in IMPLEMENTATIONS:
       raise ValueError(f"config.teacher.impl={impl!r}: choose one of {IMPLEMENTATIONS}")
-    model, params = _from_pretrained(name_or_dir, dtype)
+    from transformers import FlaxCLIPModel  # pylint: disable=g-import-not-at-top
+    model, params = hf_weights.from_pretrained(FlaxCLIPModel, name_or_dir, dtype,
+                                               "CLIP teacher", "config.teacher.name")
     tokenizer = AutoTokenizer.from_pretrained(name_or_dir) if with_tokenizer else None
     if impl == "fused":
       config = clip_vision.VisionConfig.from_clip_config(model.config)
