@@ -106,7 +106,7 @@ def finetuned(pretrained, tmp_path_factory):
 # file runs on one xdist worker (--dist loadfile), and a long file started last leaves the
 # other worker idle at the end. pytest.ini turns off xdist's own order (most tests first).
 _LONGEST_FIRST = ("test_trainer.py", "test_aot.py", "test_finetune.py", "test_evaluators.py",
-                  "test_cloud_storage.py",
+                  "test_cloud_storage.py", "test_suite.py", "test_backbones.py",
                   "test_benchmarks.py", "test_lifecycle.py", "test_attention.py",
                   "test_datasets.py", "test_main.py", "test_teacher.py", "test_uniemox.py")
 

@@ -170,9 +170,10 @@ def emoset(root: str, items: Sequence[Tuple[str, str, Dict]], seed: int = 0) -> 
     lists[split].append([emotion, image_id, image_path, ann_path])
   for split, entries in lists.items():
     _save(os.path.join(root, f"{split}.json"), json.dumps(entries).encode())
+  # The class map in EmoSet's index order (docs/method.md §5: positive emotions first).
   _save(os.path.join(root, "info.json"), json.dumps({"emotion": {"label2idx": {
-      e: i for i, e in enumerate(("amusement", "anger", "awe", "contentment", "disgust",
-                                  "excitement", "fear", "sadness"))}}}).encode())
+      e: i for i, e in enumerate(("amusement", "awe", "contentment", "excitement", "anger",
+                                  "disgust", "fear", "sadness"))}}}).encode())
 
 
 # --- EMOTIC, as MATLAB writes Annotations.mat ----------------------------------------------

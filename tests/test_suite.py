@@ -17,10 +17,10 @@ from uniemox_jax import results
 from tests import environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# A tiny fine-tuning of the demo encoder: 6 steps, validation at 3 and 6, then the test split.
+# A tiny fine-tuning of the demo encoder: 4 steps, validation at 2 and 4, then the test split.
 TINY = ["--variant", "vit=mu/8", "--config.model.image_size=32", "--config.model.dtype=float32",
         "--config.model.scan=False", "--config.model.remat=none", "--config.batch_size=16",
-        "--config.total_steps=6", "--config.eval_every_steps=3", "--config.eval_batch_size=16",
+        "--config.total_steps=4", "--config.eval_every_steps=2", "--config.eval_batch_size=16",
         "--config.data.workers=0", "--config.augment.rand_augment=False",
         "--config.augment.mixup_alpha=0.0", "--config.augment.cutmix_alpha=0.0",
         "--config.log_every_steps=3"]
@@ -57,7 +57,7 @@ def test_the_suite_runs_every_benchmark_and_seed_once(suite):
     for seed in (0, 1):
       workdir = root / name / f"seed_{seed}"
       config = json.load(open(workdir / "config.json"))
-      assert (config["dataset"], config["seed"], config["total_steps"]) == (name, seed, 6)
+      assert (config["dataset"], config["seed"], config["total_steps"]) == (name, seed, 4)
       best, report = _report(str(workdir))
       assert best["epoch"] == pytest.approx(best["step"] / (128 if name == "emo8" else 48)
                                             * 16)
@@ -168,7 +168,7 @@ def test_slurm_array_runs_one_task_each_and_requeues_when_preempted(suite, tmp_p
   assert shown.returncode == 0, shown.stderr
   assert ":dataset=emoset,data=" in shown.stdout and "--config.seed=0" in shown.stdout
   assert f"--workdir={slurm_root}/emoset/seed_0" in shown.stdout
-  assert "--config.total_steps=6" in shown.stdout
+  assert "--config.total_steps=4" in shown.stdout
 
 
 def test_bad_suite_flags_are_named(tmp_path):
