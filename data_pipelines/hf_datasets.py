@@ -274,11 +274,12 @@ def plan(root: str, name: str, splits: Sequence[str] = sources.SPLITS,
   for split in wanted:
     for f in files[split]:
       _check_image_column(f, image_column)
-      table = _read_table(f)
-      if label_column not in table.column_names:
+      names = _schema(f).names
+      if label_column not in names:
         raise ValueError(f"{f} has no column {label_column!r} (--label_column); its columns "
-                         f"are {table.column_names}")
-      labels = table.column(label_column).to_pylist()
+                         f"are {names}")
+      # The labels alone: the images are read shard by shard when records are written.
+      labels = _read_table(f, [label_column]).column(label_column).to_pylist()
       rows += [(split, f, i, v) for i, v in enumerate(labels)]
   strings = sorted({v for _, _, _, v in rows if isinstance(v, str)})
   if not class_names:

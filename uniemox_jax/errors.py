@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from typing import Optional
+import os
+import sys
+from typing import Callable, NoReturn, Optional
 
 EXIT_USER_ERROR = 2
 # A preempted run saved its state and stopped early: rerun the same command to resume.
@@ -120,3 +122,16 @@ def message(e: BaseException) -> str:
       text += f" ({remedy(e.errno)})"
     return text
   return str(e)
+
+
+def run_command(main: Callable[[], int]) -> NoReturn:
+  """`sys.exit(main())` for the argparse commands (convert, suite, results): a ValueError or
+  OSError, the user's input, is one line `error: ...` and EXIT_USER_ERROR (UNIEMOX_TRACEBACK=1
+  raises it with its traceback instead)."""
+  try:
+    sys.exit(main())
+  except (ValueError, OSError) as e:
+    if os.environ.get("UNIEMOX_TRACEBACK"):
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)

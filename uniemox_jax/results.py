@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from data_pipelines import storage
+from uniemox_jax import errors
 from uniemox_jax import finetune
 from uniemox_jax.evaluators import reports
 
@@ -252,8 +253,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  errors.run_command(main)

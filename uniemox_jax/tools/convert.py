@@ -35,6 +35,7 @@ from data_pipelines import sources
 from data_pipelines import storage
 from data_pipelines import synthetic
 from data_pipelines import verify
+from uniemox_jax import errors
 
 
 def parse_args(argv=None):
@@ -185,10 +186,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  try:
-    sys.exit(main())
-  except (ValueError, OSError) as e:     # a user's input: one line, exit 2
-    if os.environ.get("UNIEMOX_TRACEBACK"):
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  errors.run_command(main)
