@@ -1,6 +1,7 @@
 """Fine-tuning from the demo encoder: layer-wise lr decay, best-state selection and exact
 resume, the checks before the first step, preemption."""
 import json
+import logging
 import os
 import shutil
 
@@ -87,7 +88,8 @@ def test_finetune_beats_chance_and_keeps_the_best_state(finetuned):
       "test_results.json", "test_confusion.json", "test_confusion.png"))
 
 
-def test_finetune_resumes_exactly(pretrained, tmp_path, finetune_config):
+def test_finetune_resumes_exactly(pretrained, tmp_path, finetune_config, caplog):
+  caplog.set_level(logging.INFO, logger="absl")
   overrides = dict(total_epochs=6, eval_every_epochs=2, **{"checkpoint.every_steps": 100})
   def loop(workdir, **hooks):
     return trainer.build(finetune_config(**overrides), str(tmp_path / workdir),
@@ -95,6 +97,13 @@ def test_finetune_resumes_exactly(pretrained, tmp_path, finetune_config):
   full = loop("a")
   full.run()
   full.close()
+  # Validation was compiled before the first step, for the very arrays it met at each of its
+  # three evaluations: one executable, never compiled again.
+  compiles = [m for m in (r.getMessage() for r in caplog.records)
+              if m.startswith("Compiled the eval step")]
+  assert len(compiles) == 1 and compiles[0].startswith(
+      "Compiled the eval step of config.evals.validation (ahead of the first step) in "), compiles
+  assert len(full.evaluators["validation"].scorer.compiled) == 1
   first = loop("b", stop_after=10)
   first.run()
   first.close()

@@ -230,6 +230,9 @@ class TrainLoop:
     stopped = None
     try:
       step_fn = self.compile_step(state, constants, base_key) if start < total else None
+      for evaluator in self.evaluators.values():
+        if start < total and evaluator.period > 0:     # those the run will call
+          evaluator.compile_ahead(state["params"])
       batch = self.next_batch(iterator, start + 1) if start < total else None
       for step in range(start + 1, total + 1):
         state, metrics = step_fn(state, constants, batch, base_key)

@@ -113,6 +113,10 @@ class Evaluator:
   def run(self, params) -> Result:
     raise NotImplementedError
 
+  def compile_ahead(self, params) -> None:
+    """Compiles what `run(params)` will run over the batches (its `gathering.EvalStep`)
+    before a training run's first step; evaluators without one compile when they run."""
+
   def settings(self) -> Dict[str, Any]:
     """Everything the result depends on besides the parameters: this evaluator's resolved
     fields (its data as an absolute path) and the config's model and teacher."""

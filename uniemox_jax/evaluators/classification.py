@@ -85,9 +85,11 @@ def evaluate_classifier(config, params, split: str, mesh, info: dataset_info.Dat
                         scorer: Optional[Callable] = None,
                         params_source: Optional[str] = None) -> Dict[str, Any]:
   """The report of a classifier (host or global params) on `split` of `data_dir`.
-  `scorer`: a `classifier_scorer` to reuse (a training run evaluating every epoch)."""
+  `scorer`: the `gathering.EvalStep` of a `classifier_scorer` to reuse (a training run
+  evaluating every epoch)."""
   model = models.classification_model(config.model, info.num_classes)
-  scorer = scorer or classifier_scorer(model, info.multi_label)
+  scorer = scorer or gathering.EvalStep(classifier_scorer(model, info.multi_label),
+                                        f"classification {split}")
   local = gathering.check_batch(config.eval_batch_size, mesh)
   dataset = input_pipeline.eval_dataset(
       data_dir, split, batch_size=local, image_size=config.model.image_size,
@@ -106,8 +108,13 @@ class Classification(base.Evaluator):
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
     self.model = models.classification_model(self.config.model, self.info.num_classes)
-    # One jitted scorer for the evaluator's life: a run evaluating every epoch compiles once.
-    self.scorer = classifier_scorer(self.model, self.info.multi_label)
+    # One scorer for the evaluator's life: a run evaluating every epoch compiles once.
+    self.scorer = gathering.EvalStep(classifier_scorer(self.model, self.info.multi_label),
+                                     self.field)
+
+  def compile_ahead(self, params) -> None:
+    self.scorer.compile_ahead(params, self.mesh, self.config.eval_batch_size,
+                              self.config.model.image_size)
 
   def check_checkpoint(self, ckpt: checkpointing.Checkpoint) -> None:
     super().check_checkpoint(ckpt)

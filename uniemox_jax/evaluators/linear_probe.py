@@ -69,7 +69,7 @@ def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_d
   """For each split: {"features" [N, D], "label" (and "labels")} of every record, in order,
   through `fn` (a `feature_fn`). The encoder is placed and compiled once for all of them."""
   fn = fn or feature_fn(config, "learned" if "pos_embed" in encoder_params else "sincos")
-  encoder_params = base.place({k: v for k, v in encoder_params.items() if k != "norm"}, mesh)
+  encoder_params = _placed(encoder_params, mesh)
   batch_size = gathering.check_batch(config.eval_batch_size, mesh)
   out = {}
   for split in splits:
@@ -79,6 +79,11 @@ def encoder_features(config, encoder_params, splits: Sequence[str], mesh, data_d
     out[split] = gathering.gather_split(functools.partial(fn, encoder_params), dataset, mesh,
                                        progress=progress, description=f"features {split}")
   return out
+
+
+def _placed(encoder_params, mesh):
+  """The encoder's parameters as the feature functions read them: without the final norm."""
+  return base.place({k: v for k, v in encoder_params.items() if k != "norm"}, mesh)
 
 
 def train_linear(features: np.ndarray, targets: np.ndarray, multi_label: bool,
@@ -124,19 +129,24 @@ class LinearProbe(base.Evaluator):
 
   def __init__(self, *args, **kwargs):
     super().__init__(*args, **kwargs)
-    self.fns = {}         # one compiled feature function per position table kind
+    self.fns = {}         # one feature function (an EvalStep) per position table kind
     self.multi = self.info.multi_label
 
   def feature_fn(self, encoder_params):
     if self.config.model.get("backbone"):
       kind = "backbone"
       if kind not in self.fns:
-        self.fns[kind] = backbone_feature_fn(self.config)
+        self.fns[kind] = gathering.EvalStep(backbone_feature_fn(self.config), self.field)
       return self.fns[kind]
     kind = "learned" if "pos_embed" in encoder_params else "sincos"
     if kind not in self.fns:
-      self.fns[kind] = feature_fn(self.config, kind)
+      self.fns[kind] = gathering.EvalStep(feature_fn(self.config, kind), self.field)
     return self.fns[kind]
+
+  def compile_ahead(self, params) -> None:
+    self.feature_fn(params["encoder"]).compile_ahead(
+        _placed(params["encoder"], self.mesh), self.mesh, self.config.eval_batch_size,
+        self.config.model.image_size)
 
   def splits(self) -> List[str]:
     return list(dict.fromkeys(

@@ -25,6 +25,7 @@ from uniemox_jax import losses
 from uniemox_jax import models
 from uniemox_jax import sharding
 from uniemox_jax.evaluators import base
+from uniemox_jax.evaluators import gathering
 from uniemox_jax.evaluators import reports
 from uniemox_jax.models import decoder as decoder_lib
 from uniemox_jax.models import vit
@@ -43,7 +44,8 @@ def fixed_images(data_dir: str, split: str, num: int, image_size: int) -> Dict[s
   return {k: np.stack([e[k] for e in examples]) for k in ("image", "person")}
 
 
-def reconstructor(model, seed: int = 0, mesh=None) -> Callable[..., Dict[str, np.ndarray]]:
+def reconstructor(model, seed: int = 0, mesh=None, name: str = "the reconstruction"
+                  ) -> Callable[..., Dict[str, np.ndarray]]:
   """(params, scene, person) -> {"original", "masked", "reconstruction"}: uint8 [N, S, S, 3]
   images of one masked pass, and "removed": bool [N, S, S], the pixels of the patches the mask
   removed. Compiled once: call it every period. With a `mesh` the images are replicated over
@@ -55,7 +57,7 @@ def reconstructor(model, seed: int = 0, mesh=None) -> Callable[..., Dict[str, np
   replicated = sharding.replicated(mesh) if mesh is not None else None
 
   @functools.partial(jax.jit, out_shardings=replicated)
-  def run(p, scene_u8, person_u8):
+  def masked_pass(p, scene_u8, person_u8):
     x = augment.normalize(scene_u8)
     key = jax.random.key(seed)
     out = model.apply({"params": p}, x, augment.normalize(person_u8), train=False,
@@ -67,14 +69,18 @@ def reconstructor(model, seed: int = 0, mesh=None) -> Callable[..., Dict[str, np
       pred = pred * p_scale + p_mean
     mask = out["mask"][..., None].astype(jnp.float32)
     return patches, mask, pred
+  run = gathering.EvalStep(masked_pass, name)
 
   def to_uint8(p):
     img = np.asarray(decoder_lib.unpatchify(jnp.asarray(p), patch))
     return np.clip(np.round((img * std + mean) * 255.0), 0, 255).astype(np.uint8)
 
+  def placed(scene, person):
+    return (scene, person) if replicated is None else sharding.host_to_global(
+        (scene, person), replicated)
+
   def apply(params, scene: np.ndarray, person: np.ndarray) -> Dict[str, np.ndarray]:
-    if replicated is not None:
-      scene, person = sharding.host_to_global((scene, person), replicated)
+    scene, person = placed(scene, person)
     patches, mask, pred = (np.asarray(a) for a in jax.device_get(run(params, scene, person)))
     original = to_uint8(patches)
     removed = np.asarray(decoder_lib.unpatchify(jnp.asarray(np.broadcast_to(
@@ -83,6 +89,10 @@ def reconstructor(model, seed: int = 0, mesh=None) -> Callable[..., Dict[str, np
     reconstruction = to_uint8(patches * (1 - mask) + pred * mask)
     return {"original": original, "masked": masked, "reconstruction": reconstruction,
             "removed": removed[..., 0]}
+  # Compiles the masked pass for `params` and these images (a training run, before its
+  # first step).
+  apply.compile_ahead = lambda params, scene, person: run.executable(
+      params, *placed(scene, person), what="ahead of the first step")
   return apply
 
 
@@ -113,7 +123,10 @@ class Reconstruction(base.Evaluator):
     self.model = models.pretrain_model(self.config.model)
     self.images = fixed_images(self.data_dir, self.split, int(self.spec["num"]),
                                self.config.model.image_size)
-    self.apply = reconstructor(self.model, self.config.seed, self.mesh)
+    self.apply = reconstructor(self.model, self.config.seed, self.mesh, self.field)
+
+  def compile_ahead(self, params) -> None:
+    self.apply.compile_ahead(self.place(params), self.images["image"], self.images["person"])
 
   def check_checkpoint(self, ckpt) -> None:
     super().check_checkpoint(ckpt)

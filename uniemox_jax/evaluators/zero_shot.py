@@ -60,7 +60,11 @@ class ZeroShot(base.Evaluator):
       gamma = gamma / jnp.linalg.norm(gamma, axis=-1, keepdims=True)
       logits = scale * gamma @ text.T
       return {"scores": jax.nn.sigmoid(logits) if multi else jax.nn.softmax(logits)}
-    self.scores = scores
+    self.scores = gathering.EvalStep(scores, self.field)
+
+  def compile_ahead(self, params) -> None:
+    self.scores.compile_ahead(self.place(params), self.mesh, self.config.eval_batch_size,
+                              self.config.model.image_size, keys=("image", "person"))
 
   def run(self, params) -> base.Result:
     dataset = input_pipeline.eval_dataset(
