@@ -89,7 +89,7 @@ class Setup:
     schedule, before = None, len(checks.errors)
     with checks.check():
       check_splits(info, data_dir, {s: "config.data.split" for s in config.data.split.split("+")})
-    subset, fraction = None, config.data.get("train_fraction", 1.0)
+    subset, fraction = None, config.data.train_fraction
     if len(checks.errors) == before and fraction != 1.0:
       with checks.check():
         subset = input_pipeline.train_subset(data_dir, config.data.split, fraction, config.seed)
