@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -176,3 +177,31 @@ def test_search_batch_doubles_to_the_largest_that_fits(tmp_path):
   assert all("fits" in v and "not" not in v for v in found["tried"].values())
   assert found["best"]["per_chip_batch"] == 32 and found["best"]["fits"]
   assert "largest per-chip batch that fits: 32 (--largest 32)" in proc.stdout
+
+
+def test_the_breakdown_counts_the_tpu_programs_matmuls_exactly():
+  """benchmarks/mfu_breakdown.py reads the TPU compiler's program: its matmul FLOPs (dense
+  and batched products, forward and their gradients, which libtpu writes as convolutions with
+  batch dimensions folded into windows) equal the count by hand and the compiler's own."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+  from benchmarks import mfu_breakdown
+  mesh = Mesh(np.array(aot.topology_devices("v5e:2x2")[:1]), ("d",))
+  spec = NamedSharding(mesh, PartitionSpec())
+
+  def forward(x, w, q, k):
+    return (jnp.einsum("btd,de->bte", x, w).sum()
+            + jnp.einsum("bhtd,bhsd->bhts", q, k).sum())
+
+  shapes = [(8, 50, 128, 256), (8, 4, 50, 32)]
+  (b, t, d, e), (_, h, _, hd) = shapes
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=spec)
+          for s in ((b, t, d), (d, e), (b, h, t, hd), (b, h, t, hd))]
+  once = 2 * b * t * d * e + 2 * b * h * t * t * hd
+  for fn, expected in ((forward, once), (jax.grad(forward, argnums=(0, 1, 2, 3)), 2 * once)):
+    with aot.no_persistent_cache():
+      compiled = jax.jit(fn).lower(*args).compile()
+    parts = mfu_breakdown.analyse(compiled.as_text())
+    counted = sum(row[2] for row in parts.values())
+    assert counted == expected, parts
+    assert counted == pytest.approx(aot._cost(compiled)["flops"], rel=0.01)
+    assert sum(row[1] for row in parts.values()) > 0       # the compiler's cycle estimates

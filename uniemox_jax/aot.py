@@ -77,6 +77,7 @@ class Report:
   compile_s: float
   loops: int = 0                  # while loops (their bodies count once)
   time_from: str = ""             # "": this program's counts; else the program that gave them
+  hlo: str = dataclasses.field(default="", repr=False)   # the optimized program, as text
 
   @property
   def fits(self) -> bool:
@@ -136,7 +137,8 @@ class Report:
         f"  lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s"])
 
   def to_json(self) -> Dict[str, Any]:
-    return dict(dataclasses.asdict(self), fits=self.fits, seconds=self.seconds,
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hlo"}
+    return dict(fields, fits=self.fits, seconds=self.seconds,
                 estimate=self.estimate, roofline_s=self.roofline_s,
                 images_per_s=self.images_per_s, mfu=self.mfu)
 
@@ -344,7 +346,7 @@ def report_of(compiled, *, topology: str, **fields) -> Report:
       compiler_flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       cost_model_s=float(cost.get("optimal_seconds", 0.0)), peak_tflops=peak_tflops,
-      hbm_gb_s=hbm_gb_s, loops=loops(hlo), **fields)
+      hbm_gb_s=hbm_gb_s, loops=loops(hlo), hlo=hlo, **fields)
 
 
 def search_batch(config, topology: str, num_slices: int = 1, largest: int = 1024,
