@@ -11,8 +11,9 @@ A part whose cycles are large beside its FLOPs is memory-bound.
 
   python benchmarks/mfu_breakdown.py --vit B/16 --topology v5e:2x2 --per_chip 64
 
-These are estimates of the compiler's cost model, not measurements. The cycles of ops that
-overlap (asynchronous copies and collectives) are not in the total.
+These are estimates of the compiler's cost model, not measurements. A part's time is its
+cycles at the clock the chip's peak implies (CLOCK_GHZ, or --clock_ghz), one op after another.
+Ops that overlap, the asynchronous copies and collectives, carry no cycles.
 """
 import argparse
 import ast
@@ -31,6 +32,10 @@ from uniemox_jax import aot  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][a-z0-9-]*)\((.*)$")
 _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+# TensorCore clocks (GHz) that the chips' peaks imply: peak / (MXUs x 128 x 128 x 2 FLOPs).
+# v4: 275 TFLOP/s over 2 cores x 4 MXUs = 1.05 (its published clock); v5e: 197 over 1 x 4 =
+# 1.5; v5p: 459 over 2 x 4 = 1.75.
+CLOCK_GHZ = {"v4": 1.05, "v5e": 1.5, "v5p": 1.75}
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
          "partition-id", "replica-id"}
 
@@ -163,6 +168,8 @@ def main():
   p.add_argument("--fsdp", type=int, default=1)
   p.add_argument("--set", action="append", default=[],
                  help="a config override FIELD=VALUE (Python literal), repeatable")
+  p.add_argument("--clock_ghz", type=float, default=0.0,
+                 help="the clock that turns the ops' cycles into time (default: CLOCK_GHZ)")
   p.add_argument("--hlo", default="", help="also write the optimized program's text here")
   args = p.parse_args()
   config = pretrain_config.get_config(f"vit={args.vit}")
@@ -188,20 +195,31 @@ def main():
   cycles = sum(r[1] for r in parts.values())
   flops = sum(r[2] for r in parts.values())
   peak = report.peak_tflops * 1e12
+  clock = args.clock_ghz or CLOCK_GHZ.get(args.topology.split(":")[0], 0.0)
+  # A part's time: its cycles at the clock; without one, its share of the report's estimate.
+  seconds = ((lambda c: c / (clock * 1e9)) if clock else
+             (lambda c: report.seconds * c / cycles if cycles else float("nan")))
   print(f"\n{args.vit} pretraining step, {args.per_chip} per chip on {args.topology}, "
         f"mesh {report.mesh}{' ' + ' '.join(args.set) if args.set else ''}: the compiler's "
-        f"estimated cycles per part (an estimate, not a measurement)\n")
+        "estimated cycles per part" + (f" (ms at {clock:g} GHz)" if clock else
+                                       " (ms: their share of the report's step time)")
+        + ", an estimate, not a measurement\n")
   print("| part | ops | Mcycles | share | est. ms | matmul TFLOP | MFU of the part | GiB moved |")
   print("|---|---|---|---|---|---|---|---|")
   for name, (ops, c, f, b) in sorted(parts.items(), key=lambda kv: -kv[1][1]):
-    ms = report.seconds * 1e3 * c / cycles if cycles else float("nan")
-    mfu = f / (ms / 1e3) / peak if ms > 0 else float("nan")
-    print(f"| {name} | {ops} | {c / 1e6:.1f} | {100 * c / cycles:.1f}% | {ms:.2f} | "
+    t = seconds(c)
+    mfu = f / t / peak if t > 0 else float("nan")
+    print(f"| {name} | {ops} | {c / 1e6:.1f} | {100 * c / cycles:.1f}% | {t * 1e3:.2f} | "
           f"{f / 1e12:.3f} | {100 * mfu:.0f}% | {b / aot.GIB:.2f} |")
   print(f"\ncounted matmul FLOPs {flops / 1e12:.3f} T per chip per step (analytic "
         f"{report.analytic_flops / 1e12:.3f} T, the compiler's {report.compiler_flops / 1e12:.3f}"
-        f" T); est. ms splits the cost model's step time ({report.seconds * 1e3:.1f} ms) by "
-        "cycle share")
+        f" T)")
+  if clock:
+    serial = cycles / (clock * 1e9)
+    print(f"the ops' cycles one after another at {clock:g} GHz: {serial * 1e3:.1f} ms, "
+          f"{args.per_chip / serial:.0f} images/s per chip, MFU "
+          f"{100 * report.analytic_flops / serial / peak:.1f}% (no overlap; an estimate); "
+          f"the report's: {report.seconds * 1e3:.1f} ms ({report.estimate})")
 
 
 if __name__ == "__main__":
