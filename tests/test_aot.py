@@ -1,5 +1,6 @@
 """The pod check: a task's real train step compiled by the TPU compiler (libtpu) for a named
 slice on this CPU host, its printed numbers against the compiled program's own."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -100,15 +101,15 @@ def test_a_scanned_step_takes_its_time_from_its_unrolled_twin(compiled_v5e, tmp_
   is given; with it, the time is the unrolled program's (the fixture's), the memory its own."""
   scanned = [*DEMO, "--config.mesh.fsdp=4", "--topology", "v5e:2x2",
              "--config.model.scan=True", "--config.teacher.scan=True"]
-  alone = _aot(*scanned, "--json", str(tmp_path / "alone.json"))
-  assert alone.returncode == 0, alone.stdout + alone.stderr[-3000:]
-  report = json.loads((tmp_path / "alone.json").read_text())
-  assert report["loops"] >= 1 and not report["time_from"]    # the 2-block encoder at least
-  assert not report["seconds"] > 0 and "no time estimate" in alone.stdout, alone.stdout
   twin = _aot(*scanned, "--unrolled_twin", "--json", str(tmp_path / "twin.json"))
   assert twin.returncode == 0, twin.stdout + twin.stderr[-3000:]
   report, unrolled = json.loads((tmp_path / "twin.json").read_text()), compiled_v5e[1]
-  assert report["time_from"].startswith("the unrolled twin") and unrolled["loops"] == 0
+  assert report["loops"] >= 1 and unrolled["loops"] == 0     # the 2-block encoder at least
+  assert report["time_from"].startswith("the unrolled twin")
+  # The same scanned program without its twin: no time at all.
+  fields = {f.name for f in dataclasses.fields(aot.Report)}
+  alone = aot.Report(**dict({k: v for k, v in report.items() if k in fields}, time_from=""))
+  assert not alone.seconds > 0 and "no time estimate" in alone.summary(), alone.summary()
   for key in ("cost_model_s", "compiler_flops", "bytes_accessed", "seconds", "mfu"):
     assert report[key] == pytest.approx(unrolled[key], rel=1e-6), key
   assert report["memory"]["temp"] != unrolled["memory"]["temp"]
@@ -169,14 +170,14 @@ def test_the_compiled_batch_is_the_pipelines(task, config, tmp_path, synthetic_d
 
 
 def test_search_batch_doubles_to_the_largest_that_fits(tmp_path):
-  proc = _aot(*DEMO, "--topology", "v5e:2x2", "--search_batch", "--largest", "32",
+  proc = _aot(*DEMO, "--topology", "v5e:2x2", "--search_batch", "--largest", "16",
               "--json", str(tmp_path / "search.json"))
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   found = json.loads((tmp_path / "search.json").read_text())
-  assert sorted(int(k) for k in found["tried"]) == [8, 16, 32]       # from the config's 8
+  assert sorted(int(k) for k in found["tried"]) == [8, 16]       # from the config's 8
   assert all("fits" in v and "not" not in v for v in found["tried"].values())
-  assert found["best"]["per_chip_batch"] == 32 and found["best"]["fits"]
-  assert "largest per-chip batch that fits: 32 (--largest 32)" in proc.stdout
+  assert found["best"]["per_chip_batch"] == 16 and found["best"]["fits"]
+  assert "largest per-chip batch that fits: 16 (--largest 16)" in proc.stdout
 
 
 def test_the_breakdown_counts_the_tpu_programs_matmuls_exactly():
