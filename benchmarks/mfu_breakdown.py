@@ -40,11 +40,6 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
          "partition-id", "replica-id"}
 
 
-def _bytes(type_text: str) -> int:
-  return sum(aot._BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-             for dtype, dims in _SHAPE.findall(type_text))
-
-
 def part(op_name: str) -> str:
   """The part of the step an operation belongs to, from its JAX name stack."""
   backward = "transpose(" in op_name
@@ -106,7 +101,8 @@ def analyse(hlo: str):
     row[1] += float(cycles.group(1)) if cycles else 0.0
     row[2] += sum(flops(c) for c in calls) + (_conv_flops(type_text, rest, types)
                                                if opcode == "convolution" else 0.0)
-    row[3] += _bytes(type_text) + sum(_bytes(types.get(o, "")) for o in operands)
+    row[3] += aot.shape_bytes(type_text) + sum(aot.shape_bytes(types.get(o, ""))
+                                                for o in operands)
   return dict(parts)
 
 
@@ -178,14 +174,15 @@ def main():
   config.model.scan, config.teacher.scan = False, False   # loops would count once
   for item in args.set:
     field, value = item.split("=", 1)
-    *path, last = field.split(".")
-    node = config
-    for key in path:
-      node = node[key]
     try:
-      node[last] = ast.literal_eval(value)
+      value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      node[last] = value
+      pass                     # a plain string
+    try:
+      functools.reduce(lambda node, key: node[key], field.split("."), config)
+    except (KeyError, TypeError):
+      p.error(f"--set {item}: the config has no field {field!r}")
+    config.update_from_flattened_dict({field: value})
   report = aot.compile_step(config, args.topology)
   print(report.summary())
   if args.hlo:

@@ -218,6 +218,12 @@ def analytic_flops(config, teacher_config=None) -> float:
                          decoder_depth=m.decoder.depth, decoder_width=m.decoder.width)
 
 
+def shape_bytes(type_text: str) -> int:
+  """The bytes of an HLO type's arrays ("bf16[8,197,768]{...}", or a tuple of them)."""
+  return sum(_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
+             for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", type_text))
+
+
 def collectives(hlo: str) -> Dict[str, Tuple[int, int]]:
   """Collectives of an optimized HLO module: kind -> (count, bytes of their results). An
   asynchronous one is counted at its `-done`, whose result is the collective's."""
@@ -227,8 +233,7 @@ def collectives(hlo: str) -> Dict[str, Tuple[int, int]]:
     m = pattern.search(line)
     if m is None or re.search(r"(" + "|".join(COLLECTIVES) + r")-start\(", line):
       continue
-    size = sum(_BYTES.get(dtype, 4) * int(np.prod([int(d) for d in dims.split(",") if d]))
-               for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", m.group(1)))
+    size = shape_bytes(m.group(1))
     found[m.group(2)][0] += 1
     found[m.group(2)][1] += size
   return {k: (n, b) for k, (n, b) in found.items()}
