@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import numpy as np
@@ -39,6 +39,7 @@ from data_pipelines import transforms
 from uniemox_jax import checkpointing
 from uniemox_jax import errors
 from uniemox_jax import torch_import
+from uniemox_jax import torch_layout
 from uniemox_jax.augment import IMAGENET_MEAN, IMAGENET_STD
 from uniemox_jax.models import surgery
 from uniemox_jax.models import vit
@@ -95,32 +96,12 @@ class Export:
                      + [f"  note: {n}" for n in self.notes] + ["wrote: " + ", ".join(self.files)])
 
 
-# --- our parameters -> PyTorch state dicts (torch_import's layouts, inverted) -----------------
+# --- our parameters -> PyTorch state dicts (torch_layout's names, read backwards) ----------
 
 
-def _linear(prefix: str, p: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  return {f"{prefix}.weight": p["kernel"].T, f"{prefix}.bias": p["bias"]}
-
-
-def _norm(prefix: str, p: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  return {f"{prefix}.weight": p["scale"], f"{prefix}.bias": p["bias"]}
-
-
-def _blocks(prefix: str, transformer: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  out = {}
-  for i in range(len(transformer)):
-    b, at = transformer[f"block_{i}"], f"{prefix}.{i}"
-    qkv, proj = b["attn"]["qkv"], b["attn"]["proj"]
-    width = qkv["kernel"].shape[0]
-    out.update({**_norm(f"{at}.norm1", b["norm1"]),
-                f"{at}.attn.qkv.weight": qkv["kernel"].reshape(width, -1).T,
-                f"{at}.attn.qkv.bias": qkv["bias"].reshape(-1),
-                f"{at}.attn.proj.weight": proj["kernel"].reshape(-1, width).T,
-                f"{at}.attn.proj.bias": proj["bias"],
-                **_norm(f"{at}.norm2", b["norm2"]),
-                **_linear(f"{at}.mlp.fc1", b["mlp"]["fc1"]),
-                **_linear(f"{at}.mlp.fc2", b["mlp"]["fc2"])})
-  return out
+def _depth_and_heads(transformer: Mapping[str, Any]) -> Tuple[int, int]:
+  """(depth, heads) of a block stack."""
+  return len(transformer), transformer["block_0"]["attn"]["qkv"]["kernel"].shape[2]
 
 
 def encoder_state_dict(encoder: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
@@ -130,43 +111,33 @@ def encoder_state_dict(encoder: Mapping[str, Any], image_size: int) -> Dict[str,
   table = encoder.get("pos_embed")
   if table is None:
     table = vit.sincos_2d(shape.width, vit.grid_size(image_size, shape.patch), True)[None]
-  proj = encoder["patch_embed"]["proj"]
-  sd = {"cls_token": encoder["cls_token"], "pos_embed": table,
-        "patch_embed.proj.weight": proj["kernel"].transpose(3, 2, 0, 1),
-        "patch_embed.proj.bias": proj["bias"], **_blocks("blocks", encoder["transformer"])}
-  if "norm" in encoder:
-    sd.update(_norm("norm", encoder["norm"]))
-  return sd
+  return {"pos_embed": table,
+          **torch_layout.write({"encoder": encoder}, torch_layout.encoder(shape.depth,
+                                                                          shape.heads))}
 
 
 def classifier_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
-  sd = encoder_state_dict(params["encoder"], image_size)
-  if "fc_norm" in params:
-    sd.update(_norm("fc_norm", params["fc_norm"]))
-  return {**sd, **_linear("head", params["head"])}
+  return {**encoder_state_dict(params["encoder"], image_size),
+          **torch_layout.write(params, torch_layout.head())}
 
 
 def pretrain_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
   """MAE's pretraining keys (models_mae.py's MaskedAutoencoderViT)."""
-  sd = encoder_state_dict(params["encoder"], image_size)
   dec = params["decoder"]
-  width = dec["embed"]["kernel"].shape[1]
   grid = vit.grid_size(image_size, EncoderShape.of(params["encoder"]).patch)
-  sd.update({**_linear("decoder_embed", dec["embed"]), "mask_token": dec["mask_token"],
-             "decoder_pos_embed": vit.sincos_2d(width, grid, True)[None],
-             **_blocks("decoder_blocks", dec["transformer"]),
-             **_norm("decoder_norm", dec["norm"]), **_linear("decoder_pred", dec["pred"])})
-  return sd
+  return {**encoder_state_dict(params["encoder"], image_size),
+          "decoder_pos_embed": vit.sincos_2d(dec["embed"]["kernel"].shape[1], grid, True)[None],
+          **torch_layout.write(params, torch_layout.decoder(*_depth_and_heads(dec["transformer"])))}
 
 
 def fusion_state_dict(fuse: Mapping[str, Any]) -> Dict[str, np.ndarray]:
-  """The authors' AttentionFusion (models/attention_fusion.py): `bn` (a LayerNorm), `linear`."""
+  """The authors' AttentionFusion (its `bn`, `linear`), saved beside their model."""
   if set(fuse) != {"norm", "proj"}:
     raise errors.UserError(
         f"its fusion has parameters {sorted(fuse)}: only the method's default fusion ('easy': "
         "LN, Dense, ELU) has a layout in the authors' code; export --format timm for the "
         "encoder alone")
-  return {**_norm("bn", fuse["norm"]), **_linear("linear", fuse["proj"])}
+  return torch_layout.write({"fuse": fuse}, torch_layout.fusion())
 
 
 # --- the export ---------------------------------------------------------------------------

@@ -49,6 +49,7 @@ import jax
 import numpy as np
 
 from data_pipelines import storage
+from uniemox_jax import torch_layout
 from uniemox_jax.models import surgery
 from uniemox_jax.models import vit
 
@@ -148,64 +149,6 @@ def load_state_dict(path: str) -> StateDict:
 # --- layouts ------------------------------------------------------------------------------
 
 
-class _Reader:
-  """Takes source keys, converted, and records what was used."""
-
-  def __init__(self, sd: Dict[str, np.ndarray], report: ImportReport):
-    self.sd, self.report = sd, report
-
-  def has(self, key: str) -> bool:
-    return key in self.sd
-
-  def take(self, key: str) -> Optional[np.ndarray]:
-    if key not in self.sd:
-      return None
-    self.report.loaded.append(key)
-    return self.sd[key]
-
-  def drop(self, key: str, why: str) -> None:
-    if key in self.sd:
-      self.report.dropped[key] = why
-
-
-def _linear(r: _Reader, prefix: str) -> Dict[str, np.ndarray]:
-  out = {}
-  w, b = r.take(prefix + ".weight"), r.take(prefix + ".bias")
-  if w is not None:
-    out["kernel"] = w.T
-  if b is not None:
-    out["bias"] = b
-  return out
-
-
-def _norm(r: _Reader, prefix: str) -> Dict[str, np.ndarray]:
-  out = {}
-  w, b = r.take(prefix + ".weight"), r.take(prefix + ".bias")
-  if w is not None:
-    out["scale"] = w
-  if b is not None:
-    out["bias"] = b
-  return out
-
-
-def _block(r: _Reader, prefix: str, heads: int) -> Dict[str, Any]:
-  qkv_w, qkv_b = r.take(prefix + ".attn.qkv.weight"), r.take(prefix + ".attn.qkv.bias")
-  proj_w, proj_b = r.take(prefix + ".attn.proj.weight"), r.take(prefix + ".attn.proj.bias")
-  attn = {"qkv": {}, "proj": {}}
-  if qkv_w is not None:
-    width = qkv_w.shape[1]
-    attn["qkv"]["kernel"] = qkv_w.T.reshape(width, 3, heads, -1)
-  if qkv_b is not None:
-    attn["qkv"]["bias"] = qkv_b.reshape(3, heads, -1)
-  if proj_w is not None:
-    attn["proj"]["kernel"] = proj_w.T.reshape(heads, -1, proj_w.shape[0])
-  if proj_b is not None:
-    attn["proj"]["bias"] = proj_b
-  return {"norm1": _norm(r, prefix + ".norm1"), "attn": attn,
-          "norm2": _norm(r, prefix + ".norm2"),
-          "mlp": {"fc1": _linear(r, prefix + ".mlp.fc1"), "fc2": _linear(r, prefix + ".mlp.fc2")}}
-
-
 def resample_pos_embed(table: np.ndarray, grid: int) -> np.ndarray:
   """[1, 1 + g*g, D] -> [1, 1 + grid*grid, D]: the patch rows resized bicubically as an image,
   the CLS row kept."""
@@ -220,81 +163,44 @@ def resample_pos_embed(table: np.ndarray, grid: int) -> np.ndarray:
   return np.concatenate([table[:, :1], resized.reshape(1, grid * grid, -1)], axis=1)
 
 
-def _encoder(r: _Reader, shape: vit.VitShape, image_size: int, learned_pos: bool,
-             prefix: str = "") -> Dict[str, Any]:
-  grid = vit.grid_size(image_size, shape.patch)
-  out: Dict[str, Any] = {}
-  w = r.take(prefix + "patch_embed.proj.weight")
-  if w is not None:
-    if w.shape[2:] != (shape.patch, shape.patch):
-      r.report.misshaped.append(f"{prefix}patch_embed.proj.weight: patch {w.shape[2:]} != "
-                                f"the model's {shape.patch}")
-    out["patch_embed"] = {"proj": {"kernel": w.transpose(2, 3, 1, 0)}}
-    b = r.take(prefix + "patch_embed.proj.bias")
-    if b is not None:
-      out["patch_embed"]["proj"]["bias"] = b
-  cls = r.take(prefix + "cls_token")
-  if cls is not None:
-    out["cls_token"] = cls
-  pos_key = prefix + "pos_embed"
-  if r.has(pos_key):
-    table = r.sd[pos_key]
-    fixed = vit.sincos_2d(shape.width, int(round((table.shape[1] - 1) ** 0.5)), cls_token=True)
-    is_fixed = table.shape[1:] == fixed.shape and np.allclose(table[0], fixed, atol=1e-5)
-    if learned_pos:
-      r.take(pos_key)
-      out["pos_embed"] = resample_pos_embed(table, grid)
+def _is_sincos(table: np.ndarray, width: Optional[int] = None) -> bool:
+  """MAE's fixed table (of `width`, else the table's own), which our models compute."""
+  side = int(round((table.shape[1] - 1) ** 0.5))
+  fixed = vit.sincos_2d(width or table.shape[-1], side, cls_token=True)
+  return table.shape[1:] == fixed.shape and np.allclose(table[0], fixed, atol=1e-5)
+
+
+def _position_tables(sd, params, report: ImportReport, width: int, grid: int,
+                     learned: bool) -> None:
+  """The encoder's table (kept, resampled to `grid`, when the model learns one; dropped when
+  it is the fixed one) and the decoder's (always the fixed one)."""
+  if "pos_embed" in sd:
+    table = sd["pos_embed"]
+    if learned:
+      report.loaded.append("pos_embed")
+      params["encoder"]["pos_embed"] = resample_pos_embed(table, grid)
       if table.shape[1] != grid * grid + 1:
-        r.report.notes.append(f"{pos_key} resampled from {table.shape[1] - 1} to "
-                              f"{grid * grid} patches")
-    elif is_fixed:
-      r.drop(pos_key, "MAE's fixed sin-cos table, which the encoder computes itself")
+        report.notes.append(f"pos_embed resampled from {table.shape[1] - 1} to "
+                            f"{grid * grid} patches")
+    elif _is_sincos(table, width):
+      report.dropped["pos_embed"] = "MAE's fixed sin-cos table, which the encoder computes itself"
     else:
-      r.report.unexpected.append(f"{pos_key} (a learned table: import into a model with "
-                                 "pos_embed='learned', i.e. --pos_embed learned)")
-  blocks = {}
-  for i in range(shape.depth):
-    blocks[f"block_{i}"] = _block(r, f"{prefix}blocks.{i}", shape.heads)
-  out["transformer"] = blocks
-  norm = _norm(r, prefix + "norm")
-  if norm:
-    out["norm"] = norm
-  return out
-
-
-def _decoder(r: _Reader, width: int, depth: int, heads: int) -> Dict[str, Any]:
-  out = {"embed": _linear(r, "decoder_embed"),
-         "transformer": {f"block_{i}": _block(r, f"decoder_blocks.{i}", heads)
-                         for i in range(depth)},
-         "norm": _norm(r, "decoder_norm"), "pred": _linear(r, "decoder_pred")}
-  token = r.take("mask_token")
-  if token is not None:
-    out["mask_token"] = token
-  if r.has("decoder_pos_embed"):
-    table = r.sd["decoder_pos_embed"]
-    side = int(round((table.shape[1] - 1) ** 0.5))
-    fixed = vit.sincos_2d(table.shape[-1], side, cls_token=True)
-    if table.shape[1:] == fixed.shape and np.allclose(table[0], fixed, atol=1e-5):
-      r.drop("decoder_pos_embed", "MAE's fixed sin-cos table, computed by the decoder")
+      report.unexpected.append("pos_embed (a learned table: import into a model with "
+                               "pos_embed='learned', i.e. --pos_embed learned)")
+  if "decoder_pos_embed" in sd and "decoder" in params:
+    if _is_sincos(sd["decoder_pos_embed"]):
+      report.dropped["decoder_pos_embed"] = "MAE's fixed sin-cos table, computed by the decoder"
     else:
-      r.report.unexpected.append("decoder_pos_embed (not the fixed sin-cos table)")
-  return out
+      report.unexpected.append("decoder_pos_embed (not the fixed sin-cos table)")
 
 
-def _fusion(r: _Reader) -> Dict[str, Any]:
-  keys = [k for k in r.sd if re.search(r"fusion.*\.linear\.weight$", k)]
+def _fusion_keys(sd, report: ImportReport) -> List[torch_layout.Key]:
+  keys = [k for k in sd if re.search(r"fusion.*\.linear\.weight$", k)]
   if len(keys) != 1:
-    r.report.missing.append("the fusion (one '*fusion*.linear.weight' key; found "
-                            f"{keys or 'none'})")
-    return {}
-  prefix = keys[0][:-len("linear.weight")]
-  return {"norm": _norm(r, prefix + "bn"), "proj": _linear(r, prefix + "linear")}
-
-
-def _decoder_shape(sd: Dict[str, np.ndarray]) -> Tuple[int, int]:
-  width = sd["decoder_embed.weight"].shape[0]
-  depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
-  return width, depth
+    report.missing.append("the fusion (one '*fusion*.linear.weight' key; found "
+                          f"{keys or 'none'})")
+    return []
+  return torch_layout.fusion(keys[0][:-len("linear.weight")])
 
 
 def convert(sd: Dict[str, np.ndarray], kind: str, variant: str, image_size: int = 224, *,
@@ -308,32 +214,36 @@ def convert(sd: Dict[str, np.ndarray], kind: str, variant: str, image_size: int 
     raise ValueError(f"--kind {kind!r}: choose one of {KINDS}")
   shape = vit.decode_variant(variant)
   report = ImportReport(source)
-  r = _Reader(sd, report)
   classifier = kind in ("vit", "uniemox_finetune")
-  learned = (pos_embed or ("learned" if classifier else "sincos")) == "learned"
-  params: Dict[str, Any] = {"encoder": _encoder(r, shape, image_size, learned)}
+  keys = torch_layout.encoder(shape.depth, shape.heads)
   if classifier:
-    fc_norm = _norm(r, "fc_norm")
-    if fc_norm:
-      params["fc_norm"] = fc_norm
-    head = _linear(r, "head")
-    if head:
-      params["head"] = head
-    if kind == "uniemox_finetune" and not (fc_norm and head):
-      report.missing.append("fc_norm and head (a UniEmoX fine-tuned classifier has both)")
-    if "norm" in params["encoder"] and fc_norm:
-      report.notes.append("both norm and fc_norm present: the classifier uses fc_norm")
+    keys += torch_layout.head()
   else:
     if "decoder_embed.weight" in sd:
-      width, depth = _decoder_shape(sd)
-      params["decoder"] = _decoder(r, width, depth, decoder_heads)
+      depth = len({k.split(".")[1] for k in sd if k.startswith("decoder_blocks.")})
+      keys += torch_layout.decoder(depth, decoder_heads)
     elif kind == "uniemox_pretrain":
       report.missing.append("the decoder (decoder_embed.*): a UniEmoX pretraining checkpoint "
                             "has one")
     if kind == "uniemox_pretrain":
-      params["fuse"] = _fusion(r)
-    r.drop("head.weight", "a classification head, not part of pretraining")
-    r.drop("head.bias", "a classification head, not part of pretraining")
+      keys += _fusion_keys(sd, report)
+    for key in ("head.weight", "head.bias"):
+      if key in sd:
+        report.dropped[key] = "a classification head, not part of pretraining"
+  params, report.loaded = torch_layout.read(sd, keys)
+  params.setdefault("encoder", {})
+  if kind == "uniemox_pretrain" and "fuse" not in params:
+    params["fuse"] = {}
+  w = sd.get("patch_embed.proj.weight")
+  if w is not None and w.shape[2:] != (shape.patch, shape.patch):
+    report.misshaped.append(f"patch_embed.proj.weight: patch {w.shape[2:]} != the model's "
+                            f"{shape.patch}")
+  _position_tables(sd, params, report, shape.width, vit.grid_size(image_size, shape.patch),
+                   (pos_embed or ("learned" if classifier else "sincos")) == "learned")
+  if kind == "uniemox_finetune" and not {"fc_norm", "head"} <= set(params):
+    report.missing.append("fc_norm and head (a UniEmoX fine-tuned classifier has both)")
+  if "norm" in params["encoder"] and "fc_norm" in params:
+    report.notes.append("both norm and fc_norm present: the classifier uses fc_norm")
   report.unexpected += sorted(k for k in sd if k not in report.loaded and k not in
                               report.dropped and not any(k in u for u in report.unexpected))
   return params, report
