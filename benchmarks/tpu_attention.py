@@ -2,10 +2,10 @@ r"""Does the TPU flash attention kernel pay at the pretraining step's sequence l
 TPU compiler's count (issue: the path to 40% MFU). Each attention of the step (the teacher's
 197 tokens, the encoder's visible tokens, the decoder's full sequence), forward and backward,
 is compiled with libtpu for one chip of a slice on this CPU host, with the qkv projection
-that feeds it. It is compiled twice: as the
-models run it (XLA's attention, `models/attention.py`) and with jax's Pallas flash-attention
-kernel for TPU (`jax.experimental.pallas.ops.tpu.flash_attention`). The flash version has its
-sequence padded to the kernel's block and the padding masked by segment ids.
+that feeds it. It is compiled as the models run it (XLA's attention, `models/attention.py`),
+as XLA's attention with its scores held in bf16 between fusions, and with jax's Pallas
+flash-attention kernel for TPU (`jax.experimental.pallas.ops.tpu.flash_attention`). The flash
+version has its sequence padded to the kernel's block and the padding masked by segment ids.
 
   python benchmarks/tpu_attention.py --vit L/16 --topology v5e:2x2 --per_chip 64
 
@@ -49,6 +49,17 @@ def attentions(config):
 def xla_attention(q, k, v):
   from uniemox_jax.models import attention  # pylint: disable=g-import-not-at-top
   return attention.dot_product_attention(q, k, v, implementation="xla")
+
+
+def bf16_scores_attention(q, k, v):
+  """XLA's attention with the scores and probabilities kept in bfloat16 between the fusions
+  (the softmax itself in float32), as PyTorch's CLIP and MAE hold them under bf16."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype), k)
+  e = jnp.exp((scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True))).astype(
+      jnp.float32))
+  return jnp.einsum("bhqk,bkhd->bqhd", (e / e.sum(-1, keepdims=True)).astype(q.dtype), v)
 
 
 def flash_attention(q, k, v, block=128):
@@ -107,7 +118,7 @@ def main():
   print(f"{'attention':24s} {'tokens x heads x d':>18s} {'kernel':>10s} {'ms':>7s} "
         f"{'MiB':>8s}  Pallas kernels (no estimate)")
   for name, (t, h, d, backward) in attentions(config).items():
-    rows = [("xla", xla_attention)] + [
+    rows = [("xla", xla_attention), ("xla bf16", bf16_scores_attention)] + [
         (f"flash {b}", functools.partial(flash_attention, block=int(b)))
         for b in args.blocks.split(",")]
     for kernel, fn in rows:
