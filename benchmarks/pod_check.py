@@ -25,6 +25,7 @@ from benchmarks import train_step  # noqa: E402
 from configs import finetune as finetune_config  # noqa: E402
 from configs import pretrain as pretrain_config  # noqa: E402
 from uniemox_jax import aot  # noqa: E402
+from uniemox_jax import executables  # noqa: E402
 from uniemox_jax import flops  # noqa: E402
 from uniemox_jax import sharding  # noqa: E402
 
@@ -48,7 +49,7 @@ def mae_report(variant: str, topology: str, per_chip: int) -> aot.Report:
   started = time.perf_counter()
   lowered = jitted.lower(state, {}, batch, key)
   lower_s, started = time.perf_counter() - started, time.perf_counter()
-  with aot.no_persistent_cache():
+  with executables.no_persistent_cache():
     compiled = lowered.compile()
   return aot.report_of(compiled, topology=topology, chips=len(devices), task="mae-naive",
                        variant=variant, per_chip_batch=per_chip, mesh=dict(mesh.shape),

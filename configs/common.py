@@ -30,5 +30,8 @@ def runtime(task: str, data: str = "", split: str = "train", checkpoint_keep: in
   # $UNIEMOX_CACHE_DIR/jax_cache (default ~/.cache/uniemox_jax/jax_cache); a path or gs://
   # URL; "" off.
   config.compilation_cache_dir = "auto"
+  # A train step compiled ahead for this run's devices (`uniemox_jax.tools.aot --write_step
+  # FILE`, local or gs://): loaded instead of compiled, after checking it is this run's step.
+  config.compiled_step = ""
   config.profile = dict(first_step=10, num_steps=profile_steps)
   return config

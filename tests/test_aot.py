@@ -3,6 +3,7 @@ slice on this CPU host, its printed numbers against the compiled program's own."
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -17,6 +18,8 @@ pytest.importorskip("libtpu", reason="libtpu (the tpu extra, which `make test` i
                     "compiles for TPU slices")
 
 from uniemox_jax import aot  # noqa: E402
+from uniemox_jax import errors  # noqa: E402
+from uniemox_jax import executables  # noqa: E402
 from uniemox_jax import trainer  # noqa: E402
 from uniemox_jax import pretrain  # noqa: E402
 from uniemox_jax import finetune  # noqa: E402
@@ -37,9 +40,11 @@ def _aot(*args, timeout=900):
 
 @pytest.fixture(scope="module")
 def compiled_v5e(tmp_path_factory):
-  """The pod check run as a user runs it (v5e:2x2, fsdp 4), and its JSON."""
+  """The pod check run as a user runs it (v5e:2x2, fsdp 4), and its JSON; the compiled step
+  written out too (`--write_step`)."""
   out = tmp_path_factory.mktemp("aot") / "v5e.json"
-  proc = _aot(*DEMO, "--config.mesh.fsdp=4", "--topology", "v5e:2x2", "--json", str(out))
+  proc = _aot(*DEMO, "--config.mesh.fsdp=4", "--topology", "v5e:2x2", "--json", str(out),
+              "--write_step", str(out.with_name("step.bin")))
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
   return proc.stdout, json.loads(out.read_text())
 
@@ -64,6 +69,27 @@ def test_the_command_prints_the_compilers_numbers(compiled_v5e):
     assert line in stdout, stdout
 
 
+def test_the_written_step_is_the_slices_and_other_devices_refuse_it(compiled_v5e, tmp_path):
+  """The executable for v5e:2x2 says what it was compiled for; this host's run refuses it in
+  one line, before loading any of it (the trainer's side: tests/test_trainer.py)."""
+  stdout, report = compiled_v5e
+  path = re.search(r"wrote the compiled step to (\S+) \(([\d.]+) MiB\): run with "
+                   r"--config.compiled_step=(\S+)", stdout)
+  assert path and path.group(1) == path.group(3), stdout
+  record = executables.read(path.group(1))
+  assert record["environment"]["platform"] == "tpu" and record["environment"]["devices"] == 4
+  assert "v5" in record["environment"]["device_kind"].lower()
+  assert len(record["payload"]) > 100_000
+  lowered = jax.jit(lambda x: x + 1).lower(1.0)
+  with pytest.raises(errors.UserError) as refused:
+    executables.load(path.group(1), lowered, jax.devices())
+  message = str(refused.value)
+  assert "\n" not in message and message.startswith(f"config.compiled_step={path.group(1)} "
+                                                     "was compiled for platform 'tpu', this "
+                                                     "run 'cpu'"), message
+  assert "devices 4, this run 8" in message and "another program" in message
+
+
 def test_the_numbers_are_the_compiled_programs(compiled_v5e, tmp_path):
   """The same step compiled here, in this process: what the command printed is what the
   compiled object reports."""
@@ -79,7 +105,7 @@ def test_the_numbers_are_the_compiled_programs(compiled_v5e, tmp_path):
   program = trainer.StepProgram(config, mesh, task, optim.resolve_schedule(config, 32_000))
   assert {k: v.shape[0] for k, v in program.batch_shapes().items()} == \
       {k: 32 for k in task.example}
-  with aot.no_persistent_cache():
+  with executables.no_persistent_cache():
     compiled = program.step.lower(*program.abstract_inputs()).compile()
   memory = compiled.memory_analysis()
   assert report["memory"]["temp"] == memory.temp_size_in_bytes
@@ -114,6 +140,16 @@ def test_a_scanned_step_takes_its_time_from_its_unrolled_twin(compiled_v5e, tmp_
     assert report[key] == pytest.approx(unrolled[key], rel=1e-6), key
   assert report["memory"]["temp"] != unrolled["memory"]["temp"]
   assert "of the unrolled twin" in twin.stdout, twin.stdout
+
+
+def test_only_loops_that_do_matmuls_count():
+  """A scanned matmul is a loop the cost model undercounts; a gamma sampler's rejection loops
+  (mixup's beta draw) are not, and must not cost a fine-tuning step its time estimate."""
+  def f(x, key):
+    y, _ = jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, jnp.ones((3, 8, 8)))
+    return y, jax.random.beta(key, 0.8, 0.8, (4,))
+  hlo = jax.jit(f).lower(jnp.ones((2, 8)), jax.random.key(0)).compile().as_text()
+  assert hlo.count(" while(") > 1 and aot.loops(hlo) == 1
 
 
 def test_finetuning_step_compiles_for_v4(tmp_path):
@@ -199,7 +235,7 @@ def test_the_breakdown_counts_the_tpu_programs_matmuls_exactly():
           for s in ((b, t, d), (d, e), (b, h, t, hd), (b, h, t, hd))]
   once = 2 * b * t * d * e + 2 * b * h * t * t * hd
   for fn, expected in ((forward, once), (jax.grad(forward, argnums=(0, 1, 2, 3)), 2 * once)):
-    with aot.no_persistent_cache():
+    with executables.no_persistent_cache():
       compiled = jax.jit(fn).lower(*args).compile()
     parts = mfu_breakdown.analyse(compiled.as_text())
     counted = sum(row[2] for row in parts.values())

@@ -23,7 +23,6 @@ converted with --text_embeddings does.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import re
@@ -31,11 +30,10 @@ import tempfile
 import time
 from typing import Any, Dict, Optional, Tuple
 
-import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 
 from uniemox_jax import errors
+from uniemox_jax import executables
 from uniemox_jax import finetune
 from uniemox_jax import flops
 from uniemox_jax import optim
@@ -266,31 +264,39 @@ def _refusal(e: BaseException) -> str:
   return (lines[0] if lines else type(e).__name__)[:400]
 
 
-@contextlib.contextmanager
-def no_persistent_cache():
-  """JAX's persistent compilation cache off, for programs of devices that are not here (the
-  cache decides once per process whether it is used: reset, it decides again)."""
-  before = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  compilation_cache.reset_cache()
-  try:
-    yield
-  finally:
-    jax.config.update("jax_enable_compilation_cache", before)
-    compilation_cache.reset_cache()
-
-
 def loops(hlo: str) -> int:
-  """The while loops of an optimized HLO module (the TPU compiler's text gives no trip
-  counts; it unrolls the loops it keeps none of)."""
-  return len(re.findall(r"^\s*(?:ROOT\s+)?%\S+ = .*\swhile\(", hlo, re.M))
+  """The while loops of an optimized HLO module that do matmuls: scanned stacks and windowed
+  einsums, whose bodies the cost model counts once (the TPU compiler's text gives no trip
+  counts). A loop without any, such as the rejection loop of a gamma sampler (mixup's beta
+  draw), is left out: counted once, it is as cheap as it is."""
+  names = set(re.findall(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$", hlo, re.M))
+  calls, matmul, computation = {}, set(), None
+  for line in hlo.splitlines():
+    header = re.match(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$", line)
+    if header:
+      computation = header.group(1)
+      continue
+    if computation is None or not line.strip().startswith(("%", "ROOT")):
+      continue
+    calls.setdefault(computation, set()).update(
+        n for n in re.findall(r"%([\w.\-]+)", line) if n in names)
+    if re.search(r"\s(?:convolution|dot)\(", line):
+      matmul.add(computation)
+
+  def heavy(name, seen=()):
+    return name in matmul or any(heavy(c, seen + (name,)) for c in calls.get(name, ())
+                                 if c not in seen)
+  bodies = re.findall(r"\swhile\(.*?body=%([\w.\-]+)", hlo)
+  return sum(heavy(b) for b in bodies)
 
 
 def compile_step(config, topology: str, num_slices: int = 1, workdir: Optional[str] = None,
-                 unrolled_twin: bool = False) -> Report:
+                 unrolled_twin: bool = False, write_step: Optional[str] = None) -> Report:
   """Compiles `config`'s train step for `num_slices` slices of `topology`; raises
   `CompileRefused` (one line) when the TPU compiler refuses it. With `unrolled_twin`, a
-  program with loops takes its time estimate from the same step unrolled (compiled too)."""
+  program with loops takes its time estimate from the same step unrolled (compiled too).
+  `write_step`: a file the executable is written to, for a run on that slice to load
+  (config.compiled_step, `uniemox_jax.executables`)."""
   devices = topology_devices(topology, num_slices)
   with errors.as_user_errors():
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=devices)
@@ -300,8 +306,10 @@ def compile_step(config, topology: str, num_slices: int = 1, workdir: Optional[s
                                                   else f" of {topology}"))
     with tempfile.TemporaryDirectory() as tmp:
       task = step_task(config, mesh, workdir or tmp)
-  # The schedule's lengths are constants of the program, not shapes: any will do.
-  schedule = optim.resolve_schedule(config, config.batch_size * 1000)
+      # The schedule's lengths are constants of the program, not shapes: any will do for the
+      # estimates, but a step written out for a run must be that run's (its data's size).
+      schedule = optim.resolve_schedule(config, trainer.train_examples(config, workdir or tmp)
+                                        if write_step else config.batch_size * 1000)
   program = trainer.StepProgram(config, mesh, task, schedule)
   per_chip = config.batch_size // len(devices)
   started = time.perf_counter()
@@ -310,13 +318,15 @@ def compile_step(config, topology: str, num_slices: int = 1, workdir: Optional[s
   started = time.perf_counter()
   # Not through JAX's persistent cache: a program compiled for devices that are not here
   # cannot be loaded back from it (and would only crowd it).
-  with no_persistent_cache():
+  with executables.no_persistent_cache():
     try:
       compiled = lowered.compile()
     except Exception as e:  # pylint: disable=broad-except
       raise CompileRefused(f"the TPU compiler refused the step for {topology} (per-chip "
                            f"batch {per_chip}): {_refusal(e)}") from None
   compile_s = time.perf_counter() - started
+  if write_step:
+    executables.write(write_step, compiled, lowered, list(mesh.devices.flat))
   teacher = task.teacher.vision_config if task.teacher is not None else None
   report = report_of(compiled, topology=topology if num_slices == 1 else
                      f"{num_slices}x {topology}", chips=len(devices), task=config.task,

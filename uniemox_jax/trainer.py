@@ -42,6 +42,7 @@ from uniemox_jax import datasets
 from uniemox_jax import distributed
 from uniemox_jax import errors
 from uniemox_jax import evaluators
+from uniemox_jax import executables
 from uniemox_jax import optim
 from uniemox_jax import sharding
 from uniemox_jax import summaries
@@ -105,6 +106,17 @@ class Setup:
       checks.raise_any()
     return cls(config, workdir, mesh, data_dir, info, config.batch_size // procs, schedule,
                checks, subset)
+
+
+def train_examples(config, workdir: str) -> int:
+  """The records a run of `config` trains on, which its schedule counts (and so its compiled
+  step: `uniemox_jax.aot` compiles a step to write out with the run's own schedule)."""
+  data_dir = datasets.resolve_data_dir(config, workdir)
+  info = dataset_info.DatasetInfo.load(data_dir, "config.data.dir")
+  if config.data.train_fraction == 1.0:
+    return info.num_examples(config.data.split)
+  return len(input_pipeline.train_subset(data_dir, config.data.split,
+                                         config.data.train_fraction, config.seed).indices)
 
 
 def check_splits(info: dataset_info.DatasetInfo, data_dir: str, fields: Dict[str, str]) -> None:
@@ -229,7 +241,7 @@ class TrainLoop:
     self._log_start(start, total)
     stopped = None
     try:
-      step_fn = self.compile_step(state, constants, base_key) if start < total else None
+      step_fn = self.compile_step() if start < total else None
       for evaluator in self.evaluators.values():
         if start < total and evaluator.period > 0:     # those the run will call
           evaluator.compile_ahead(state["params"])
@@ -299,16 +311,26 @@ class TrainLoop:
           params, self.program.state_shardings["params"]))
     return state
 
-  def compile_step(self, state, constants, key):
-    """The train step compiled before the first batch is read (the batch as shapes, from
-    `task.example`), its time logged; then every process waits for the others (a step's first
-    collective would time out on the process that compiled first)."""
-    program = self.program
-    started = time.perf_counter()
-    compiled = program.step.lower(state, constants, program.batch_shapes(), key).compile()
-    cache = jax.config.jax_compilation_cache_dir
-    logging.info("Compiled the train step in %.1f s%s", time.perf_counter() - started,
-                 f" (the persistent cache, {cache}, keeps it for the next run)" if cache else "")
+  def compile_step(self):
+    """The train step compiled from its arguments' shapes before the first batch is read (as
+    `uniemox_jax.aot` compiles it for a TPU slice), or loaded from config.compiled_step when
+    that file holds the same program (`executables`), its time logged; then every process
+    waits for the others (a step's first collective would time out on the process that
+    compiled first)."""
+    program, started = self.program, time.perf_counter()
+    lowered = program.step.lower(*program.abstract_inputs())
+    if self.config.compiled_step:
+      with errors.as_user_errors():
+        compiled = executables.load(self.config.compiled_step, lowered,
+                                    list(self.mesh.devices.flat))
+      logging.info("Loaded the train step from %s in %.1f s (compiled ahead, not here)",
+                   self.config.compiled_step, time.perf_counter() - started)
+    else:
+      compiled = lowered.compile()
+      cache = jax.config.jax_compilation_cache_dir
+      logging.info("Compiled the train step in %.1f s%s", time.perf_counter() - started,
+                   f" (the persistent cache, {cache}, keeps it for the next run)" if cache
+                   else "")
     distributed.barrier("train step compiled")
     return compiled
 

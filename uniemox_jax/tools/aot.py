@@ -7,6 +7,9 @@ chip and MFU (the library: `uniemox_jax.aot`).
   python -m uniemox_jax.tools.aot --config configs/finetune.py:dataset=emoset --topology v4:2x2x1
   python -m uniemox_jax.tools.aot --config configs/pretrain.py --topology v5e:4x4 \
       --config.mesh.fsdp=16 --search_batch
+  python -m uniemox_jax.tools.aot --config configs/pretrain.py:vit=L/16 --topology v5e:4x4 \
+      --write_step gs://bucket/steps/l16-v5e16.bin    # then, on the pod: train with
+      # --config.compiled_step=gs://bucket/steps/l16-v5e16.bin (no compile before step 1)
 
 Needs libtpu: pip install -e '.[tpu]'. No data and no weights are read. --json writes the
 numbers (one object, or a list with --search_batch). Exit codes: 0 compiled and fits; 1
@@ -40,6 +43,10 @@ _TWIN = flags.DEFINE_bool("unrolled_twin", False, "A step with scanned stacks (l
                           "bodies the compiler counts once) takes its time estimate from the "
                           "same step unrolled, compiled too.")
 _JSON = flags.DEFINE_string("json", None, "Also write the numbers to this JSON file.")
+_WRITE_STEP = flags.DEFINE_string("write_step", None, "Also write the compiled step to this "
+                                  "file (local or gs://): a run on this slice with the same "
+                                  "config loads it with --config.compiled_step=FILE instead "
+                                  "of compiling.")
 
 
 def main(argv):
@@ -59,8 +66,12 @@ def main(argv):
           {"best": best.to_json() if best else None, "tried": tried}, indent=2))
     return 0 if best is not None else 1
   report = aot.compile_step(config, _TOPOLOGY.value, _NUM_SLICES.value,
-                            unrolled_twin=_TWIN.value)
+                            unrolled_twin=_TWIN.value, write_step=_WRITE_STEP.value)
   print(report.summary())
+  if _WRITE_STEP.value:
+    print(f"wrote the compiled step to {_WRITE_STEP.value} "
+          f"({storage.getsize(_WRITE_STEP.value) / 2 ** 20:.1f} MiB): run with "
+          f"--config.compiled_step={_WRITE_STEP.value}")
   if _JSON.value:
     storage.write_text(_JSON.value, json.dumps(report.to_json(), indent=2))
   return 0 if report.fits else 1
