@@ -12,7 +12,7 @@ A part whose cycles are large beside its FLOPs is memory-bound.
   python benchmarks/mfu_breakdown.py --vit B/16 --topology v5e:2x2 --per_chip 64
 
 These are estimates of the compiler's cost model, not measurements. A part's time is its
-cycles at the clock the chip's peak implies (CLOCK_GHZ, or --clock_ghz), one op after another.
+cycles at the clock the chip's peak implies (aot.CLOCK_GHZ, or --clock_ghz), one op after another.
 Ops that overlap, the asynchronous copies and collectives, carry no cycles.
 """
 import argparse
@@ -32,10 +32,6 @@ from uniemox_jax import aot  # noqa: E402
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][a-z0-9-]*)\((.*)$")
 _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
-# TensorCore clocks (GHz) that the chips' peaks imply: peak / (MXUs x 128 x 128 x 2 FLOPs).
-# v4: 275 TFLOP/s over 2 cores x 4 MXUs = 1.05 (its published clock); v5e: 197 over 1 x 4 =
-# 1.5; v5p: 459 over 2 x 4 = 1.75.
-CLOCK_GHZ = {"v4": 1.05, "v5e": 1.5, "v5p": 1.75}
 _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
          "partition-id", "replica-id"}
 
@@ -165,7 +161,7 @@ def main():
   p.add_argument("--set", action="append", default=[],
                  help="a config override FIELD=VALUE (Python literal), repeatable")
   p.add_argument("--clock_ghz", type=float, default=0.0,
-                 help="the clock that turns the ops' cycles into time (default: CLOCK_GHZ)")
+                 help="the clock that turns the ops' cycles into time (default: aot.CLOCK_GHZ)")
   p.add_argument("--hlo", default="", help="also write the optimized program's text here")
   args = p.parse_args()
   config = pretrain_config.get_config(f"vit={args.vit}")
@@ -192,7 +188,7 @@ def main():
   cycles = sum(r[1] for r in parts.values())
   flops = sum(r[2] for r in parts.values())
   peak = report.peak_tflops * 1e12
-  clock = args.clock_ghz or CLOCK_GHZ.get(args.topology.split(":")[0], 0.0)
+  clock = args.clock_ghz or aot.CLOCK_GHZ.get(args.topology.split(":")[0], 0.0)
   # A part's time: its cycles at the clock; without one, its share of the report's estimate.
   seconds = ((lambda c: c / (clock * 1e9)) if clock else
              (lambda c: report.seconds * c / cycles if cycles else float("nan")))

@@ -111,7 +111,7 @@ def main():
   args = p.parse_args()
   config = pretrain_config.get_config(f"vit={args.vit}")
   device = aot.topology_devices(args.topology)[0]
-  clock = mfu_breakdown.CLOCK_GHZ[args.topology.split(":")[0]]
+  clock = aot.CLOCK_GHZ[args.topology.split(":")[0]]
   print(f"{args.topology}, one chip, {args.per_chip} images, bf16, forward and (but for the "
         f"teacher) backward; "
         f"compiler estimates at {clock} GHz, not measurements")

@@ -28,7 +28,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -46,6 +46,10 @@ GIB = 1024 ** 3
 # Per chip, from the public spec sheets: HBM (GiB), peak bf16 dense TFLOP/s, HBM GB/s.
 CHIPS = {"v4": (32, 275, 1228), "v5e": (16, 197, 819), "v5p": (95, 459, 2765),
          "v6e": (32, 918, 1640)}
+# TensorCore clocks (GHz) the chips' peaks imply, peak / (MXUs x 128 x 128 x 2 FLOPs) (v4: 2
+# cores x 4 MXUs, 275 TFLOP/s: its published 1.05; v5e: 1 x 4, 197; v5p: 2 x 4, 459): the
+# clock that turns the compiler's per-op cycle estimates into time.
+CLOCK_GHZ = {"v4": 1.05, "v5e": 1.5, "v5p": 1.75}
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
           "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
@@ -75,6 +79,10 @@ class Report:
   compile_s: float
   loops: int = 0                  # while loops (their bodies count once)
   time_from: str = ""             # "": this program's counts; else the program that gave them
+  # The ops' estimated cycles, one after another, each loop body times its trip count (`cycles`),
+  # and the loops whose trip count the program's text did not give (counted once).
+  cycles: float = 0.0
+  unknown_trips: int = 0
   hlo: str = dataclasses.field(default="", repr=False)   # the optimized program, as text
 
   @property
@@ -90,21 +98,35 @@ class Report:
 
   @property
   def seconds(self) -> float:
-    """The step time estimated: the cost model's, else the roofline's; NaN for a program with
-    loops whose time no unrolled twin gave."""
+    """The step time estimated: the cost model's, else the roofline's; for a program with
+    loops whose time no unrolled twin gave, the ops' cycles with the loops at their trip
+    counts (NaN where the chip's clock is not known)."""
     if self.loops and not self.time_from:
-      return float("nan")
+      return self.cycles_s
     return self.cost_model_s if self.cost_model_s > 0 else self.roofline_s
 
   @property
   def estimate(self) -> str:
     if self.loops and not self.time_from:
+      if self.cycles_s > 0:
+        return (f"the ops' cycles one after another, {self.loops} loops at their trip counts"
+                + (f" ({self.unknown_trips} of unknown count, once)" if self.unknown_trips
+                   else ""))
       return (f"no time estimate: {self.loops} while loops (scanned stacks, windowed einsums) "
               "whose bodies the compiler counts once; --unrolled_twin takes the time of the "
               "unrolled program")
     kind = "cost model" if self.cost_model_s > 0 else (
         f"roofline (the cost model gave {self.cost_model_s:.3g} s)")
     return f"{kind} of {self.time_from}" if self.time_from else kind
+
+  @property
+  def cycles_s(self) -> float:
+    """The ops' cycles at the chip's clock: serial, so slower than any overlap the chip finds;
+    with loops at their trip counts, an estimate a scanned program has too."""
+    kind = self.topology.split(" ")[-1].split(":")[0].lower()
+    if kind not in CLOCK_GHZ or not self.cycles:
+      return float("nan")
+    return self.cycles / (CLOCK_GHZ[kind] * 1e9)
 
   @property
   def images_per_s(self) -> float:
@@ -125,18 +147,24 @@ class Report:
         f"{self.images_per_s:.0f} images/s per chip, MFU {100 * self.mfu:.1f}% "
         f"({self.analytic_flops / 1e12:.3g} analytic TFLOP per chip per step over "
         f"{self.peak_tflops:.0f} TFLOP/s; the compiler counts {self.compiler_flops / 1e12:.3g})")
+    serial = "" if not self.cycles_s > 0 or self.seconds == self.cycles_s else (
+        f"\n  the ops' cycles one after another, loops at their trip counts (an estimate too): "
+        f"step {self.cycles_s * 1e3:.3g} ms, MFU "
+        f"{100 * self.analytic_flops / self.cycles_s / (self.peak_tflops * 1e12):.1f}%"
+        + (f" ({self.unknown_trips} loops of unknown trip count counted once)"
+           if self.unknown_trips else ""))
     return "\n".join([
         f"{self.task} {self.variant} on {self.topology} ({self.chips} chips, mesh "
         f"{self.mesh}), {self.per_chip_batch} images per chip",
         f"  memory per chip: {self.peak_bytes / GIB:.2f} GiB of {self.hbm_bytes / GIB:.0f} GiB"
         f" HBM: {'fits' if self.fits else 'DOES NOT FIT'} (arguments "
         f"{self.memory['argument'] / GIB:.2f}, temporaries {self.memory['temp'] / GIB:.2f})",
-        f"  collectives: {collectives}", time,
+        f"  collectives: {collectives}", time + serial,
         f"  lowered in {self.lower_s:.1f} s, compiled in {self.compile_s:.1f} s"])
 
   def to_json(self) -> Dict[str, Any]:
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hlo"}
-    return dict(fields, fits=self.fits, seconds=self.seconds,
+    return dict(fields, fits=self.fits, seconds=self.seconds, cycles_s=self.cycles_s,
                 estimate=self.estimate, roofline_s=self.roofline_s,
                 images_per_s=self.images_per_s, mfu=self.mfu)
 
@@ -290,6 +318,49 @@ def loops(hlo: str) -> int:
   return sum(heavy(b) for b in bodies)
 
 
+def _computations(hlo: str) -> Dict[str, List[str]]:
+  """{computation name ("ENTRY" for the entry one): its instruction lines}."""
+  out, current = {}, None
+  for line in hlo.splitlines():
+    header = re.match(r"^(ENTRY\s+)?%(\S+)\s.*\{\s*$", line)
+    if header:
+      current = out.setdefault("ENTRY" if header.group(1) else header.group(2), [])
+    elif current is not None and line.strip().startswith(("%", "ROOT")):
+      current.append(line)
+  return out
+
+
+def cycles(hlo: str) -> Tuple[float, int]:
+  """(the estimated cycles of the entry computation's ops added up, a while loop's body counted
+  its trip count times, nested loops too; how many loops had no trip count the text gives).
+  A trip count is read from the loop's condition, `counter < N` against a constant, the form
+  of scans and of the compiler's windowed einsums, both counting from 0."""
+  computations = _computations(hlo)
+
+  def trips(condition: str) -> Optional[int]:
+    lines = computations.get(condition, [])
+    constants = dict(re.findall(r"%(\S+) = s32\[\]\S* constant\((\d+)\)", "\n".join(lines)))
+    for line in lines:
+      compare = re.search(r"ROOT .*compare\(%\S+, %([\w.\-]+)\), direction=LT", line)
+      if compare and compare.group(1) in constants:
+        return int(constants[compare.group(1)])
+    return None
+
+  def total(name: str, seen: Tuple[str, ...] = ()) -> Tuple[float, int]:
+    count, unknown = 0.0, 0
+    for line in computations.get(name, []):
+      loop = re.search(r"\swhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
+      if loop and loop.group(2) not in seen:
+        n = trips(loop.group(1))
+        body, inner = total(loop.group(2), seen + (name,))
+        count, unknown = count + (n or 1) * body, unknown + inner + (n is None)
+        continue
+      estimate = re.search(r'"estimated_cycles":"(\d+)"', line)
+      count += float(estimate.group(1)) if estimate else 0.0
+    return count, unknown
+  return total("ENTRY")
+
+
 def compile_step(config, topology: str, num_slices: int = 1, workdir: Optional[str] = None,
                  unrolled_twin: bool = False, write_step: Optional[str] = None) -> Report:
   """Compiles `config`'s train step for `num_slices` slices of `topology`; raises
@@ -361,7 +432,8 @@ def report_of(compiled, *, topology: str, **fields) -> Report:
       compiler_flops=float(cost.get("flops", 0.0)),
       bytes_accessed=float(cost.get("bytes accessed", 0.0)),
       cost_model_s=float(cost.get("optimal_seconds", 0.0)), peak_tflops=peak_tflops,
-      hbm_gb_s=hbm_gb_s, loops=loops(hlo), hlo=hlo, **fields)
+      hbm_gb_s=hbm_gb_s, loops=loops(hlo), hlo=hlo,
+      **dict(zip(("cycles", "unknown_trips"), cycles(hlo))), **fields)
 
 
 def search_batch(config, topology: str, num_slices: int = 1, largest: int = 1024,
