@@ -7,7 +7,8 @@ slice as the baseline of the ratio.
       --per_chip 32 --tasks mae,pretrain,finetune --json pod_check.json
 
 Every figure is the compiler's estimate (its cost model, else the roofline of its FLOP and
-byte counts: the table says which), not a measurement. Rows print as they finish.
+byte counts, or its ops' cycles one after another: the table says which), not a measurement.
+Rows print as they finish.
 """
 import argparse
 import json
@@ -30,7 +31,8 @@ from uniemox_jax import flops  # noqa: E402
 from uniemox_jax import sharding  # noqa: E402
 
 HEADER = ("| slice | step | per-chip batch | mesh | GiB per chip (of HBM) | estimate | ms | "
-          "img/s/chip | MFU | x MAE | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "img/s/chip | MFU | x MAE | ops' cycles ms | compile s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def mae_report(variant: str, topology: str, per_chip: int) -> aot.Report:
@@ -57,7 +59,8 @@ def mae_report(variant: str, topology: str, per_chip: int) -> aot.Report:
                        lower_s=lower_s, compile_s=time.perf_counter() - started)
 
 
-def task_report(task: str, variant: str, topology: str, per_chip: int, fsdp: int) -> aot.Report:
+def task_report(task: str, variant: str, topology: str, per_chip: int, fsdp: int,
+                twin: bool = True) -> aot.Report:
   if task == "pretrain":
     config = pretrain_config.get_config(f"vit={variant}")
   else:
@@ -65,18 +68,21 @@ def task_report(task: str, variant: str, topology: str, per_chip: int, fsdp: int
   config.batch_size = per_chip * len(aot.topology_devices(topology))
   config.mesh.fsdp = fsdp
   # The recipes scan: memory and compile time are the scanned step's, the time its unrolled
-  # twin's (the compiler counts a loop's body once).
-  return aot.compile_step(config, topology, unrolled_twin=True)
+  # twin's (the compiler counts a loop's body once), or with twin=False the scanned step's own
+  # ops' cycles, its loops at their trip counts.
+  return aot.compile_step(config, topology, unrolled_twin=twin)
 
 
 def row(r: aot.Report, baseline: float) -> str:
   ratio = f"{r.images_per_s / baseline:.2f}" if baseline else "-"
-  estimate = "cost model" if r.cost_model_s > 0 else "roofline"
+  estimate = ("ops' cycles" if r.seconds == r.cycles_s else
+              "cost model" if r.cost_model_s > 0 else "roofline")
+  serial = f"{r.cycles_s * 1e3:.1f}" if r.cycles_s > 0 else "-"
   return (f"| {r.topology} | {r.task} {r.variant} | {r.per_chip_batch} | "
           f"{r.mesh['data']}x{r.mesh['fsdp']} | {r.peak_bytes / aot.GIB:.1f} "
           f"({r.hbm_bytes / aot.GIB:.0f}){'' if r.fits else ' over'} | {estimate} | "
           f"{r.seconds * 1e3:.1f} | {r.images_per_s:.0f} | {100 * r.mfu:.1f}% | {ratio} | "
-          f"{r.compile_s:.0f} |")
+          f"{serial} | {r.compile_s:.0f} |")
 
 
 def main():
@@ -87,6 +93,9 @@ def main():
   p.add_argument("--fsdp", type=int, default=1, help="the mesh's fsdp axis of our steps")
   p.add_argument("--tasks", default="mae,pretrain,finetune")
   p.add_argument("--json", default="")
+  p.add_argument("--no_twin", action="store_true",
+                 help="scanned steps take their own ops' cycles (loops at their trip counts) "
+                      "as their time, instead of compiling their unrolled twin (minutes)")
   args = p.parse_args()
   print(f"jax {jax.__version__}; host: {os.cpu_count()} CPUs; libtpu compiles", flush=True)
   print(HEADER, flush=True)
@@ -100,7 +109,8 @@ def main():
             r = mae_report(variant, topology, args.per_chip)
             baseline = r.images_per_s
           else:
-            r = task_report(task, variant, topology, args.per_chip, args.fsdp)
+            r = task_report(task, variant, topology, args.per_chip, args.fsdp,
+                            twin=not args.no_twin)
         except aot.CompileRefused as e:
           print(f"| {topology} | {task} {variant} | {args.per_chip} | refused: {e} |",
                 flush=True)
