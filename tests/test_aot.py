@@ -160,6 +160,22 @@ def test_only_loops_that_do_matmuls_count():
   assert hlo.count(" while(") > 1 and aot.loops(hlo) == 1
 
 
+def test_trip_counts_are_read_from_the_loops():
+  """A scan of 3 and a while loop from 2 by 3 below 11 (3 trips), as XLA writes them."""
+  def f(x):
+    y, _ = jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, jnp.ones((3, 8, 8)))
+    _, z = jax.lax.while_loop(lambda c: c[0] < 11, lambda c: (c[0] + 3, jnp.sin(c[1]) @ c[1]),
+                              (2, y @ y.T))
+    return z
+  hlo = jax.jit(f).lower(jnp.ones((8, 8))).compile().as_text()
+  computations = aot._computations(hlo)
+  found = sorted(aot.trip_count(computations, name, *m.groups())
+                 for name, lines in computations.items() for line in lines
+                 for m in [re.search(r"\swhile\(%([\w.\-]+)\), condition=%([\w.\-]+), "
+                                     r"body=%([\w.\-]+)", line)] if m)
+  assert found == [3, 3], found
+
+
 def test_finetuning_step_compiles_for_v4(tmp_path):
   proc = _aot("--config", "configs/demo_finetune.py", "--config.batch_size=16",
               "--topology", "v4:2x2x1", "--json", str(tmp_path / "v4.json"))

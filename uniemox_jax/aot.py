@@ -28,7 +28,7 @@ import os
 import re
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -330,30 +330,80 @@ def _computations(hlo: str) -> Dict[str, List[str]]:
   return out
 
 
+def _defs(lines: Sequence[str]) -> Dict[str, str]:
+  """{instruction name: the rest of its line} of a computation's lines."""
+  return {m.group(1): m.group(2) for m in
+          (re.match(r"\s*(?:ROOT\s+)?%(\S+) = (.*)", line) for line in lines) if m}
+
+
+def _constant(text: Optional[str]) -> Optional[int]:
+  m = re.match(r"[su]32\[\]\S* constant\((-?\d+)\)", text or "")
+  return int(m.group(1)) if m else None
+
+
+def _through_copies(defs: Dict[str, str], name: str) -> str:
+  """The definition of `name`, or of what it copies (copies and bitcasts followed)."""
+  while re.search(r" (?:copy|bitcast)\(%([\w.\-]+)\)", defs.get(name, "")):
+    name = re.search(r" (?:copy|bitcast)\(%([\w.\-]+)\)", defs[name]).group(1)
+  return defs.get(name, "")
+
+
+def _step(defs: Dict[str, str], update: str, is_counter) -> Optional[int]:
+  """The constant that `update` (an add) adds to the counter."""
+  for a, b in re.findall(r"add\(%([\w.\-]+), %([\w.\-]+)\)", update):
+    for counter, constant in ((a, b), (b, a)):
+      if is_counter(counter) and _constant(_through_copies(defs, constant)) is not None:
+        return _constant(_through_copies(defs, constant))
+  return None
+
+
+def trip_count(computations: Dict[str, List[str]], parent: str, init: str, condition: str,
+               body: str) -> Optional[int]:
+  """The trip count of the while loop in `parent` with initial tuple `init`, or None. Read as
+  scans and the compiler's windowed einsums write their loops: the condition `counter < N`,
+  the body's `counter + step` (fused or not), and the counter's start in the initial tuple
+  (0 where that is not a constant)."""
+  cond = _defs(computations.get(condition, []))
+  root = next((v for v in cond.values() if " compare(" in v and "direction=LT" in v), "")
+  m = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\)", root)
+  index = m and re.search(r"get-tuple-element\(%\S+\), index=(\d+)",
+                          _through_copies(cond, m.group(1)))
+  limit = m and _constant(_through_copies(cond, m.group(2)))
+  if not index or limit is None:
+    return None
+  i = int(index.group(1))
+  defs, lines = _defs(computations.get(body, [])), computations.get(body, [])
+  root_line = next((line for line in lines if line.strip().startswith("ROOT")), "")
+  outputs = re.findall(r"%([\w.\-]+)", root_line.split(" tuple(", 1)[-1])
+  update = _through_copies(defs, outputs[i]) if " tuple(" in root_line and len(outputs) > i else ""
+  step = _step(defs, update, lambda n: f"index={i}" in _through_copies(defs, n))
+  fused = re.search(r" fusion\(%([\w.\-]+)\).*calls=%([\w.\-]+)", update)
+  if step is None and fused and f"index={i}" in _through_copies(defs, fused.group(1)):
+    inner = _defs(computations.get(fused.group(2), []))    # counter + step, fused
+    step = _step(inner, "\n".join(inner.values()), lambda n: "parameter(" in inner.get(n, ""))
+  parent_defs = _defs(computations.get(parent, []))
+  starts = re.findall(r"%([\w.\-]+)", parent_defs.get(init, "").split(" tuple(", 1)[-1])
+  start = _constant(_through_copies(parent_defs, starts[i])) if len(starts) > i else None
+  if not step or step < 0:
+    return None
+  return max(0, -(-(limit - (start or 0)) // step))
+
+
 def cycles(hlo: str) -> Tuple[float, int]:
   """(the estimated cycles of the entry computation's ops added up, a while loop's body counted
   its trip count times, nested loops too; how many loops had no trip count the text gives).
-  A trip count is read from the loop's condition, `counter < N` against a constant, the form
-  of scans and of the compiler's windowed einsums, both counting from 0."""
+  Trip counts: `trip_count`."""
   computations = _computations(hlo)
-
-  def trips(condition: str) -> Optional[int]:
-    lines = computations.get(condition, [])
-    constants = dict(re.findall(r"%(\S+) = s32\[\]\S* constant\((\d+)\)", "\n".join(lines)))
-    for line in lines:
-      compare = re.search(r"ROOT .*compare\(%\S+, %([\w.\-]+)\), direction=LT", line)
-      if compare and compare.group(1) in constants:
-        return int(constants[compare.group(1)])
-    return None
 
   def total(name: str, seen: Tuple[str, ...] = ()) -> Tuple[float, int]:
     count, unknown = 0.0, 0
     for line in computations.get(name, []):
-      loop = re.search(r"\swhile\(.*condition=%([\w.\-]+), body=%([\w.\-]+)", line)
-      if loop and loop.group(2) not in seen:
-        n = trips(loop.group(1))
-        body, inner = total(loop.group(2), seen + (name,))
-        count, unknown = count + (n or 1) * body, unknown + inner + (n is None)
+      loop = re.search(r"\swhile\(%([\w.\-]+)\), condition=%([\w.\-]+), body=%([\w.\-]+)",
+                       line)
+      if loop and loop.group(3) not in seen:
+        n = trip_count(computations, name, *loop.groups())
+        body, inner = total(loop.group(3), seen + (name,))
+        count, unknown = count + (1 if n is None else n) * body, unknown + inner + (n is None)
         continue
       estimate = re.search(r'"estimated_cycles":"(\d+)"', line)
       count += float(estimate.group(1)) if estimate else 0.0
