@@ -88,6 +88,12 @@ def test_the_written_step_is_the_slices_and_other_devices_refuse_it(compiled_v5e
                                                      "was compiled for platform 'tpu', this "
                                                      "run 'cpu'"), message
   assert "devices 4, this run 8" in message and "another program" in message
+  # A wrong path, and a file of something else.
+  with pytest.raises(errors.UserError, match=r"config.compiled_step=\S+nope: no such file"):
+    executables.read(str(tmp_path / "nope"))
+  (tmp_path / "other.bin").write_bytes(b"not a pickle")
+  with pytest.raises(errors.UserError, match="is not a compiled step written by"):
+    executables.read(str(tmp_path / "other.bin"))
 
 
 def test_the_numbers_are_the_compiled_programs(compiled_v5e, tmp_path):
