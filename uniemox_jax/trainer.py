@@ -241,7 +241,7 @@ class TrainLoop:
     self._log_start(start, total)
     stopped = None
     try:
-      step_fn = self.compile_step() if start < total else None
+      step_fn = self.compile_step(state, constants, base_key) if start < total else None
       for evaluator in self.evaluators.values():
         if start < total and evaluator.period > 0:     # those the run will call
           evaluator.compile_ahead(state["params"])
@@ -311,22 +311,25 @@ class TrainLoop:
           params, self.program.state_shardings["params"]))
     return state
 
-  def compile_step(self):
-    """The train step compiled from its arguments' shapes before the first batch is read (as
-    `uniemox_jax.aot` compiles it for a TPU slice), or loaded from config.compiled_step when
-    that file holds the same program (`executables`), its time logged; then every process
-    waits for the others (a step's first collective would time out on the process that
-    compiled first)."""
+  def compile_step(self, state, constants, key):
+    """The train step compiled before the first batch is read (the batch as shapes, from
+    `task.example`), or loaded from config.compiled_step when that file holds the same
+    program (`executables`), its time logged; then every process waits for the others (a
+    step's first collective would time out on the process that compiled first)."""
     program, started = self.program, time.perf_counter()
-    lowered = program.step.lower(*program.abstract_inputs())
     if self.config.compiled_step:
+      # Lowered from shapes, as `uniemox_jax.aot` lowers the step it writes: lowered from the
+      # arrays, the text holds a second copy of a random-bits function, and never matches.
+      lowered = program.step.lower(*program.abstract_inputs())
       with errors.as_user_errors():
         compiled = executables.load(self.config.compiled_step, lowered,
                                     list(self.mesh.devices.flat))
       logging.info("Loaded the train step from %s in %.1f s (compiled ahead, not here)",
                    self.config.compiled_step, time.perf_counter() - started)
     else:
-      compiled = lowered.compile()
+      # From the arrays, as a step called directly is compiled (the persistent cache holds
+      # one program for both).
+      compiled = program.step.lower(state, constants, program.batch_shapes(), key).compile()
       cache = jax.config.jax_compilation_cache_dir
       logging.info("Compiled the train step in %.1f s%s", time.perf_counter() - started,
                    f" (the persistent cache, {cache}, keeps it for the next run)" if cache
