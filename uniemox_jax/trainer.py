@@ -327,8 +327,8 @@ class TrainLoop:
       logging.info("Loaded the train step from %s in %.1f s (compiled ahead, not here)",
                    self.config.compiled_step, time.perf_counter() - started)
     else:
-      # From the arrays, as a step called directly is compiled (the persistent cache holds
-      # one program for both).
+      # From the arrays, as before the compiled-step files (a step called directly is
+      # compiled so too).
       compiled = program.step.lower(state, constants, program.batch_shapes(), key).compile()
       cache = jax.config.jax_compilation_cache_dir
       logging.info("Compiled the train step in %.1f s%s", time.perf_counter() - started,
