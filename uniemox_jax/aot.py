@@ -297,19 +297,11 @@ def loops(hlo: str) -> int:
   einsums, whose bodies the cost model counts once (the TPU compiler's text gives no trip
   counts). A loop without any, such as the rejection loop of a gamma sampler (mixup's beta
   draw), is left out: counted once, it is as cheap as it is."""
-  names = set(re.findall(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$", hlo, re.M))
-  calls, matmul, computation = {}, set(), None
-  for line in hlo.splitlines():
-    header = re.match(r"^(?:ENTRY\s+)?%(\S+)\s.*\{\s*$", line)
-    if header:
-      computation = header.group(1)
-      continue
-    if computation is None or not line.strip().startswith(("%", "ROOT")):
-      continue
-    calls.setdefault(computation, set()).update(
-        n for n in re.findall(r"%([\w.\-]+)", line) if n in names)
-    if re.search(r"\s(?:convolution|dot)\(", line):
-      matmul.add(computation)
+  computations = _computations(hlo)
+  calls = {name: {n for line in lines for n in re.findall(r"%([\w.\-]+)", line)
+                  if n in computations} for name, lines in computations.items()}
+  matmul = {name for name, lines in computations.items()
+            if any(re.search(r"\s(?:convolution|dot)\(", line) for line in lines)}
 
   def heavy(name, seen=()):
     return name in matmul or any(heavy(c, seen + (name,)) for c in calls.get(name, ())
