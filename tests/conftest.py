@@ -105,10 +105,10 @@ def finetuned(pretrained, tmp_path_factory):
 # The files that take longest (worker seconds on the 2-core dev machine), started first: each
 # file runs on one xdist worker (--dist loadfile), and a long file started last leaves the
 # other worker idle at the end. pytest.ini turns off xdist's own order (most tests first).
-_LONGEST_FIRST = ("test_trainer.py", "test_aot.py", "test_finetune.py", "test_evaluators.py",
-                  "test_cloud_storage.py", "test_suite.py", "test_backbones.py",
-                  "test_benchmarks.py", "test_lifecycle.py", "test_attention.py",
-                  "test_datasets.py", "test_main.py", "test_teacher.py", "test_uniemox.py")
+_LONGEST_FIRST = ("test_lifecycle.py", "test_trainer.py", "test_aot.py", "test_cloud_storage.py",
+                  "test_finetune.py", "test_explanation.py", "test_suite.py", "test_main.py",
+                  "test_teacher.py", "test_backbones.py", "test_benchmarks.py",
+                  "test_attention.py", "test_evaluators.py", "test_uniemox.py")
 
 
 def pytest_collection_modifyitems(items):
