@@ -14,7 +14,7 @@ embeds them).
 
 Writes OUT/explain.png (image | one overlay per method, each row labelled with the class and
 its probability; the first 32 images), OUT/<method>.npy (the raw maps of every image,
-[N, g, g] on the patch grid or [N, S, S] per pixel) and OUT/explain.json (each image's path
+[N, g, g] on the patch grid) and OUT/explain.json (each image's path
 or record, the class explained, its probability). Unreadable images are listed, not fatal.
 """
 from __future__ import annotations

@@ -11,7 +11,9 @@ one, or a named one):
   gradcam       Grad-CAM on the patch tokens entering the last block (its input, the
                 residual stream): ReLU(sum_d w_d * token_d), w_d the mean over patches of the
                 target logit's gradient with respect to them.
-  grad_x_input  |gradient x input| of the target logit, summed over channels, per pixel.
+  grad_x_input  gradient x input of the target logit, summed over each patch's pixels and
+                channels, ReLU: a patch's first-order share of the logit (the patch
+                embedding is linear, so this is gradient x input at the embedding, no bias).
 
 A pretraining checkpoint has no logits: its map ("similarity") is the Grad-CAM of the cosine
 similarity between the fused token gamma and a class's CLIP text embedding (zero-shot's
@@ -99,6 +101,14 @@ def _gradcam(tokens: jax.Array, grads: jax.Array) -> jax.Array:
   return cam.reshape(cam.shape[0], side, side)
 
 
+def _patch_sums(pixels: jax.Array, side: int) -> jax.Array:
+  """[B, S, S, C] -> [B, g, g]: ReLU of each patch's sum (pixels past the last whole patch,
+  which the patch embedding does not read, left out)."""
+  batch, patch = pixels.shape[0], pixels.shape[1] // side
+  pixels = pixels[:, :side * patch, :side * patch]
+  return jax.nn.relu(pixels.reshape(batch, side, patch, side, patch, -1).sum(axis=(2, 4, 5)))
+
+
 def attentions(qkvs: Sequence[jax.Array]) -> List[jax.Array]:
   """Each block's attention probabilities [B, H, T, T] from its qkv projection."""
   out = []
@@ -138,8 +148,9 @@ def explainer(model, pool: str, methods: Sequence[str], head_fusion: str = "mean
               discard_ratio: float = 0.0, multi_label: bool = False):
   """A jitted (params, uint8 images [B, S, S, 3], target [B] int or -1 for the predicted
   class) -> {"probabilities": [B, C] (softmax, or per-class sigmoids with `multi_label`),
-  "target": [B], method: map}, maps [B, g, g] (patch grid) or [B, S, S] (grad_x_input)."""
+  "target": [B], method: map}, every map [B, g, g] on the patch grid."""
   methods = check_methods(methods)
+  grid = vit.grid_size(model.image_size, vit.decode_variant(model.variant).patch)
 
   @jax.jit
   def run(params, images, target):
@@ -164,7 +175,7 @@ def explainer(model, pool: str, methods: Sequence[str], head_fusion: str = "mean
       if "gradcam" in methods:
         out["gradcam"] = _gradcam(tokens, token_grads)
       if "grad_x_input" in methods:
-        out["grad_x_input"] = jnp.abs(input_grads * x).sum(axis=-1)
+        out["grad_x_input"] = _patch_sums(input_grads * x, grid)
     return out
 
   return lambda params, images, target: jax.device_get(run(params, images, target))
