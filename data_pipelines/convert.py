@@ -408,13 +408,7 @@ def read_side_file(path: Optional[str], flag: str):
   None without a path; `flag` names it in the messages."""
   if not path:
     return None
-  try:
-    with open(path) as f:
-      data = json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{flag} {path} does not exist") from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{flag} {path} is not valid JSON: {e}") from None
+  data = storage.read_json(path, flag)
   if not isinstance(data, dict):
     raise ValueError(f"{flag} {path} must map relative image paths to values")
   return data

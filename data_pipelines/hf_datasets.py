@@ -24,6 +24,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from data_pipelines import sources
+from data_pipelines import storage
 
 _SPLIT_WORD = re.compile(r"^(%s)(?=$|[-._ 0-9])" % "|".join(
     sorted(sources.SPLIT_ALIASES, key=len, reverse=True)))
@@ -194,7 +195,7 @@ def _parquet_files(root: str, card: Dict[str, Any], config: str, plan: sources.P
 
 def _arrow_files(folder: str) -> List[str]:
   state_path = os.path.join(folder, "state.json")
-  state = sources.load_json(state_path, "save_to_disk state")
+  state = storage.read_json(state_path, "save_to_disk state")
   files = [os.path.join(folder, d["filename"]) for d in state.get("_data_files", [])]
   if not files:
     raise ValueError(f"{state_path} lists no _data_files")
@@ -204,10 +205,10 @@ def _arrow_files(folder: str) -> List[str]:
 def _disk_files(root: str, plan: sources.Plan) -> Tuple[Dict[str, List[str]], str]:
   dict_path = os.path.join(root, "dataset_dict.json")
   if os.path.exists(dict_path):
-    names = sources.load_json(dict_path, "save_to_disk dataset dict").get("splits") or []
+    names = storage.read_json(dict_path, "save_to_disk dataset dict").get("splits") or []
     return ({sources.our_split(s): _arrow_files(os.path.join(root, s))
              for s in names}, "save_to_disk DatasetDict (dataset_dict.json)")
-  state = sources.load_json(os.path.join(root, "state.json"), "save_to_disk state")
+  state = storage.read_json(os.path.join(root, "state.json"), "save_to_disk state")
   split = state.get("_split")
   if not split:
     plan.problems.append(f"{os.path.join(root, 'state.json')} names no split: read as train")
@@ -262,7 +263,7 @@ def plan(root: str, name: str, splits: Sequence[str] = sources.SPLITS,
       names_from = names_from or (features and f"{os.path.relpath(f, root)} schema metadata")
   info_path = os.path.join(root, "dataset_info.json")
   if features is None and os.path.exists(info_path):
-    features = sources.load_json(info_path, "dataset info").get("features")
+    features = storage.read_json(info_path, "dataset info").get("features")
     names_from = "dataset_info.json"
   if features is None:
     features = _readme_features(card, config, os.path.join(root, "README.md"))

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from data_pipelines import sources
+from data_pipelines import storage
 
 _INTEGER = re.compile(r"^-?\d+$")
 
@@ -51,7 +52,7 @@ def _read_rows(path: str) -> List[Dict[str, Any]]:
               raise ValueError(f"--labels {path} line {n} is not valid JSON: {e}") from None
         return rows
     if ext == ".json":
-      data = sources.load_json(path, "--labels")
+      data = storage.read_json(path, "--labels")
       if isinstance(data, dict):
         return [{"image": k, "label": v} for k, v in data.items()]
       if isinstance(data, list):

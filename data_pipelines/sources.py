@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from data_pipelines import catalogue
 from data_pipelines import images
+from data_pipelines import storage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 SPLITS = ("train", "val", "test")
@@ -238,17 +238,6 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
   return plan
 
 
-def load_json(path: str, what: str, where: str = "") -> Any:
-  name = f"{what} {path}" + (f" ({where})" if where else "")
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{name} does not exist") from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{name} is not valid JSON: {e}") from None
-
-
 def emoset_attributes(annotation: Mapping[str, Any], where: str) -> Dict[str, Any]:
   """EmoSet annotation JSON -> our attribute keys (see prompts.ATTRIBUTES)."""
   if not isinstance(annotation, Mapping):
@@ -301,7 +290,7 @@ def _emoset_classes(root: str, form: int, plan: "Plan") -> List[str]:
   keys = EMOSET_FORMS[form][1]
   if not os.path.exists(path):
     return list(EMOSET_CLASSES)
-  node = load_json(path, "EmoSet info")
+  node = storage.read_json(path, "EmoSet info")
   for key in keys:
     node = node.get(key) if isinstance(node, dict) else None
   where = f"{path} " + "".join(f"[{k!r}]" for k in keys)
@@ -332,7 +321,7 @@ def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> P
     if not os.path.exists(list_path):
       plan.problems.append(f"EmoSet split list {list_path} is missing; split {split!r} skipped")
       continue
-    items = load_json(list_path, "EmoSet split list")
+    items = storage.read_json(list_path, "EmoSet split list")
     lists[split] = (list_path, items, _emoset_form(list_path, items))
   if not lists:
     raise FileNotFoundError(f"--root {root} has no EmoSet split list ({', '.join(splits)}"
@@ -357,7 +346,7 @@ def emoset(root: str, name: str = "emoset", splits: Sequence[str] = SPLITS) -> P
         raise ValueError(f"{where}: unknown emotion {emotion!r}; EmoSet's are "
                          f"{plan.class_names}")
       ann_path = os.path.join(root, ann_rel)
-      ann = load_json(ann_path, "EmoSet annotation", where)
+      ann = storage.read_json(ann_path, "EmoSet annotation", where)
       attrs = emoset_attributes(ann, f"{ann_path} ({where})")
       if ann.get("emotion", emotion) != emotion:
         raise ValueError(f"{ann_path} ({where}): its emotion {ann['emotion']!r} differs from "

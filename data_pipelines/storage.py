@@ -21,12 +21,13 @@ import builtins
 import contextlib
 import glob as _glob
 import hashlib
+import json
 import os
 import posixpath
 import re
 import shutil
 import struct
-from typing import IO, Iterator, List, Optional
+from typing import IO, Any, Iterator, List, Optional
 
 # etils.epath (orbax's paths) picks TensorFlow's gfile for gs:// whenever TensorFlow is
 # installed; fsspec instead, so that orbax and this module share one client and its settings
@@ -245,6 +246,26 @@ def read_text(path: str) -> str:
     return f.read()
 
 
+_REQUIRED = object()
+
+
+def read_json(path: str, what: str = "", where: str = "", missing: Any = _REQUIRED,
+              damaged: str = "") -> Any:
+  """The JSON file at `path`, or `missing` where there is none. Errors name the file as
+  "<what> <path> (<where>)": one that does not exist (when no `missing` is given), one that
+  does not parse (then `damaged` says what to do)."""
+  name = " ".join(filter(None, [what, path, where and f"({where})"]))
+  if not exists(path):
+    if missing is _REQUIRED:
+      raise FileNotFoundError(f"{name} does not exist")
+    return missing
+  try:
+    return json.loads(read_text(path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{name} is not valid JSON ({e})" + (f": {damaged}" if damaged else "")
+                     ) from None
+
+
 def write_text(path: str, text: str) -> None:
   """Writes a whole file so that no reader sees part of it: locally a temporary file renamed
   into place; in a bucket one upload (an object appears only once its upload completes)."""
@@ -263,20 +284,28 @@ def naming(path: str, temporary: Optional[str] = None) -> Iterator[None]:
     raise OSError(e.errno, e.strerror, path) from e
 
 
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[str]:
+  """A temporary name beside the local file `path`, renamed into place when the block ends
+  well; removed when it fails, so a failed write leaves no partial file behind. An OSError
+  that names the temporary names `path`."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with naming(path, tmp):
+      yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
 def write_bytes(path: str, data: bytes) -> None:
   if is_remote(path):
     with _remote(path):
       filesystem(path).pipe_file(path, data)
     return
-  path = _local(path)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    with naming(path, tmp), builtins.open(tmp, "wb") as f:
-      f.write(data)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)       # a failed write leaves no partial file behind
+  with _replacing(_local(path)) as tmp, builtins.open(tmp, "wb") as f:
+    f.write(data)
 
 
 def create_exclusive(path: str, data: bytes) -> bool:
@@ -351,14 +380,8 @@ def rmtree(path: str) -> None:
 def upload(local_path: str, path: str) -> None:
   """Copies a local file to `path` (local: a rename-into-place copy; remote: one upload)."""
   if not is_remote(path):
-    tmp = f"{_local(path)}.tmp-{os.getpid()}"
-    try:
-      with naming(path, tmp):
-        shutil.copyfile(local_path, tmp)
-      os.replace(tmp, _local(path))
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    with _replacing(_local(path)) as tmp:
+      shutil.copyfile(local_path, tmp)
     return
   with _remote(path):
     filesystem(path).put_file(local_path, path)
@@ -410,21 +433,15 @@ def local_copy(path: str, size: Optional[int] = None, sha256: Optional[str] = No
   if free < remote_size:
     raise OSError(f"no room to cache {path} ({remote_size} bytes, {free} free under "
                   f"{cache_dir()}); point {CACHE_ENV} at a larger disk")
-  tmp = f"{local}.tmp-{os.getpid()}"
   digest = hashlib.sha256()
-  try:
-    with _remote(path), filesystem(path).open(path, "rb", block_size=1 << 24) as src, \
-        builtins.open(tmp, "wb") as dst:
-      for chunk in iter(lambda: src.read(1 << 24), b""):
-        digest.update(chunk)
-        dst.write(chunk)
+  with _replacing(local) as tmp, _remote(path), \
+      filesystem(path).open(path, "rb", block_size=1 << 24) as src, builtins.open(tmp, "wb") as dst:
+    for chunk in iter(lambda: src.read(1 << 24), b""):
+      digest.update(chunk)
+      dst.write(chunk)
     if sha256 is not None and digest.hexdigest() != sha256:
       raise IOError(f"{path}: its sha256 is {digest.hexdigest()}, the dataset's info file says "
                     f"{sha256}: the shard was replaced or damaged after conversion")
-    os.replace(tmp, local)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return local
 
 

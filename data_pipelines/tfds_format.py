@@ -24,7 +24,6 @@ tool and users call them, the training process and the grain workers never do.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -98,12 +97,11 @@ def is_tfds_dir(data_dir: str) -> bool:
 def info_from_tfds(data_dir: str) -> Dict[str, Any]:
   """Our dataset info (the `uniemox_info.json` fields the pipelines read) from a TFDS-built
   folder's dataset_info.json and features.json. Reads JSON only: no TensorFlow."""
-  ds_info = _load_json(storage.join(data_dir, DATASET_INFO_FILE))
+  damaged = "the TFDS metadata is damaged; rebuild the dataset (tfds build, or " \
+      "data_pipelines.tfds_builders)"
+  ds_info = storage.read_json(storage.join(data_dir, DATASET_INFO_FILE), damaged=damaged)
   feats_path = storage.join(data_dir, FEATURES_FILE)
-  if not storage.exists(feats_path):
-    raise FileNotFoundError(f"{feats_path} does not exist: {data_dir} is not a complete TFDS "
-                            "dataset folder")
-  feats = _load_json(feats_path)
+  feats = storage.read_json(feats_path, "the TFDS features file", damaged=damaged)
   spec = _feature_spec(feats)
   missing = {"image", "label", "prompt", "person_box", "has_person"} - set(spec)
   if missing:
@@ -132,14 +130,6 @@ def info_from_tfds(data_dir: str) -> Dict[str, Any]:
   return {"format_version": 1, "name": name, "class_names": list(class_names),
           "multi_label": multi, "features": sorted(spec), "text_emb_dim": text_dim,
           "splits": splits, "source": "tfds"}
-
-
-def _load_json(path: str) -> Dict[str, Any]:
-  try:
-    return json.loads(storage.read_text(path))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON ({e}): the TFDS metadata is damaged; rebuild "
-                     "the dataset (tfds build, or data_pipelines.tfds_builders)") from None
 
 
 def _feature_spec(feats: Dict[str, Any]) -> Dict[str, Any]:

@@ -24,6 +24,7 @@ import json
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from flax import traverse_util
 import numpy as np
 
 from data_pipelines import storage
@@ -41,23 +42,8 @@ METRICS = (("top1", "test top-1 (%)"), ("mAP", "test mAP (%)"), ("top3", "test t
            ("macro_f1", "test macro F1 (%)"), ("epoch", "best-val epoch"))
 
 
-def _flatten(tree: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def _read_json(path: str) -> Optional[Any]:
-  if not storage.exists(path):
-    return None
-  try:
-    return json.loads(storage.read_text(path))
-  except ValueError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from None
+def _flatten(tree: Dict[str, Any]) -> Dict[str, Any]:
+  return traverse_util.flatten_dict(tree, sep=".")
 
 
 def find_workdirs(paths: Sequence[str]) -> List[str]:
@@ -79,19 +65,19 @@ def find_workdirs(paths: Sequence[str]) -> List[str]:
 
 def read_run(workdir: str) -> Dict[str, Any]:
   """One workdir: its config, and its best state's test report, or why it has none."""
-  config = _read_json(storage.join(workdir, "config.json")) or {}
+  config = storage.read_json(storage.join(workdir, "config.json"), missing=None) or {}
   run = {"workdir": workdir, "config": config, "dataset": config.get("dataset", "?"),
          "seed": config.get("seed"), "report": None, "problem": ""}
   if config.get("task") != "finetune":
     run["problem"] = f"not a fine-tuning run (task {config.get('task')!r})"
     return run
-  best = _read_json(storage.join(workdir, finetune.BEST_FILE))
+  best = storage.read_json(storage.join(workdir, finetune.BEST_FILE), missing=None)
   if not best:
     run["problem"] = "unfinished: no best.json (no validation yet)"
     return run
   split = config.get("test_split") or "test"
   path = finetune.test_report_file(workdir, best["step"], split)
-  report = _read_json(path)
+  report = storage.read_json(path, missing=None)
   if report is None:
     run["problem"] = (f"unfinished: no {split} report of the best state (step {best['step']}) "
                       "yet; rerun its command to finish it")
