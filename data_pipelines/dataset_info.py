@@ -65,6 +65,13 @@ class DatasetInfo:
     """Records of a split, or of several joined by '+' ("train+val"); absent ones count 0."""
     return sum(self.splits[s].num_records for s in split.split("+") if s in self.splits)
 
+  def check_splits(self, data_dir: str, fields: Mapping[str, str]) -> None:
+    """Every split of `fields` ({split: the flag or config field naming it}) is in the data."""
+    for split, field in fields.items():
+      if split not in self.splits:
+        raise ValueError(f"{field}: the split {split!r} is not in {data_dir} (it has "
+                         f"{', '.join(sorted(self.splits))})")
+
   @classmethod
   def from_json(cls, data: Mapping[str, Any], path: str = INFO_FILE) -> "DatasetInfo":
     """The record of a parsed info file; `path` names it when it is not one."""
@@ -118,10 +125,6 @@ class DatasetInfo:
       raise FileNotFoundError(f"{where} {what}: it must be a folder written by `python -m "
                               "uniemox_jax.tools.convert` (or a TFDS dataset folder with "
                               "dataset_info.json)")
-    try:
-      data = json.loads(storage.read_text(path))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path} is not valid JSON ({e}): the folder's dataset info is "
-                       "damaged; rerun the conversion that wrote it (finished shards are "
-                       "kept)") from None
-    return cls.from_json(data, path)
+    return cls.from_json(storage.read_json(path, damaged="the folder's dataset info is "
+                                           "damaged; rerun the conversion that wrote it "
+                                           "(finished shards are kept)"), path)

@@ -109,10 +109,8 @@ def test_report_file(workdir: str, best_step: int, split: str) -> str:
 
 
 def read_best(workdir: str) -> Dict[str, Any]:
-  path = storage.join(workdir, BEST_FILE)
-  if not storage.exists(path):
-    return {"step": 0, "value": float("-inf")}
-  return json.loads(storage.read_text(path))
+  return storage.read_json(storage.join(workdir, BEST_FILE),
+                           missing={"step": 0, "value": float("-inf")})
 
 
 def step_task(config, num_classes: int, multi_label: bool) -> trainer.Task:
@@ -170,7 +168,7 @@ def make_task(setup: trainer.Setup) -> Optional[trainer.Task]:
   with setup.checks.check():
     datasets.check_dataset(config, info)
   with setup.checks.check():
-    trainer.check_splits(info, setup.data_dir, {
+    info.check_splits(setup.data_dir, {
         split: field for field, split in (("config.test_split", config.test_split),
                                           ("config.data.eval_split", config.data.eval_split))
         if split})

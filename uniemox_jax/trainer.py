@@ -89,7 +89,7 @@ class Setup:
       checks.raise_any()
     schedule, before = None, len(checks.errors)
     with checks.check():
-      check_splits(info, data_dir, {s: "config.data.split" for s in config.data.split.split("+")})
+      info.check_splits(data_dir, {s: "config.data.split" for s in config.data.split.split("+")})
     subset, fraction = None, config.data.train_fraction
     if len(checks.errors) == before and fraction != 1.0:
       with checks.check():
@@ -117,14 +117,6 @@ def train_examples(config, workdir: str) -> int:
     return info.num_examples(config.data.split)
   return len(input_pipeline.train_subset(data_dir, config.data.split,
                                          config.data.train_fraction, config.seed).indices)
-
-
-def check_splits(info: dataset_info.DatasetInfo, data_dir: str, fields: Dict[str, str]) -> None:
-  """Every split of `fields` ({split: the config field naming it}) is in the data."""
-  for split, field in fields.items():
-    if split not in info.splits:
-      raise errors.UserError(f"{field}: the split {split!r} is not in {data_dir} (it has "
-                             f"{', '.join(sorted(info.splits))})")
 
 
 @dataclasses.dataclass

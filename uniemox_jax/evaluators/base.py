@@ -68,11 +68,8 @@ class Evaluator:
     self.info = dataset_info.DatasetInfo.load(
         self.data_dir, self.origin["data"] if self.spec["data"] else "config.data.dir")
     self.batch_size      # checks the eval batch divides over the devices and processes
-    for split in self.splits():
-      if split not in self.info.splits:
-        where = self.origin["split"] if split == self.split else self.field
-        raise errors.UserError(f"{where}: the split {split!r} is not in {self.data_dir} "
-                               f"(it has {', '.join(sorted(self.info.splits))})")
+    self.info.check_splits(self.data_dir, {
+        s: self.origin["split"] if s == self.split else self.field for s in self.splits()})
 
   def splits(self) -> List[str]:
     """Every split the evaluator reads (checked when it is built)."""
