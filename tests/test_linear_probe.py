@@ -4,9 +4,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import linear_probe as linear_probe_config
 from data_pipelines import input_pipeline as ip
+from uniemox_jax import errors
 from uniemox_jax import linear_probe
 from uniemox_jax import models
 from uniemox_jax import runs
@@ -26,6 +28,17 @@ def test_linear_probe_end_to_end(pretrained, tmp_path):
   assert os.path.exists(tmp_path / "linear_probe" / "test_results.json")
   # The command's closing "wrote:" line lists what the task wrote, nothing it did not.
   assert runs.written(str(tmp_path)) == ["linear_probe/"]
+
+
+def test_linear_probe_input_errors_are_user_errors(pretrained, tmp_path):
+  """The task's config and data problems are one-line user errors, not tracebacks."""
+  config = linear_probe_config.get_config(f"demo=True,pretrained={pretrained}")
+  config.init.encoder = ""
+  with pytest.raises(errors.UserError, match="config.init.encoder is empty"):
+    linear_probe.linear_probe(config, str(tmp_path))
+  config.data.dir = str(tmp_path / "nowhere")
+  with pytest.raises(FileNotFoundError, match=r"config.data.dir .*nowhere does not exist"):
+    linear_probe.linear_probe(config, str(tmp_path))
 
 
 def test_linear_probe_pools_as_the_fine_tuning_head(odd_data):
