@@ -9,12 +9,11 @@ real datasets look like to the converter: a split tree plus side files,
   <out>/boxes.json        {relative path: [x1, y1, x2, y2] in pixels, or null}
   <out>/attributes.json   {relative path: {scene, objects, brightness, ...}}
 
-  python -m data_pipelines.synthetic --out /tmp/synthetic --per_class 40,8,8 --size 64
+  python -m uniemox_jax.tools.convert --source synthetic --name synthetic --out /tmp/synth
+      # the tree under /tmp/synth/raw, converted beside it
 """
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import os
 from typing import Dict, Sequence
@@ -137,10 +136,7 @@ def generate(out: str, per_class: Sequence[int] = (40, 8, 8), size: int = 64,
         rng = np.random.default_rng([seed, s, c, i])
         img, box, attrs = render(cls, size, rng)
         rel = os.path.join(split, cls, f"{cls}_{i:05d}.jpg")
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=quality)
-        with open(os.path.join(out, rel), "wb") as f:
-          f.write(buf.getvalue())
+        img.save(os.path.join(out, rel), format="JPEG", quality=quality)
         boxes[rel], attributes[rel] = box, attrs
   for name, data in (("boxes.json", boxes), ("attributes.json", attributes)):
     with open(os.path.join(out, name), "w") as f:
@@ -176,18 +172,3 @@ def build_dataset(out: str, per_class: Sequence[int] = (40, 8, 8), size: int = 6
     raise RuntimeError(f"the synthetic data in {out} failed its verification:\n"
                        f"{check.summary()}")
   return info, report
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--per_class", default="40,8,8", help="images per class: train,val,test")
-  parser.add_argument("--size", type=int, default=64)
-  parser.add_argument("--seed", type=int, default=0)
-  args = parser.parse_args(argv)
-  generate(args.out, [int(x) for x in args.per_class.split(",")], args.size, args.seed)
-  print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-  main()
