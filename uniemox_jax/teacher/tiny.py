@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Dict, List, Tuple
+from typing import List, Tuple
 
 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
@@ -19,19 +19,6 @@ _CORPUS = ("the scene type of this photo is the main subjects are the image has 
            "and color saturation of human facial expression is the action being performed is "
            "the overall emotion conveyed is amusement awe contentment excitement anger disgust "
            "fear sadness person")
-
-
-def _bytes_to_unicode() -> Dict[int, str]:
-  """GPT-2/CLIP's reversible map from bytes to printable characters."""
-  keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-  chars, extra = list(keep), 0
-  for b in range(256):
-    if b not in keep:
-      keep.append(b)
-      chars.append(256 + extra)
-      extra += 1
-  return dict(zip(keep, (chr(c) for c in chars)))
 
 
 def _learn_merges(corpus: str, num_merges: int) -> List[Tuple[str, str]]:
@@ -63,7 +50,9 @@ def _learn_merges(corpus: str, num_merges: int) -> List[Tuple[str, str]]:
 
 def write_tokenizer(directory: str, num_merges: int = 64) -> int:
   """Writes vocab.json / merges.txt of a tiny CLIP tokenizer; returns its vocabulary size."""
-  base = list(_bytes_to_unicode().values())
+  # GPT-2/CLIP's reversible map from bytes to printable characters: the base vocabulary.
+  from transformers.models.clip.tokenization_clip import bytes_to_unicode  # pylint: disable=g-import-not-at-top
+  base = list(bytes_to_unicode().values())
   merges = _learn_merges(_CORPUS, num_merges)
   tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [_BOS, _EOS]
   vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
