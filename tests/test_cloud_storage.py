@@ -259,12 +259,9 @@ exit 3
 
 def _params(workdir, step):
   from uniemox_jax import checkpointing
-  ckpt = checkpointing.Checkpointer(workdir + "/checkpoints", read_only=True,
-                                    asynchronous=False)
-  assert step in ckpt.all_steps(), ckpt.all_steps()
-  tree = ckpt.restore_as_saved(step)
-  ckpt.close()
-  return tree
+  steps = checkpointing.finished_steps(workdir + "/checkpoints")
+  assert step in steps, steps
+  return checkpointing.Checkpoint.open(f"{workdir}/checkpoints/{step}").read(())
 
 
 def _hashes(text):

@@ -63,11 +63,10 @@ def _hashes(workdir):
 
 
 def _params(workdir, step=STEPS):
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True,
-                                    asynchronous=False)
-  assert step in ckpt.all_steps(), ckpt.all_steps()
-  tree = ckpt.restore_as_saved(step)
-  ckpt.close()
+  directory = os.path.join(workdir, "checkpoints")
+  steps = checkpointing.finished_steps(directory)
+  assert step in steps, steps
+  tree = checkpointing.Checkpoint.open(os.path.join(directory, str(step))).read(())
   return tree["params"], tree["opt_state"]
 
 

@@ -164,11 +164,6 @@ class Checkpointer:
     return jax.jit(relayout, out_shardings=jax.tree.map(lambda x: x.sharding,
                                                         abstract_state))(state)
 
-  def restore_as_saved(self, step: int) -> Any:
-    """The state at `step` with the shardings it was saved with (same device count)."""
-    return self._manager.restore(
-        step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore()}))[STATE]
-
   def wait(self) -> None:
     """Blocks until the save in flight is written; raises `SaveFailed` if it failed."""
     try:
