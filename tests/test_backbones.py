@@ -2,6 +2,8 @@
 reference's baselines), on tiny random models of two families that the tests write with
 transformers itself: a ResNet saved by PyTorch (safetensors, converted on load) and a ViT
 saved with Flax weights and a preprocessor config of its own normalization."""
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -121,6 +123,19 @@ def test_backbone_mistakes_are_named(backbones, tmp_path, finetune_config, pretr
                      r"models in transformers are \['beit', 'dinov2', 'regnet', 'resnet', "
                      r"'vit'\]"):
     hf_backbone.backbone_spec(str(bert))
+  # PyTorch weights that lack an array of the model: named, not left at a random init.
+  from safetensors.numpy import load_file, save_file
+  resnet_path, _ = backbones["resnet"]
+  lacking = tmp_path / "lacking_resnet"
+  shutil.copytree(resnet_path, lacking)
+  weights = load_file(lacking / "model.safetensors")
+  dropped = [k for k in weights if k.endswith("convolution.weight")][0]
+  save_file({k: v for k, v in weights.items() if k != dropped}, lacking / "model.safetensors",
+            metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"the checkpoint of config.model.backbone=.*lacking_resnet"
+                     r".* \(transformers' resnet model\) does not fit the model:\n  missing "
+                     r"params/embedder/embedder/convolution/kernel"):
+    hf_backbone.load_variables(str(lacking))
   config = finetune_config(**{"model.backbone": vit_path, "model.image_size": 48})
   with pytest.raises(ValueError, match=r"config.model.image_size=48, but the backbone .* "
                      r"\(vit\) takes 32 px images"):

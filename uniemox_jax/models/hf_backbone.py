@@ -31,6 +31,7 @@ import numpy as np
 from uniemox_jax import augment
 from uniemox_jax import hf_weights
 from uniemox_jax.models import classifier
+from uniemox_jax.models import surgery
 
 FIELD = "config.model.backbone"
 # Families whose pooled feature is the CLS token of the last hidden state.
@@ -142,9 +143,9 @@ def _from_pytorch(spec: BackboneSpec, source: str, weight_file: Optional[str]) -
 
 def _checked(spec: BackboneSpec, variables: Dict[str, Any]) -> Dict[str, Any]:
   size = spec.image_size or 64
-  template = traverse_util.flatten_dict(jax.eval_shape(
-      lambda: spec.module(jnp.float32).init(jax.random.key(0),
-                                            jnp.zeros((1, size, size, 3)), deterministic=True)))
+  variables_template = jax.eval_shape(lambda: spec.module(jnp.float32).init(
+      jax.random.key(0), jnp.zeros((1, size, size, 3)), deterministic=True))
+  template = traverse_util.flatten_dict(variables_template)
   given = traverse_util.flatten_dict(variables)
   for key in [k for k in given if k not in template]:
     # transformers 4.57 names a basic ResNet block's layers "layer_<i>" in Flax but converts
@@ -162,18 +163,9 @@ def _checked(spec: BackboneSpec, variables: Dict[str, Any]) -> Dict[str, Any]:
     logging.info("%s: left out what the backbone does not use (a head): %s", spec.source,
                  ", ".join(heads[:5]) + (" ..." if len(heads) > 5 else ""))
   given = {k: v for k, v in given.items() if k in template or k[:2] in tops}
-  missing = sorted("/".join(k) for k in template if k not in given)
-  unexpected = sorted("/".join(k) for k in given if k not in template)
-  misshaped = sorted(f"{'/'.join(k)} {np.shape(v)} != {template[k].shape}"
-                     for k, v in given.items() if k in template
-                     and tuple(np.shape(v)) != tuple(template[k].shape))
-  if missing or unexpected or misshaped:
-    parts = [f"{what} {names[:4]}{' ...' if len(names) > 4 else ''}" for what, names in
-             (("missing", missing), ("not in the model", unexpected),
-              ("misshaped", misshaped)) if names]
-    raise ValueError(f"{FIELD}={spec.source!r}: its weights do not fit transformers' "
-                     f"{spec.family} model: {'; '.join(parts)}")
-  return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in given.items()})
+  fitted, report = surgery.fit(traverse_util.unflatten_dict(given), variables_template)
+  report.check(f"the checkpoint of {FIELD}={spec.source!r} (transformers' {spec.family} model)")
+  return fitted
 
 
 def features(spec: BackboneSpec, variables: Dict[str, Any], images: jax.Array, *,

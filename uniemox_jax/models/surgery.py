@@ -3,7 +3,8 @@ every array of the source is loaded, dropped on purpose (`drop`) or unexpected; 
 the model is loaded, kept from its initialization on purpose (`keep`) or missing; shapes are
 checked and dtypes cast; blocks are stacked for a scanned model, unstacked for an unrolled one. The parameter checks
 (`models.check_params`), a classifier's pretrained encoder (`classifier.load_encoder_params`)
-and the PyTorch import (`torch_import.fit_to`) all go through `fit`.
+the PyTorch import (`torch_import.fit_to`) and a transformers backbone's weights
+(`hf_backbone`) all go through `fit`.
 """
 from __future__ import annotations
 
