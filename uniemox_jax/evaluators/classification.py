@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 import flax.linen as nn
@@ -80,28 +79,6 @@ def place_classifier(model, params, mesh, image_size: int, what: str = "the chec
   return sharding.host_to_global(params, shardings)
 
 
-def evaluate_classifier(config, params, split: str, mesh, info: dataset_info.DatasetInfo,
-                        data_dir: str, progress: bool = True,
-                        scorer: Optional[Callable] = None,
-                        params_source: Optional[str] = None) -> Dict[str, Any]:
-  """The report of a classifier (host or global params) on `split` of `data_dir`.
-  `scorer`: the `gathering.EvalStep` of a `classifier_scorer` to reuse (a training run
-  evaluating every epoch)."""
-  model = models.classification_model(config.model, info.num_classes)
-  scorer = scorer or gathering.EvalStep(classifier_scorer(model, info.multi_label),
-                                        f"classification {split}")
-  local = gathering.check_batch(config.eval_batch_size, mesh)
-  dataset = input_pipeline.eval_dataset(
-      data_dir, split, batch_size=local, image_size=config.model.image_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
-    params = place_classifier(model, params, mesh, config.model.image_size,
-                              what=str(params_source or "the parameters"))
-  outputs = gathering.gather_split(functools.partial(scorer, params), dataset, mesh,
-                                   progress=progress, description=f"eval {split}")
-  return reports.report(outputs.pop("scores"), outputs, info)
-
-
 class Classification(base.Evaluator):
   reads = base.CLASSIFIER
 
@@ -121,6 +98,15 @@ class Classification(base.Evaluator):
     check_classes(ckpt, self.info)
 
   def run(self, params) -> base.Result:
-    report = evaluate_classifier(self.config, params, self.split, self.mesh, self.info,
-                                 self.data_dir, progress=self.progress, scorer=self.scorer)
+    """The report on the split; host params (a checkpoint read by the command) are placed
+    with the model's shardings first, their tree checked against the model's."""
+    size = self.config.model.image_size
+    dataset = input_pipeline.eval_dataset(
+        self.data_dir, self.split, batch_size=self.batch_size, image_size=size,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):
+      params = place_classifier(self.model, params, self.mesh, size, what="the parameters")
+    outputs = gathering.gather_split(functools.partial(self.scorer, params), dataset, self.mesh,
+                                     progress=self.progress, description=f"eval {self.split}")
+    report = reports.report(outputs.pop("scores"), outputs, self.info)
     return base.Result(base.float_scalars(report), report)
