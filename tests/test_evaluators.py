@@ -237,8 +237,8 @@ def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
   step_dir = ckpt.step_dir
   model = models.pretrain_model(config.model)
   images = reconstruction.fixed_images(data, "test", 3, size)
-  panels = reconstruction.reconstruct(model, ckpt.read(),
-                                      images["image"], images["person"])
+  reconstruct = reconstruction.reconstructor(model)
+  panels = reconstruct(ckpt.read(), images["image"], images["person"])
   removed, orig = panels["removed"], images["image"].astype(int)
   assert removed.shape == (3, size, size) and 0.7 <= removed.mean() <= 0.8   # mask ratio 0.75
   # Visible pixels come back as given (up to the rounding of normalize / denormalize); the
@@ -249,7 +249,7 @@ def test_reconstruction_grid_of_a_checkpoint(pretrained, tmp_path):
   # The trained decoder predicts the removed patches better than an untrained one.
   key, img = jax.random.key(1), jnp.zeros((2, size, size, 3))
   fresh = model.init({"params": key, "mask": key, "dropout": key}, img, img)["params"]
-  untrained = reconstruction.reconstruct(model, fresh, images["image"], images["person"])
+  untrained = reconstruct(fresh, images["image"], images["person"])
   err = lambda p: np.abs(p["reconstruction"][removed].astype(int) - orig[removed]).mean()  # noqa: E731
   assert err(panels) < err(untrained), (err(panels), err(untrained))
   # The evaluation command, for any checkpoint: the grid beside the checkpoint's evaluations.

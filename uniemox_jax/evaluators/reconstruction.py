@@ -12,7 +12,7 @@ training run, a TensorBoard image; the logged scalar is `pixel_error`, the mean 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict
+from typing import Callable, Dict
 
 import jax
 import jax.numpy as jnp
@@ -94,12 +94,6 @@ def reconstructor(model, seed: int = 0, mesh=None, name: str = "the reconstructi
   apply.compile_ahead = lambda params, scene, person: run.executable(
       params, *placed(scene, person), what="ahead of the first step")
   return apply
-
-
-def reconstruct(model, params: Any, scene: np.ndarray, person: np.ndarray,
-                seed: int = 0) -> Dict[str, np.ndarray]:
-  """One grid's panels (see `reconstructor`)."""
-  return reconstructor(model, seed)(params, scene, person)
 
 
 COLUMNS = (("original", "image"), ("masked", "masked"), ("reconstruction", "reconstruction"))
