@@ -457,11 +457,10 @@ def detect_person_boxes(plan: sources.Plan, out: str, detector, settings: Dict[s
   todo = {e.rel_path.split("#")[0]: e.path if e.row is None else
           functools.partial(source_bytes, e) for e in plan.entries if e.box_xyxy is None}
   cache = storage.join(out, DETECTIONS_FILE)
-  if storage.exists(cache):
-    saved = json.loads(storage.read_text(cache))
-    if saved.get("settings") == settings and set(todo) <= set(saved.get("boxes", {})):
-      print(f"YOLOv3: reusing {cache}")
-      return saved["boxes"]
+  saved = storage.read_json(cache, missing={})
+  if saved.get("settings") == settings and set(todo) <= set(saved.get("boxes", {})):
+    print(f"YOLOv3: reusing {cache}")
+    return saved["boxes"]
   boxes = detector(todo)
   found = sum(b is not None for b in boxes.values())
   print(f"YOLOv3: a person in {found} of {len(boxes)} images, none in {len(boxes) - found} "

@@ -36,13 +36,10 @@ class Split:
   with_person: Optional[int] = None
 
   def to_json(self) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"num_records": self.num_records}
-    if self.with_person is not None:
-      out["with_person"] = self.with_person
-    if self.class_counts is not None:
-      out["class_counts"] = list(self.class_counts)
-    out["shards"] = [s.to_json() for s in self.shards]
-    return out
+    out = {"num_records": self.num_records, "with_person": self.with_person,
+           "class_counts": None if self.class_counts is None else list(self.class_counts),
+           "shards": [s.to_json() for s in self.shards]}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @dataclasses.dataclass(frozen=True)
