@@ -278,23 +278,6 @@ def load_weights(path: str, cfg: Sequence[Dict[str, str]],
   return params
 
 
-def save_weights(path: str, params: Dict[str, Any], cfg: Sequence[Dict[str, str]],
-                 version: Tuple[int, int, int] = (0, 2, 0), seen: int = 0) -> None:
-  """The inverse of `load_weights` (for tests and for exporting)."""
-  conv_in, _, _ = channels_and_heads(cfg)
-  major, minor, revision = version
-  parts = [np.asarray([major, minor, revision], "<i4").tobytes(),
-           np.asarray([seen], "<i8" if _header_size(major, minor) == 20 else "<i4").tobytes()]
-  for i, arrays in _conv_arrays(cfg, conv_in):
-    for name, shape in arrays:
-      value = np.asarray(params[f"conv_{i}"][name], np.float32)
-      if name == "kernel":
-        value = value.transpose(3, 2, 0, 1)
-      parts.append(np.ascontiguousarray(value.reshape(shape), "<f4").tobytes())
-  with open(path, "wb") as f:
-    f.write(b"".join(parts))
-
-
 # --- boxes ----------------------------------------------------------------------------------
 
 

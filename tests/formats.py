@@ -235,3 +235,25 @@ def emotic_mat(path: str, splits: Dict[str, List[Tuple[str, str, List]]]) -> Non
                         images)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   sio.savemat(path, out)
+
+
+def darknet_weights(path: str, params: Dict[str, Dict[str, np.ndarray]],
+                    cfg: Sequence[Dict[str, str]], version=(0, 2, 0), seen: int = 0) -> str:
+  """A Darknet .weights file as darknet's save_weights (src/parser.c) writes it: int32 major,
+  minor, revision; `seen` as int64 from version 0.2 on, int32 before; then every
+  [convolutional] layer of the cfg in order: with batch_normalize its biases, scales, rolling
+  means and rolling variances, else its biases; then its kernel, filters x channels x size x
+  size. `params`: {"conv_<cfg layer index>": those arrays, the kernel as [size, size,
+  channels, filters]}."""
+  major, minor, _ = version
+  parts = [np.asarray(version, "<i4").tobytes(),
+           np.asarray([seen], "<i8" if major * 10 + minor >= 2 else "<i4").tobytes()]
+  for i, layer in enumerate(cfg[1:]):
+    if layer["type"] == "convolutional":
+      conv = params[f"conv_{i}"]
+      names = (("bn_bias", "bn_scale", "bn_mean", "bn_var")
+               if int(layer.get("batch_normalize", 0)) else ("bias",))
+      parts += [np.asarray(conv[n], "<f4").tobytes() for n in names]
+      parts.append(np.ascontiguousarray(np.asarray(conv["kernel"], "<f4").transpose(3, 2, 0, 1)
+                                        ).tobytes())
+  return _save(path, b"".join(parts))

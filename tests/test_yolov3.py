@@ -16,6 +16,7 @@ from data_pipelines import convert
 from data_pipelines import input_pipeline as ip
 from data_pipelines import records
 from data_pipelines import yolov3
+from tests import formats
 from uniemox_jax.tools import convert as convert_command
 
 TINY_CFG = """
@@ -147,7 +148,7 @@ def test_cfg_builds_and_runs(cfg):
 def test_weights_round_trip_exactly(cfg, tmp_path, version):
   params = _random_params(cfg, seed=1)
   path = str(tmp_path / "tiny.weights")
-  yolov3.save_weights(path, params, cfg, version=version, seen=123)
+  formats.darknet_weights(path, params, cfg, version=version, seen=123)
   header = 20 if version == (0, 2, 0) else 16
   n = sum(v.size for layer in params.values() for v in layer.values())
   assert os.path.getsize(path) == header + 4 * n
@@ -166,7 +167,7 @@ def test_weights_round_trip_exactly(cfg, tmp_path, version):
 
 def test_weights_that_do_not_fit_the_cfg_are_refused(cfg, tmp_path):
   path = str(tmp_path / "w.weights")
-  yolov3.save_weights(path, _random_params(cfg), cfg)
+  formats.darknet_weights(path, _random_params(cfg), cfg)
   data = open(path, "rb").read()
   short = tmp_path / "short.weights"
   short.write_bytes(data[:-400])
@@ -302,7 +303,7 @@ def test_converter_attaches_yolov3_boxes(cfg, synthetic_data, tmp_path):
   cfg_path = tmp_path / "tiny.cfg"
   cfg_path.write_text(TINY_CFG)
   weights = tmp_path / "tiny.weights"
-  yolov3.save_weights(str(weights), _confident_head_params(cfg), cfg)
+  formats.darknet_weights(str(weights), _confident_head_params(cfg), cfg)
   out = tmp_path / "out"
   args = ["--source", "split_tree", "--root", raw, "--name", "det", "--out", str(out),
           "--person_boxes", f"yolov3:{cfg_path},{weights}", "--yolo_size", "0", "--workers", "1",
