@@ -65,6 +65,22 @@ def test_missing_index_is_named(tmp_path):
     tfrecord.RandomAccessReader([str(path)])
 
 
+def test_a_shard_without_index_is_scanned_and_its_damage_named(tmp_path):
+  path = tmp_path / "shard"
+  _write(path, [b"a" * 50, b"b" * 50, b"c" * 50])          # records of 66 bytes framed
+  index = tfrecord.read_index(str(path))
+  os.remove(str(path) + ".index")
+  assert tfrecord.read_index(str(path), scan_if_missing=True).tolist() == index.tolist()
+  whole = path.read_bytes()
+  for data, problem in ((whole[:66 + 5], "record 1 is truncated"),       # inside a header
+                        (whole[:66 * 2 + 30], "record 2 is truncated"),  # inside a payload
+                        (whole[:66] + b"\xff" + whole[67:],
+                         "record 1 has a corrupt length header")):
+    path.write_bytes(data)
+    with pytest.raises(tfrecord.CorruptRecordError, match=rf"{path}: {problem}"):
+      tfrecord.scan_offsets(str(path))
+
+
 def test_example_proto_round_trip():
   import numpy as np
   data = example_proto.serialize({"b": b"\x00\xff", "s": ["x", "y"], "i": 7,
