@@ -103,10 +103,7 @@ def _orientation(img: Image.Image) -> int:
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
   out = io.BytesIO()
-  if fmt == "JPEG":
-    img.save(out, "JPEG", quality=JPEG_QUALITY)
-  else:
-    img.save(out, "PNG")
+  img.save(out, fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
   return out.getvalue()
 
 
@@ -119,13 +116,10 @@ def prepare(data: bytes, max_size: int = 0, exif_orientation: str = "ignore") ->
     raise SkippedFile("empty file (0 bytes)")
   try:
     img = Image.open(io.BytesIO(data))
+    fmt = img.format
+    img.load()     # decodes fully: a truncated or corrupt file fails here, not in training
   except UnidentifiedImageError:
     raise SkippedFile("not an image (no image format recognized in its bytes)") from None
-  except Exception as e:  # pylint: disable=broad-except
-    raise SkippedFile(reason(e)) from None
-  fmt = img.format
-  try:
-    img.load()     # decodes fully: a truncated or corrupt file fails here, not in training
   except Exception as e:  # pylint: disable=broad-except
     raise SkippedFile(reason(e)) from None
   reasons, source_size, orientation = [], img.size, 1

@@ -139,16 +139,9 @@ def _affine(img, matrix):
   return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=_FILL)
 
 
-def _op_auto_contrast(img, m, rng):
-  return ImageOps.autocontrast(img)
-
-
-def _op_equalize(img, m, rng):
-  return ImageOps.equalize(img)
-
-
-def _op_invert(img, m, rng):
-  return ImageOps.invert(img)
+def _whole(op):
+  """An op that takes no magnitude (AutoContrast, Equalize, Invert)."""
+  return lambda img, m, rng: op(img)
 
 
 def _op_rotate(img, m, rng):
@@ -193,7 +186,8 @@ def _op_translate_y(img, m, rng):
 
 
 RAND_AUGMENT_OPS = {
-    "AutoContrast": _op_auto_contrast, "Equalize": _op_equalize, "Invert": _op_invert,
+    "AutoContrast": _whole(ImageOps.autocontrast), "Equalize": _whole(ImageOps.equalize),
+    "Invert": _whole(ImageOps.invert),
     "Rotate": _op_rotate, "PosterizeIncreasing": _op_posterize,
     "SolarizeIncreasing": _op_solarize, "SolarizeAdd": _op_solarize_add,
     "ColorIncreasing": _enhance(ImageEnhance.Color),
