@@ -57,30 +57,24 @@ TIMM_ARCHITECTURES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch1
 DEFAULT_ARCHITECTURE = "vit_base_patch16_224"
 
 
-@dataclasses.dataclass(frozen=True)
-class EncoderShape:
+def _depth_and_heads(transformer: Mapping[str, Any]) -> Tuple[int, int]:
+  """(depth, heads) of a block stack."""
+  return len(transformer), transformer["block_0"]["attn"]["qkv"]["kernel"].shape[2]
+
+
+def encoder_shape(encoder: Mapping[str, Any]) -> vit.VitShape:
   """A ViT encoder's shape, read from its parameters (the head count from the qkv kernel)."""
-  width: int
-  depth: int
-  heads: int
-  mlp_dim: int
-  patch: int
+  kernel = encoder["patch_embed"]["proj"]["kernel"]          # [p, p, 3, width]
+  depth, heads = _depth_and_heads(encoder["transformer"])
+  return vit.VitShape(kernel.shape[-1], depth, heads,
+                      encoder["transformer"]["block_0"]["mlp"]["fc1"]["kernel"].shape[1],
+                      kernel.shape[0])
 
-  @classmethod
-  def of(cls, encoder: Mapping[str, Any]) -> "EncoderShape":
-    kernel = encoder["patch_embed"]["proj"]["kernel"]          # [p, p, 3, width]
-    block = encoder["transformer"]["block_0"]
-    return cls(kernel.shape[-1], len(encoder["transformer"]),
-               block["attn"]["qkv"]["kernel"].shape[2], block["mlp"]["fc1"]["kernel"].shape[1],
-               kernel.shape[0])
 
-  @property
-  def variant(self) -> Optional[str]:
-    """Our size name ("L/16"), or None for a shape no size has."""
-    for name, size in vit.VIT_SIZES.items():
-      if size == (self.width, self.depth, self.heads, self.mlp_dim):
-        return f"{name}/{self.patch}"
-    return None
+def _size_name(shape: vit.VitShape) -> Optional[str]:
+  """Our size name ("L/16"), or None for a shape no size has."""
+  return next((f"{name}/{shape.patch}" for name, size in vit.VIT_SIZES.items()
+               if size == (shape.width, shape.depth, shape.heads, shape.mlp_dim)), None)
 
 
 @dataclasses.dataclass
@@ -99,15 +93,10 @@ class Export:
 # --- our parameters -> PyTorch state dicts (torch_layout's names, read backwards) ----------
 
 
-def _depth_and_heads(transformer: Mapping[str, Any]) -> Tuple[int, int]:
-  """(depth, heads) of a block stack."""
-  return len(transformer), transformer["block_0"]["attn"]["qkv"]["kernel"].shape[2]
-
-
 def encoder_state_dict(encoder: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
   """timm's (and MAE's) encoder keys. A model with the fixed sin-cos table gets it written out,
   as MAE keeps it and timm's learned table takes it."""
-  shape = EncoderShape.of(encoder)
+  shape = encoder_shape(encoder)
   table = encoder.get("pos_embed")
   if table is None:
     table = vit.sincos_2d(shape.width, vit.grid_size(image_size, shape.patch), True)[None]
@@ -124,7 +113,7 @@ def classifier_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[st
 def pretrain_state_dict(params: Mapping[str, Any], image_size: int) -> Dict[str, np.ndarray]:
   """MAE's pretraining keys (models_mae.py's MaskedAutoencoderViT)."""
   dec = params["decoder"]
-  grid = vit.grid_size(image_size, EncoderShape.of(params["encoder"]).patch)
+  grid = vit.grid_size(image_size, encoder_shape(params["encoder"]).patch)
   return {**encoder_state_dict(params["encoder"], image_size),
           "decoder_pos_embed": vit.sincos_2d(dec["embed"]["kernel"].shape[1], grid, True)[None],
           **torch_layout.write(params, torch_layout.decoder(*_depth_and_heads(dec["transformer"])))}
@@ -146,7 +135,7 @@ def fusion_state_dict(fuse: Mapping[str, Any]) -> Dict[str, np.ndarray]:
 def _image_size(ckpt: checkpointing.Checkpoint, encoder: Mapping[str, Any],
                 given: Optional[int], notes: List[str]) -> int:
   """--image_size, else the learned position table's grid, else the run's config.json."""
-  patch = EncoderShape.of(encoder).patch
+  patch = encoder_shape(encoder).patch
   if given:
     return given
   if "pos_embed" in encoder:
@@ -160,11 +149,11 @@ def _image_size(ckpt: checkpointing.Checkpoint, encoder: Mapping[str, Any],
 
 
 def _timm_config(params: Mapping[str, Any], ckpt: checkpointing.Checkpoint, image_size: int,
-                 shape: EncoderShape) -> Dict[str, Any]:
+                 shape: vit.VitShape) -> Dict[str, Any]:
   meta = ckpt.meta
   classes = params["head"]["kernel"].shape[1] if "head" in params else 0
   pool = "avg" if "fc_norm" in params else "token"
-  architecture = TIMM_ARCHITECTURES.get(shape.variant or "", DEFAULT_ARCHITECTURE)
+  architecture = TIMM_ARCHITECTURES.get(_size_name(shape) or "", DEFAULT_ARCHITECTURE)
   config: Dict[str, Any] = {
       "architecture": architecture, "num_classes": classes, "num_features": shape.width,
       "global_pool": pool,
@@ -223,7 +212,7 @@ def export(checkpoint: str, fmt: str, out: str, image_size: Optional[int] = None
                         surgery.to_layout(ckpt.read(("params",)), scanned=False))
   done = Export(ckpt.step_dir, fmt)
   size = _image_size(ckpt, params["encoder"], image_size, done.notes)
-  shape = EncoderShape.of(params["encoder"])
+  shape = encoder_shape(params["encoder"])
   classifier = "head" in params
   if not classifier and "norm" not in params["encoder"]:
     raise errors.UserError(f"--checkpoint {ckpt.step_dir}: an encoder without its final norm "
