@@ -34,16 +34,10 @@ def _import_uniemox_jax(path: str, template: Any) -> Any:
 register_encoder_importer("uniemox_jax", _import_uniemox_jax)
 
 
-def _torch_importer(kind: str) -> Callable[[str, Any], Any]:
-  def load(path: str, template: Any) -> Any:
-    return torch_import.encoder_importer(kind)(path, template)
-  return load
-
-
 # PyTorch files (MAE, timm / fine-tuned ViTs, the authors' UniEmoX), read with the optional
 # torch extra: see uniemox_jax/torch_import.py.
 for _kind in ("mae", "vit", "uniemox_pretrain", "uniemox_finetune"):
-  register_encoder_importer(f"torch_{_kind}", _torch_importer(_kind))
+  register_encoder_importer(f"torch_{_kind}", torch_import.encoder_importer(_kind))
 
 
 def import_encoder(config, template: Any) -> Any:
