@@ -10,6 +10,7 @@ from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,8 +77,7 @@ def random_erasing(key: jax.Array, images: jax.Array, prob: float = 0.25,
 
 def smooth_targets(labels: jax.Array, num_classes: int, smoothing: float = 0.0) -> jax.Array:
   """Integer labels [B] -> one-hot with label smoothing: off = s / C, on = 1 - s + s / C."""
-  off = smoothing / num_classes
-  return jax.nn.one_hot(labels, num_classes) * (1.0 - smoothing) + off
+  return optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
 
 def mixup_cutmix(key: jax.Array, images: jax.Array, targets: jax.Array, *,
