@@ -110,12 +110,12 @@ class ClipTeacher:
     model, params = hf_weights.from_pretrained(FlaxCLIPModel, name_or_dir, dtype,
                                                "CLIP teacher", "config.teacher.name")
     tokenizer = AutoTokenizer.from_pretrained(name_or_dir) if with_tokenizer else None
+    config = None
     if impl == "fused":
       config = clip_vision.VisionConfig.from_clip_config(model.config)
       params = {"vision": clip_vision.from_transformers(params, config),
                 **{k: params[k] for k in ("text_model", "text_projection", "logit_scale")}}
-      return cls(model, params, tokenizer, normalization, impl, config, dtype, attention, scan)
-    return cls(model, params, tokenizer, normalization, impl, None, dtype, attention, scan)
+    return cls(model, params, tokenizer, normalization, impl, config, dtype, attention, scan)
 
   @classmethod
   def from_vision_tower(cls, config: clip_vision.VisionConfig, vision_params: Any,
