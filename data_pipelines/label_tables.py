@@ -172,15 +172,9 @@ def _draw(kept, class_names, recipe, fractions, seed, manifest, result) -> Dict[
     result.problems += [f"{rel!r} is in --labels but in no split of the manifest"
                         for rel in sorted(listed - set(assigned))]
     return assigned
-  if not fractions:
-    if recipe not in sources.RECIPES:
-      raise ValueError("a table without --split_column is split per class: give --recipe "
-                       f"(one of {sorted(sources.RECIPES)}) or --split_fractions "
-                       "train,val,test, or --manifest")
-    fractions = sources.RECIPES[recipe]
-  if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
-    raise ValueError(f"--split_fractions {list(fractions)} must be three non-negative "
-                     "fractions (train, val, test) summing to 1")
+  fractions = sources.split_fractions(
+      recipe, fractions, "a table without --split_column is split per class: give --recipe "
+      f"(one of {sorted(sources.RECIPES)}) or --split_fractions train,val,test, or --manifest")
   rng = np.random.default_rng(seed)
   assigned = {}
   for cls in class_names:

@@ -157,6 +157,19 @@ def draw_split(files: List[str], fractions: Sequence[float], rng: np.random.Gene
   return out
 
 
+def split_fractions(recipe: str, fractions: Sequence[float], unknown: str) -> Sequence[float]:
+  """The (train, val, test) fractions of a drawn split: `fractions`, else `recipe`'s (`unknown`
+  is the error when it has none), checked."""
+  if not fractions:
+    if recipe not in RECIPES:
+      raise ValueError(unknown)
+    fractions = RECIPES[recipe]
+  if len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6 or min(fractions) < 0:
+    raise ValueError(f"--split_fractions {list(fractions)} must be three non-negative "
+                     "fractions (train, val, test) summing to 1")
+  return fractions
+
+
 def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[float] = (),
                   seed: int = 0, manifest: Optional[Mapping[str, List[str]]] = None) -> Plan:
   """A seeded stratified split of `<root>/<class>/*` (or, with recipe "caer_s", of CAER-S's
@@ -186,15 +199,9 @@ def class_folders(root: str, name: str, recipe: str = "", fractions: Sequence[fl
                      for s in plan.splits()}
     return plan
 
-  if not fractions and manifest is None:
-    if recipe not in RECIPES:
-      raise ValueError(f"--recipe {recipe!r} is unknown; choose one of "
-                       f"{sorted(RECIPES) + ['caer_s']} or give --split_fractions")
-    fractions = RECIPES[recipe]
-  if manifest is None and (len(fractions) != 3 or abs(sum(fractions) - 1.0) > 1e-6
-                           or min(fractions) < 0):
-    raise ValueError(f"--split_fractions {list(fractions)} must be three non-negative "
-                     "fractions (train, val, test) summing to 1")
+  if manifest is None:
+    fractions = split_fractions(recipe, fractions, f"--recipe {recipe!r} is unknown; choose "
+                                f"one of {sorted(RECIPES) + ['caer_s']} or give --split_fractions")
   classes = _class_dirs(root)
   if not classes:
     raise FileNotFoundError(f"--root {root} has no class folders")
