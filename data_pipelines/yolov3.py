@@ -302,11 +302,8 @@ def decode(raw: Sequence[jax.Array], heads: Sequence[YoloHead], net_size: Tuple[
 
 def iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
   """IoU of one [x1, y1, x2, y2] box with each of [N, 4]."""
-  x1 = np.maximum(box[0], others[:, 0])
-  y1 = np.maximum(box[1], others[:, 1])
-  x2 = np.minimum(box[2], others[:, 2])
-  y2 = np.minimum(box[3], others[:, 3])
-  inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+  low, high = np.maximum(box[:2], others[:, :2]), np.minimum(box[2:], others[:, 2:])
+  inter = np.prod(np.clip(high - low, 0, None), axis=1)
   area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
   return inter / np.maximum(area(box) + area(others) - inter, 1e-12)
 
