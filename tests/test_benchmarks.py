@@ -90,3 +90,28 @@ def test_analytic_flops_of_the_published_census():
   for model in ("mae", "uniemox"):
     removed = flops.per_image(model, "B/16") - flops.per_image(model, "B/16", decoder_depth=1)
     assert removed == pytest.approx(3 * 7 * flops.block(197, 512, 2048))
+
+
+def test_code_lines_leave_out_blanks_comments_and_docstrings():
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import code_lines
+  finally:
+    sys.path.pop(0)
+  source = '''"""A module docstring
+over two lines."""
+import os  # a comment after code
+
+
+def f(x):
+  """A function's docstring."""
+  # a comment line
+  text = ("a string "
+          "over two lines")
+  return x + len(text)
+'''
+  assert code_lines.code_lines(source) == 5      # the import, def, two string lines, return
+  out = _run("code_lines.py")
+  assert out.strip().endswith("code lines in %d files (working tree)" % sum(
+      1 for p in code_lines.PACKAGES for _, _, files in os.walk(os.path.join(ROOT, p))
+      for f in files if f.endswith(".py")))
