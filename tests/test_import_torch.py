@@ -2,6 +2,9 @@
 forward, the fusion, position resampling, the output checkpoint, the trainer hook, errors."""
 import argparse
 import functools
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -27,7 +30,9 @@ from uniemox_jax.models import decoder as decoder_lib
 from uniemox_jax.models import fusion
 from uniemox_jax.models import vit
 from uniemox_jax.tools import import_torch as import_command
+from tests import environment
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 LN = functools.partial(torch.nn.LayerNorm, eps=1e-6)
 
@@ -258,6 +263,15 @@ def test_bad_files_and_mismatches_are_named(tmp_path):
   text.write_text("hello")
   with pytest.raises(ValueError, match="notes.pth is not a readable PyTorch checkpoint"):
     it.load_state_dict(str(text))
+  # The command says it in one line and exits 2, no traceback.
+  proc = subprocess.run([sys.executable, "-m", "uniemox_jax.tools.import_torch", "--src",
+                         str(text), "--kind", "vit", "--out", str(tmp_path / "out")],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env=environment.subprocess_env(1))
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and \
+      "notes.pth is not a readable PyTorch checkpoint" in proc.stderr
+  assert "Traceback" not in proc.stderr
   # A B/16 file into a mu/8 model: every mis-shaped array named; an extra key named too.
   sd = _sd(m)
   sd["blocks.0.ls1.gamma"] = np.ones(64, np.float32)

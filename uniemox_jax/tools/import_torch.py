@@ -12,6 +12,7 @@ import argparse
 import numpy as np
 
 from data_pipelines import storage
+from uniemox_jax import errors
 from uniemox_jax import torch_import
 
 
@@ -56,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  errors.run_command(main)
