@@ -255,12 +255,14 @@ def read_json(path: str, what: str = "", where: str = "", missing: Any = _REQUIR
   "<what> <path> (<where>)": one that does not exist (when no `missing` is given), one that
   does not parse (then `damaged` says what to do)."""
   name = " ".join(filter(None, [what, path, where and f"({where})"]))
-  if not exists(path):
+  try:
+    text = read_text(path)        # one request: no existence check before it
+  except FileNotFoundError:
     if missing is _REQUIRED:
-      raise FileNotFoundError(f"{name} does not exist")
+      raise FileNotFoundError(f"{name} does not exist") from None
     return missing
   try:
-    return json.loads(read_text(path))
+    return json.loads(text)
   except json.JSONDecodeError as e:
     raise ValueError(f"{name} is not valid JSON ({e})" + (f": {damaged}" if damaged else "")
                      ) from None
