@@ -140,12 +140,13 @@ def scan_offsets(path: str) -> np.ndarray:
     while pos < size:
       header = f.read(_HEADER.size)
       short = len(header) < _HEADER.size
-      if short or masked_crc(header[:8]) != _HEADER.unpack_from(header)[1]:
+      length, length_crc = (0, None) if short else _HEADER.unpack_from(header)
+      if short or masked_crc(header[:8]) != length_crc:
         if pos == 0 and compression_of(header):
           raise _compressed_error(path, compression_of(header))
         raise CorruptRecordError(f"{path}: record {len(offsets) - 1} " + (
             "is truncated" if short else "has a corrupt length header (CRC mismatch)"))
-      pos += _HEADER.size + _HEADER.unpack_from(header)[0] + _FOOTER.size
+      pos += _HEADER.size + length + _FOOTER.size
       if pos > size:
         raise CorruptRecordError(f"{path}: record {len(offsets) - 1} is truncated")
       f.seek(pos)
