@@ -17,7 +17,10 @@ def runtime(task: str, data: str = "", split: str = "train", checkpoint_keep: in
   config.data = dict(dir=data, split=split, workers=8, draft_decode=True, synthetic=False,
                      synthetic_per_class="40,8,8", synthetic_image_size=64, train_fraction=1.0)
   config.total_steps = 0                   # > 0 overrides total_epochs
-  config.mesh = dict(data=-1, fsdp=1)      # fsdp > 1 shards params and optimizer state
+  # fsdp > 1 shards params and optimizer state. windowed_einsum: let the TPU compiler split
+  # the fsdp matmuls into loops over their all-gathers and reduce-scatters; off, a 16-way
+  # fsdp L/16 step takes half the time by its estimate (docs/benchmarks.md). TPU only.
+  config.mesh = dict(data=-1, fsdp=1, windowed_einsum=False)
   config.checkpoint = dict(every_steps=1000, keep=checkpoint_keep, keep_every=keep_every,
                            asynchronous=True)
   # Resume order: WORKDIR checkpoint > init.checkpoint > init.encoder (+ format) > scratch.

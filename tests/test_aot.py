@@ -22,6 +22,7 @@ from uniemox_jax import errors  # noqa: E402
 from uniemox_jax import executables  # noqa: E402
 from uniemox_jax import trainer  # noqa: E402
 from uniemox_jax import pretrain  # noqa: E402
+from uniemox_jax import sharding  # noqa: E402
 from uniemox_jax import finetune  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,10 +80,11 @@ def test_the_written_step_is_the_slices_and_other_devices_refuse_it(compiled_v5e
   record = executables.read(path.group(1))
   assert record["environment"]["platform"] == "tpu" and record["environment"]["devices"] == 4
   assert "v5" in record["environment"]["device_kind"].lower()
+  assert record["environment"]["compiler_options"] == sharding.NO_WINDOWED_EINSUM
   assert len(record["payload"]) > 100_000
   lowered = jax.jit(lambda x: x + 1).lower(1.0)
   with pytest.raises(errors.UserError) as refused:
-    executables.load(path.group(1), lowered, jax.devices())
+    executables.load(path.group(1), lowered, jax.devices(), {})
   message = str(refused.value)
   assert "\n" not in message and message.startswith(f"config.compiled_step={path.group(1)} "
                                                      "was compiled for platform 'tpu', this "
@@ -191,6 +193,26 @@ def test_finetuning_step_compiles_for_v4(tmp_path):
   assert report["hbm_bytes"] == 32 * 2**30 and report["fits"]
   # Data parallel: the gradients are summed over the chips.
   assert report["collectives"]["all-reduce"][0] > 0
+
+
+def test_the_tpu_compiler_gets_the_meshs_options(monkeypatch):
+  """config.mesh.windowed_einsum=False (the default): the step is compiled with the TPU
+  compiler's two options that turn windowed einsums off. libtpu takes their names (the
+  module's other compiles) and refuses a name it does not know, which shows here that the
+  options reach it. On the CPU, and with True, there are none: XLA:CPU refuses them."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  tpu = sharding.make_mesh(-1, 1, devices=aot.topology_devices("v5e:2x2"))
+  assert sharding.compiler_options(tpu, False) == sharding.NO_WINDOWED_EINSUM
+  assert sharding.compiler_options(tpu, True) == {}
+  assert sharding.compiler_options(sharding.make_mesh(-1, 1), False) == {}
+  config = demo.get_config("evals=False")
+  config.batch_size = 32
+  monkeypatch.setattr(sharding, "NO_WINDOWED_EINSUM",
+                      {"xla_tpu_enable_windowed_einsum_for_all_gathr": False})
+  with pytest.raises(aot.CompileRefused, match="No such compile option"):
+    aot.compile_step(config, "v5e:2x2")
+  config.mesh.windowed_einsum = True
+  assert aot.compile_step(config, "v5e:2x2").fits
 
 
 def test_refusals_are_one_line(tmp_path):

@@ -313,7 +313,8 @@ def test_a_step_compiled_ahead_is_loaded_not_compiled(reference, tmp_path):
   loop = build()
   lowered = loop.program.step.lower(*loop.program.abstract_inputs())
   with executables.no_persistent_cache():
-    executables.write(path, lowered.compile(), lowered, list(loop.mesh.devices.flat))
+    executables.write(path, lowered.compile(), lowered, list(loop.mesh.devices.flat),
+                      loop.program.compiler_options)
   loop.close()
   proc = _run(workdir, f"--config.compiled_step={path}")
   assert "Loaded the train step from " + path in proc.stderr, proc.stderr[-3000:]

@@ -439,7 +439,8 @@ def compile_step(config, topology: str, num_slices: int = 1, workdir: Optional[s
                            f"batch {per_chip}): {_refusal(e)}") from None
   compile_s = time.perf_counter() - started
   if write_step:
-    executables.write(write_step, compiled, lowered, list(mesh.devices.flat))
+    executables.write(write_step, compiled, lowered, list(mesh.devices.flat),
+                      program.compiler_options)
   teacher = task.teacher.vision_config if task.teacher is not None else None
   report = report_of(compiled, topology=topology if num_slices == 1 else
                      f"{num_slices}x {topology}", chips=len(devices), task=config.task,

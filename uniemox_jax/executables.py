@@ -8,7 +8,7 @@ compiled for:
 - the program's fingerprint, the sha256 of the lowered StableHLO text. Any change of config,
   shape, sharding or code that changes the step changes it; a learning rate is a constant of
   the program, so it counts too;
-- the platform, device kind and device count;
+- the platform, device kind and device count, and the compiler's options (config.mesh);
 - the jax and jaxlib versions.
 A run loads it only when all of these equal its own step's, and otherwise stops with one line
 naming config.compiled_step and what differs. It is a pickle and loads native code: load only
@@ -42,11 +42,13 @@ def fingerprint(lowered) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def environment(devices: Sequence[Any]) -> Dict[str, Any]:
-  """What an executable is bound to besides its program."""
+def environment(devices: Sequence[Any], options: Dict[str, Any]) -> Dict[str, Any]:
+  """What an executable is bound to besides its program's text: the devices, the versions
+  and the compiler's options (which the lowered text does not hold)."""
   import jaxlib  # pylint: disable=g-import-not-at-top
   return {"platform": devices[0].platform, "device_kind": devices[0].device_kind,
-          "devices": len(devices), "jax": jax.__version__, "jaxlib": jaxlib.__version__}
+          "devices": len(devices), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "compiler_options": dict(options)}
 
 
 @contextlib.contextmanager
@@ -64,13 +66,15 @@ def no_persistent_cache():
     compilation_cache.reset_cache()
 
 
-def write(path: str, compiled, lowered, devices: Sequence[Any]) -> None:
-  """Writes `compiled` (the compiled `lowered`, compiled under `no_persistent_cache`)."""
+def write(path: str, compiled, lowered, devices: Sequence[Any],
+          options: Dict[str, Any]) -> None:
+  """Writes `compiled` (the compiled `lowered`, compiled under `no_persistent_cache` with the
+  compiler's `options`)."""
   from jax.experimental import serialize_executable  # pylint: disable=g-import-not-at-top
   payload, in_tree, out_tree = serialize_executable.serialize(compiled)
   storage.write_bytes(path, pickle.dumps({
       "format": FORMAT, "fingerprint": fingerprint(lowered),
-      "environment": environment(devices), "payload": payload, "in_tree": in_tree,
+      "environment": environment(devices, options), "payload": payload, "in_tree": in_tree,
       "out_tree": out_tree}))
 
 
@@ -90,11 +94,12 @@ def read(path: str, field: str = FIELD) -> Dict[str, Any]:
   return record
 
 
-def load(path: str, lowered, devices: Sequence[Any], field: str = FIELD):
+def load(path: str, lowered, devices: Sequence[Any], options: Dict[str, Any],
+         field: str = FIELD):
   """The executable of `path` for the step `lowered`, on `devices` (the run's mesh, in order),
-  after checking it was compiled for exactly that step and environment."""
+  after checking it was compiled for exactly that step, environment and compiler's options."""
   record = read(path, field)
-  here = environment(devices)
+  here = environment(devices, options)
   differs = [f"{k} {record['environment'].get(k)!r}, this run {v!r}" for k, v in here.items()
              if record["environment"].get(k) != v]
   if record["fingerprint"] != fingerprint(lowered):

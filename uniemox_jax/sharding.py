@@ -54,6 +54,21 @@ def make_mesh(data: int = -1, fsdp: int = 1,
   return Mesh(np.asarray(devices).reshape(data, fsdp), MESH_AXES)
 
 
+# The TPU compiler's options that turn its windowed einsums off: with fsdp it splits the
+# matmuls whose operands are all-gathered or whose results are reduce-scattered into loops
+# over the collective's pieces. At fsdp 16 that doubled the L/16 step by its own estimate.
+NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
+
+
+def compiler_options(mesh: Mesh, windowed_einsum: bool) -> dict:
+  """The options a step on `mesh` is compiled with (config.mesh.windowed_einsum). Only the
+  TPU compiler knows these; XLA:CPU and XLA:GPU refuse them by name, so elsewhere none."""
+  if windowed_einsum or mesh.devices.flat[0].platform != "tpu":
+    return {}
+  return dict(NO_WINDOWED_EINSUM)
+
+
 def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
   """NamedShardings for a tree of logically boxed (abstract) params, e.g. from
   `jax.eval_shape(model.init, ...)`."""

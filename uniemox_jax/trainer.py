@@ -315,7 +315,7 @@ class TrainLoop:
       lowered = program.step.lower(*program.abstract_inputs())
       with errors.as_user_errors():
         compiled = executables.load(self.config.compiled_step, lowered,
-                                    list(self.mesh.devices.flat))
+                                    list(self.mesh.devices.flat), program.compiler_options)
       logging.info("Loaded the train step from %s in %.1f s (compiled ahead, not here)",
                    self.config.compiled_step, time.perf_counter() - started)
     else:
@@ -399,6 +399,7 @@ class StepProgram:
     self.config, self.mesh, self.task = config, mesh, task
     self.lr = optim.learning_rate(config, schedule)
     self.batch_sharding = sharding.batch_sharding(mesh)
+    self.compiler_options = sharding.compiler_options(mesh, config.mesh.windowed_einsum)
     self.replicated = sharding.replicated(mesh)
     abstract_boxed = jax.eval_shape(task.init, jax.random.key(0))
     params = nn.unbox(abstract_boxed)
@@ -418,7 +419,7 @@ class StepProgram:
                         in_shardings=(self.state_shardings, self.replicated,
                                       self.batch_sharding, self.replicated),
                         out_shardings=(self.state_shardings, self.replicated),
-                        donate_argnums=(0,))
+                        donate_argnums=(0,), compiler_options=self.compiler_options)
 
   @staticmethod
   def _state(params, opt_state):
