@@ -62,8 +62,8 @@ NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
 
 
 def compiler_options(mesh: Mesh, windowed_einsum: bool) -> dict:
-  """The options a step on `mesh` is compiled with (config.mesh.windowed_einsum). Only the
-  TPU compiler knows these; XLA:CPU and XLA:GPU refuse them by name, so elsewhere none."""
+  """The options a step on `mesh` is compiled with (config.mesh.windowed_einsum). They are
+  the TPU compiler's: XLA:CPU refuses them by name, so other platforms get none."""
   if windowed_einsum or mesh.devices.flat[0].platform != "tpu":
     return {}
   return dict(NO_WINDOWED_EINSUM)
