@@ -115,3 +115,25 @@ def f(x):
   assert out.strip().endswith("code lines in %d files (working tree)" % sum(
       1 for p in code_lines.PACKAGES for _, _, files in os.walk(os.path.join(ROOT, p))
       for f in files if f.endswith(".py")))
+
+
+def test_pod_check_compares_a_scanned_step_with_the_mae_step_by_one_instrument():
+  """A scanned step is timed by its ops' cycles; its ratio to the MAE step (unrolled, timed by
+  its roofline) must use the MAE step's cycles too, not mix the two estimates."""
+  from benchmarks import pod_check  # pylint: disable=g-import-not-at-top
+  from uniemox_jax import aot  # pylint: disable=g-import-not-at-top
+
+  def report(task, loops, cycles_ms):
+    return aot.Report(
+        topology="v5e:4x4", chips=16, task=task, variant="B/16", per_chip_batch=32,
+        mesh={"data": 16, "fsdp": 1}, hbm_bytes=16 * aot.GIB, peak_bytes=aot.GIB, memory={},
+        collectives={}, compiler_flops=1e12, bytes_accessed=4e10, cost_model_s=-1.0,
+        analytic_flops=1e12, peak_tflops=197.0, hbm_gb_s=819.0, lower_s=1.0, compile_s=1.0,
+        loops=loops, cycles=cycles_ms * 1e-3 * aot.CLOCK_GHZ["v5e"] * 1e9)
+  mae, step = report("mae-naive", 0, 30.0), report("pretrain", 5, 90.0)
+  assert pod_check.estimate(mae) == "roofline" and pod_check.estimate(step) == "ops' cycles"
+  cells = [c.strip() for c in pod_check.row(step, mae).split("|")]
+  assert cells[6] == "ops' cycles" and cells[10] == f"{30.0 / 90.0:.2f}"
+  # By the roofline (48.8 ms) the MAE step would give 0.54: the mixed ratio this replaces.
+  assert f"{mae.roofline_s / step.seconds:.2f}" != cells[10]
+  assert [c.strip() for c in pod_check.row(step).split("|")][10] == "-"
